@@ -1,0 +1,24 @@
+# Tokenize a dataset once per model: split, render with the chat template, mask, write parquet.
+rule build_dataset:
+    input:
+        manifest=lambda wc: model_manifest(wc.model),
+        data=lambda wc: CFG.datasets[wc.dataset]["path"],
+    output:
+        train="results/datasets/{dataset}/{model}/train.parquet",
+        eval="results/datasets/{dataset}/{model}/eval.parquet",
+        test="results/datasets/{dataset}/{model}/test.parquet",
+        stats="results/datasets/{dataset}/{model}/stats.json",
+    log:
+        "logs/dataset/{dataset}/{model}.log",
+    params:
+        script=script("dataset"),
+        settings=lambda wc: stages.dataset_settings(CFG, wc.dataset),
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=120,
+    conda:
+        "../envs/dataset.yaml"
+    shell:
+        "python {params.script} --model-manifest {input.manifest} --out results/datasets/{wildcards.dataset}/{wildcards.model}"
+        " --settings {params.settings:q} > {log} 2>&1"

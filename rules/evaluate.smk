@@ -1,0 +1,22 @@
+# Score the predictions: BLEU-4, ROUGE-1/2/L, exact match.
+rule evaluate_predictions:
+    input:
+        predictions="results/runs/{run}/predictions.csv",
+    output:
+        metrics="results/runs/{run}/metrics.json",
+    log:
+        "logs/evaluate/{run}.log",
+    benchmark:
+        "logs/evaluate/{run}.benchmark.tsv"
+    params:
+        script=script("evaluate"),
+        settings=lambda wc: stages.eval_settings(CFG, wc.run),
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    conda:
+        "../envs/eval.yaml"
+    shell:
+        "python {params.script} --predictions {input.predictions} --out {output.metrics}"
+        " --settings {params.settings:q} > {log} 2>&1"

@@ -1,0 +1,21 @@
+# Fold the adapter into the base model: a standalone Hugging Face folder.
+rule merge_adapter:
+    input:
+        manifest=run_model_manifest,
+        adapter="results/runs/{run}/adapter",
+    output:
+        merged=directory("results/runs/{run}/merged"),
+    log:
+        "logs/merge/{run}.log",
+    params:
+        script=script("merge"),
+        settings=lambda wc: stages.merge_settings(CFG, wc.run),
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "python {params.script} --model-manifest {input.manifest} --adapter {input.adapter} --out {output.merged}"
+        " --settings {params.settings:q} > {log} 2>&1"

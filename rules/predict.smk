@@ -1,0 +1,23 @@
+# Generate answers for the test split with the merged model.
+rule predict_test:
+    input:
+        model="results/runs/{run}/merged",
+        test=run_dataset_file("test.parquet"),
+    output:
+        predictions="results/runs/{run}/predictions.csv",
+    log:
+        "logs/predict/{run}.log",
+    benchmark:
+        "logs/predict/{run}.benchmark.tsv"
+    params:
+        script=script("predict"),
+        settings=lambda wc: stages.generation_settings(CFG, wc.run),
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=240,
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "python {params.script} --model {input.model} --test {input.test} --out {output.predictions}"
+        " --settings {params.settings:q} > {log} 2>&1"

@@ -1,0 +1,26 @@
+# Fine-tune one run; a restarted job resumes from results/runs/{run}/checkpoints/.
+rule train_adapter:
+    input:
+        manifest=run_model_manifest,
+        train=run_dataset_file("train.parquet"),
+        eval=run_dataset_file("eval.parquet"),
+    output:
+        adapter=directory("results/runs/{run}/adapter"),
+        log_csv="results/runs/{run}/train_log.csv",
+        curve="results/runs/{run}/loss.png",
+    log:
+        "logs/train/{run}.log",
+    benchmark:
+        "logs/train/{run}.benchmark.tsv"
+    params:
+        script=script("train"),
+        settings=lambda wc: stages.train_settings(CFG, wc.run),
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=1440,
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "python {params.script} --model-manifest {input.manifest} --data $(dirname {input.train})"
+        " --run-dir results/runs/{wildcards.run} --settings {params.settings:q} > {log} 2>&1"

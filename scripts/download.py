@@ -1,0 +1,34 @@
+#!/usr/bin/env python
+"""Make a base model available and write its manifest.
+
+Example:
+    python scripts/download.py --out results/models/tiny \\
+        --settings '{"source": "builtin", "tokenizer_corpus": ["data/identity.jsonl"], ...}'
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from snaketune.cli import settings_argument
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="model folder to write; manifest.json goes inside")
+    settings_argument(parser)
+    return parser
+
+
+def main(argv=None) -> int:
+    from snaketune.cli import main_guard
+    from snaketune.models import fetch
+
+    args = build_parser().parse_args(argv)
+    return main_guard(lambda: print(f"files: {len(fetch(args.settings, args.out)['files'])}"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""Shared command-line plumbing for the stage scripts: settings parsing and the exit-code contract."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from snaketune.errors import UserError
+
+
+def settings_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--settings", type=json.loads, default={},
+                        help="stage settings as a JSON object (the workflow passes the resolved config)")
+
+
+def make_settings(settings_class, values: dict[str, Any]):
+    """Build a settings dataclass; an unknown or missing key is a user error naming the key."""
+    try:
+        return settings_class(**values)
+    except TypeError as exc:
+        raise UserError(f"--settings: {exc}".replace("__init__()", settings_class.__name__)) from None
+
+
+def main_guard(body: Callable[[], Any]) -> int:
+    """Run a script body: 0 on success, 1 with a one-line ``error:`` for user mistakes, traceback for bugs."""
+    try:
+        body()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0

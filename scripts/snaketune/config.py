@@ -1,0 +1,150 @@
+"""Workflow config: validation against the JSON schema, defaults, cross-references.
+
+Every problem is reported at once, one line each, as ``file:line: field: what is wrong``, so a user fixes the
+whole config in one pass instead of one error per run of Snakemake.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from snaketune.errors import UserError
+from snaketune.training import SUPPORTED_METHODS
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "config" / "schema" / "config.schema.yaml"
+
+
+# Model keys that only make sense for one source; any other source naming them is a mistake.
+SOURCE_KEYS = {
+    "builtin": {
+        "architecture", "seed", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+        "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "initializer_range",
+        "tokenizer_corpus",
+    },
+    "local": {"path", "copy"},
+    "modelscope": {"id", "revision", "cache_dir"},
+    "huggingface": {"id", "revision", "cache_dir"},
+}
+SOURCE_REQUIRED = {"builtin": {"tokenizer_corpus"}, "local": {"path"}, "modelscope": {"id"}, "huggingface": {"id"}}
+RUN_BLOCKS = ("merge", "generation", "evaluation")
+
+
+def load_schema() -> dict[str, Any]:
+    return yaml.safe_load(SCHEMA_PATH.read_text(encoding="utf-8"))
+
+
+class YamlLocator:
+    """Finds the line of a key path (``("runs", "a", "learning_rate")``) in the YAML files a config came from."""
+
+    def __init__(self, files: list[str | Path]):
+        self.trees = []
+        for path in files:
+            try:
+                self.trees.append((str(path), yaml.compose(Path(path).read_text(encoding="utf-8"))))
+            except (OSError, yaml.YAMLError):
+                continue
+
+    def where(self, keys: tuple) -> str:
+        """Return ``file:line`` of the deepest key of ``keys`` found (later files win), or ``config``."""
+        best = None
+        for path, root in reversed(self.trees):
+            node, line, depth = root, None, 0
+            for key in keys:
+                if not isinstance(node, yaml.MappingNode):
+                    break
+                match = next(((k, v) for k, v in node.value if k.value == str(key)), None)
+                if match is None:
+                    break
+                line, node, depth = match[0].start_mark.line + 1, match[1], depth + 1
+            if line is not None and (best is None or depth > best[0]):
+                best = (depth, f"{path}:{line}")
+            if depth == len(keys):
+                break
+        return best[1] if best else (self.trees[-1][0] if self.trees else "config")
+
+
+@dataclass
+class WorkflowConfig:
+    """The validated config with every default filled in."""
+
+    models: dict[str, dict[str, Any]]
+    datasets: dict[str, dict[str, Any]]
+    runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _defaults(props: dict[str, Any]) -> dict[str, Any]:
+    return {key: copy.deepcopy(spec["default"]) for key, spec in props.items() if "default" in spec}
+
+
+def _dotted(keys: tuple) -> str:
+    return ".".join(str(k) for k in keys)
+
+
+def load(raw: dict[str, Any], files: list[str | Path] = ()) -> WorkflowConfig:
+    """Validate ``raw`` (the config as Snakemake loaded it) and return it with defaults filled in.
+
+    Raises:
+        UserError: one line per problem, each ``file:line: field: message``.
+    """
+    schema = load_schema()
+    locate = YamlLocator(list(files))
+    problems: list[str] = []
+
+    def report(keys: tuple, message: str) -> None:
+        problems.append(f"{locate.where(keys)}: {_dotted(keys) or 'config'}: {message}")
+
+    validator = jsonschema.Draft202012Validator(schema)
+    for error in sorted(validator.iter_errors(raw), key=lambda e: [str(p) for p in e.absolute_path]):
+        keys = tuple(error.absolute_path)
+        if error.validator == "additionalProperties" and error.validator_value is False:
+            known = set(error.schema.get("properties", {}))
+            for key in sorted(set(error.instance) - known):
+                report(keys + (key,), f"unknown key `{key}` (allowed: {', '.join(sorted(known))})")
+        elif error.validator == "required":
+            report(keys, error.message.replace("is a required property", "is required"))
+        else:
+            report(keys, error.message)
+    if problems:
+        raise UserError("\n".join(problems))
+
+    defs = schema["$defs"]
+    models = {}
+    for name, entry in raw["models"].items():
+        source = entry["source"]
+        for key in sorted(set(entry) - SOURCE_KEYS[source] - {"source", "trust_remote_code"}):
+            report(("models", name, key), f"`{key}` does not apply to source `{source}`")
+        for key in sorted(SOURCE_REQUIRED[source] - set(entry)):
+            report(("models", name), f"source `{source}` needs `{key}`")
+        allowed = SOURCE_KEYS[source] | {"source", "trust_remote_code"}
+        props = {k: v for k, v in defs["model"]["properties"].items() if k in allowed}
+        models[name] = {**_defaults(props), **entry}
+
+    datasets = {name: {**_defaults(defs["dataset"]["properties"]), **entry} for name, entry in raw["datasets"].items()}
+
+    run_props = defs["run_settings"]["properties"]
+    base = {**_defaults(run_props), **copy.deepcopy(raw.get("run_defaults", {}))}
+    runs = {}
+    for name, entry in raw["runs"].items():
+        run = {**base, **copy.deepcopy(entry)}
+        for block in RUN_BLOCKS:
+            block_defaults = _defaults(run_props[block]["properties"])
+            run[block] = {**block_defaults, **base.get(block, {}), **entry.get(block, {})}
+        for key, table in (("model", models), ("dataset", datasets)):
+            if run[key] not in table:
+                known = ", ".join(sorted(table))
+                report(("runs", name, key), f"names undefined {key} `{run[key]}` (defined: {known})")
+        if run["method"] not in SUPPORTED_METHODS:
+            report(
+                ("runs", name, "method"),
+                f"method `{run['method']}` is not available in this version (available: {', '.join(SUPPORTED_METHODS)})",
+            )
+        runs[name] = run
+    if problems:
+        raise UserError("\n".join(problems))
+    return WorkflowConfig(models=models, datasets=datasets, runs=runs)

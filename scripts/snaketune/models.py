@@ -1,0 +1,176 @@
+"""Base models: the builtin tiny model, local folders, ModelScope and Hugging Face downloads.
+
+Every source ends in the same contract: ``results/models/{model}/manifest.json`` naming where the model folder
+is (``path``), where it came from and the size and sha256 of each file. Later stages read only the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from snaketune import __version__
+from snaketune.errors import UserError
+from snaketune.io import atomic_dir, sha256_file
+from snaketune.templates import TEMPLATES
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CJK_CHARACTER = "[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af\u3000-\u303f\uff00-\uffef]"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def file_inventory(folder: Path) -> list[dict[str, Any]]:
+    """Size and sha256 of every file under ``folder`` (the manifest itself excluded), sorted by path."""
+    files = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json"):
+        if ".cache" in path.relative_to(folder).parts:
+            continue
+        files.append({"path": path.relative_to(folder).as_posix(), "size": path.stat().st_size,
+                      "sha256": sha256_file(path)})
+    return files
+
+
+def check_model_folder(folder: Path, what: str) -> None:
+    """A usable Hugging Face model folder has a config.json and tokenizer files."""
+    if not folder.is_dir():
+        raise UserError(f"{what}: `{folder}` is not a folder")
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{what}: `{folder}` has no config.json; is it a Hugging Face model folder?")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(f"{what}: `{folder}` has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+
+
+def corpus_texts(paths: list[str]) -> Iterator[str]:
+    """Every string in the given JSON/JSONL files (keys too), or every line of a plain text file."""
+
+    def strings(value: Any) -> Iterator[str]:
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                yield key
+                yield from strings(item)
+        elif isinstance(value, list):
+            for item in value:
+                yield from strings(item)
+
+    for name in paths:
+        path = Path(name)
+        if not path.is_file():
+            raise UserError(f"tokenizer_corpus: `{path}` not found")
+        text = path.read_text(encoding="utf-8")
+        if path.suffix in (".json", ".jsonl"):
+            rows = [json.loads(text)] if path.suffix == ".json" else [json.loads(x) for x in text.splitlines() if x.strip()]
+            yield from strings(rows)
+        else:
+            yield from text.splitlines()
+
+
+def build_tokenizer(corpus: list[str], vocab_size: int):
+    """Train a byte-level BPE tokenizer (GPT-2/Qwen2 style) on local text, with ChatML special tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    # CJK characters are split apart before byte-level BPE: on a corpus this small, BPE would otherwise merge
+    # whole Chinese sentences (no spaces to stop it) into single tokens that no other sentence shares.
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CJK_CHARACTER), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(corpus_texts(corpus), trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None, bos_token=None,
+    )
+    tokenizer.chat_template = TEMPLATES["chatml"]
+    return tokenizer
+
+
+def build_builtin(settings: dict[str, Any], out: Path) -> None:
+    """Build a tiny random-init causal LM of a real architecture, deterministic from ``seed``."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, Qwen2Config
+
+    tokenizer = build_tokenizer(settings["tokenizer_corpus"], settings["vocab_size"])
+    config_class = {"qwen2": Qwen2Config, "llama": LlamaConfig}[settings["architecture"]]
+    eos, pad = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    config = config_class(
+        vocab_size=len(tokenizer), hidden_size=settings["hidden_size"],
+        intermediate_size=settings["intermediate_size"], num_hidden_layers=settings["num_hidden_layers"],
+        num_attention_heads=settings["num_attention_heads"], num_key_value_heads=settings["num_key_value_heads"],
+        max_position_embeddings=settings["max_position_embeddings"], tie_word_embeddings=False,
+        initializer_range=settings["initializer_range"],
+        bos_token_id=None, eos_token_id=eos, pad_token_id=pad,
+    )
+    torch.manual_seed(settings["seed"])
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=[eos, pad], pad_token_id=pad, bos_token_id=None, do_sample=False,
+    )
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def download_modelscope(settings: dict[str, Any]) -> Path:
+    from modelscope import snapshot_download
+
+    return Path(snapshot_download(model_id=settings["id"], revision=settings["revision"],
+                                  cache_dir=settings["cache_dir"]))
+
+
+def download_huggingface(settings: dict[str, Any]) -> Path:
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id=settings["id"], revision=settings["revision"],
+                                  cache_dir=settings["cache_dir"]))
+
+
+def fetch(settings: dict[str, Any], out: str | Path) -> dict[str, Any]:
+    """Make the model available and write ``out/manifest.json``; return the manifest.
+
+    ``out`` is replaced atomically: a killed download leaves no manifest behind.
+    """
+    out = Path(out)
+    source = settings["source"]
+    with atomic_dir(out) as staging:
+        if source == "builtin":
+            build_builtin(settings, staging)
+            folder, stored = staging, out
+        elif source == "local":
+            folder = Path(settings["path"])
+            check_model_folder(folder, "local model")
+            if settings["copy"]:
+                shutil.copytree(folder, staging, dirs_exist_ok=True)
+                folder, stored = staging, out
+            else:
+                stored = folder
+        else:
+            folder = download_modelscope(settings) if source == "modelscope" else download_huggingface(settings)
+            check_model_folder(folder, f"{source} download of `{settings['id']}`")
+            stored = folder
+        manifest = {
+            "source": source,
+            "id": settings.get("id") or settings.get("path") or f"builtin-{settings.get('architecture')}",
+            "revision": settings.get("revision"),
+            "path": os.path.relpath(stored) if not Path(stored).is_absolute() else str(stored),
+            "trust_remote_code": settings["trust_remote_code"],
+            "snaketune_version": __version__,
+            "files": file_inventory(folder),
+        }
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return manifest
+
+
+def model_path(manifest_path: str | Path) -> tuple[Path, bool]:
+    """Read a manifest and return (model folder, trust_remote_code)."""
+    manifest = json.loads(Path(manifest_path).read_text(encoding="utf-8"))
+    return Path(manifest["path"]), bool(manifest["trust_remote_code"])

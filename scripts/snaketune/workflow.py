@@ -1,0 +1,57 @@
+"""What the Snakefile needs from the config, kept here so it is plain Python with tests.
+
+Each ``*_settings`` function returns exactly the settings that change a stage's output, as compact JSON; the
+rules pass it as a ``params`` value, so Snakemake reruns a stage when, and only when, those settings change.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from typing import Any
+
+from snaketune.config import WorkflowConfig
+from snaketune.data import DatasetSettings
+from snaketune.generation import GenerationSettings
+from snaketune.merging import MergeSettings
+from snaketune.metrics import EvalSettings
+from snaketune.reporting import RUN_COLUMNS
+from snaketune.training import TrainSettings
+
+
+def as_json(settings: dict[str, Any]) -> str:
+    return json.dumps(settings, sort_keys=True, ensure_ascii=False)
+
+
+def pick(source: dict[str, Any], settings_class) -> dict[str, Any]:
+    names = {f.name for f in fields(settings_class)}
+    return {key: value for key, value in source.items() if key in names}
+
+
+def download_settings(cfg: WorkflowConfig, model: str) -> str:
+    return as_json(cfg.models[model])
+
+
+def dataset_settings(cfg: WorkflowConfig, dataset: str) -> str:
+    return as_json(pick(cfg.datasets[dataset], DatasetSettings))
+
+
+def train_settings(cfg: WorkflowConfig, run: str) -> str:
+    return as_json(pick(cfg.runs[run], TrainSettings))
+
+
+def merge_settings(cfg: WorkflowConfig, run: str) -> str:
+    return as_json(pick(cfg.runs[run]["merge"], MergeSettings))
+
+
+def generation_settings(cfg: WorkflowConfig, run: str) -> str:
+    return as_json({**pick(cfg.runs[run]["generation"], GenerationSettings), "seed": cfg.runs[run]["seed"]})
+
+
+def eval_settings(cfg: WorkflowConfig, run: str) -> str:
+    return as_json(pick(cfg.runs[run]["evaluation"], EvalSettings))
+
+
+def report_runs(cfg: WorkflowConfig) -> str:
+    """The per-run columns of the leaderboard, in config order."""
+    return as_json([{**{k: run.get(k) for k in RUN_COLUMNS}, "run": name} for name, run in cfg.runs.items()])
