@@ -4,7 +4,6 @@ import os
 import sys
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(workflow.basedir) / "scripts"))
 
 from snaketune import workflow as stages

@@ -10,15 +10,15 @@ rule build_dataset:
         stats="results/datasets/{dataset}/{model}/stats.json",
     log:
         "logs/dataset/{dataset}/{model}.log",
-    params:
-        script=script("dataset"),
-        settings=lambda wc: stages.dataset_settings(CFG, wc.dataset),
+    conda:
+        "../envs/dataset.yaml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=120,
-    conda:
-        "../envs/dataset.yaml"
+    params:
+        script=script("dataset"),
+        settings=lambda wc: stages.dataset_settings(CFG, wc.dataset),
     shell:
         "python {params.script} --model-manifest {input.manifest} --out results/datasets/{wildcards.dataset}/{wildcards.model}"
         " --settings {params.settings:q} > {log} 2>&1"

@@ -4,14 +4,14 @@ rule download_model:
         manifest="results/models/{model}/manifest.json",
     log:
         "logs/download/{model}.log",
-    params:
-        script=script("download"),
-        settings=lambda wc: stages.download_settings(CFG, wc.model),
+    conda:
+        "../envs/download.yaml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=240,
-    conda:
-        "../envs/download.yaml"
+    params:
+        script=script("download"),
+        settings=lambda wc: stages.download_settings(CFG, wc.model),
     shell:
         "python {params.script} --out results/models/{wildcards.model} --settings {params.settings:q} > {log} 2>&1"

@@ -8,15 +8,15 @@ rule evaluate_predictions:
         "logs/evaluate/{run}.log",
     benchmark:
         "logs/evaluate/{run}.benchmark.tsv"
-    params:
-        script=script("evaluate"),
-        settings=lambda wc: stages.eval_settings(CFG, wc.run),
+    conda:
+        "../envs/eval.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=30,
-    conda:
-        "../envs/eval.yaml"
+    params:
+        script=script("evaluate"),
+        settings=lambda wc: stages.eval_settings(CFG, wc.run),
     shell:
         "python {params.script} --predictions {input.predictions} --out {output.metrics}"
         " --settings {params.settings:q} > {log} 2>&1"

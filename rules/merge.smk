@@ -7,15 +7,15 @@ rule merge_adapter:
         merged=directory("results/runs/{run}/merged"),
     log:
         "logs/merge/{run}.log",
-    params:
-        script=script("merge"),
-        settings=lambda wc: stages.merge_settings(CFG, wc.run),
+    conda:
+        "../envs/train.yaml"
     threads: 1
     resources:
         mem_mb=8000,
         runtime=120,
-    conda:
-        "../envs/train.yaml"
+    params:
+        script=script("merge"),
+        settings=lambda wc: stages.merge_settings(CFG, wc.run),
     shell:
         "python {params.script} --model-manifest {input.manifest} --adapter {input.adapter} --out {output.merged}"
         " --settings {params.settings:q} > {log} 2>&1"

@@ -9,15 +9,15 @@ rule predict_test:
         "logs/predict/{run}.log",
     benchmark:
         "logs/predict/{run}.benchmark.tsv"
-    params:
-        script=script("predict"),
-        settings=lambda wc: stages.generation_settings(CFG, wc.run),
+    conda:
+        "../envs/train.yaml"
     threads: 1
     resources:
         mem_mb=8000,
         runtime=240,
-    conda:
-        "../envs/train.yaml"
+    params:
+        script=script("predict"),
+        settings=lambda wc: stages.generation_settings(CFG, wc.run),
     shell:
         "python {params.script} --model {input.model} --test {input.test} --out {output.predictions}"
         " --settings {params.settings:q} > {log} 2>&1"

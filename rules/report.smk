@@ -9,15 +9,15 @@ rule report:
         html="results/report.html",
     log:
         "logs/report/report.log",
-    params:
-        script=script("report"),
-        runs=stages.report_runs(CFG),
+    conda:
+        "../envs/eval.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        "../envs/eval.yaml"
+    params:
+        script=script("report"),
+        runs=stages.report_runs(CFG),
     shell:
         "python {params.script} --runs {params.runs:q} --metrics {input.metrics} --logs {input.logs}"
         " --curves {input.curves} --leaderboard {output.leaderboard} --html {output.html} > {log} 2>&1"

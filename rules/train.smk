@@ -12,15 +12,15 @@ rule train_adapter:
         "logs/train/{run}.log",
     benchmark:
         "logs/train/{run}.benchmark.tsv"
-    params:
-        script=script("train"),
-        settings=lambda wc: stages.train_settings(CFG, wc.run),
+    conda:
+        "../envs/train.yaml"
     threads: 2
     resources:
         mem_mb=8000,
         runtime=1440,
-    conda:
-        "../envs/train.yaml"
+    params:
+        script=script("train"),
+        settings=lambda wc: stages.train_settings(CFG, wc.run),
     shell:
         "python {params.script} --model-manifest {input.manifest} --data $(dirname {input.train})"
         " --run-dir results/runs/{wildcards.run} --settings {params.settings:q} > {log} 2>&1"

@@ -7,6 +7,7 @@ whole config in one pass instead of one error per run of Snakemake.
 from __future__ import annotations
 
 import copy
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,9 @@ def load(raw: dict[str, Any], files: list[str | Path] = ()) -> WorkflowConfig:
         if error.validator == "additionalProperties" and error.validator_value is False:
             known = set(error.schema.get("properties", {}))
             for key in sorted(set(error.instance) - known):
-                report(keys + (key,), f"unknown key `{key}` (allowed: {', '.join(sorted(known))})")
+                guess = difflib.get_close_matches(key, known, n=1)
+                hint = f"did you mean `{guess[0]}`?" if guess else f"allowed: {', '.join(sorted(known))}"
+                report(keys + (key,), f"unknown key `{key}` ({hint})")
         elif error.validator == "required":
             report(keys, error.message.replace("is a required property", "is required"))
         else:
@@ -142,7 +145,8 @@ def load(raw: dict[str, Any], files: list[str | Path] = ()) -> WorkflowConfig:
         if run["method"] not in SUPPORTED_METHODS:
             report(
                 ("runs", name, "method"),
-                f"method `{run['method']}` is not available in this version (available: {', '.join(SUPPORTED_METHODS)})",
+                f"method `{run['method']}` is not available in this version "
+                f"(available: {', '.join(SUPPORTED_METHODS)})",
             )
         runs[name] = run
     if problems:

@@ -53,7 +53,8 @@ def split_records(records: list[Record], settings: DatasetSettings) -> dict[str,
     order = list(range(len(records)))
     random.Random(settings.seed).shuffle(order)
     test, evaluation, train = order[:n_test], order[n_test : n_test + n_eval], order[n_test + n_eval :]
-    return {name: [records[i] for i in sorted(rows)] for name, rows in zip(SPLITS, (train, evaluation, test))}
+    cuts = (train, evaluation, test)
+    return {name: [records[i] for i in sorted(rows)] for name, rows in zip(SPLITS, cuts, strict=True)}
 
 
 def encode_record(tokenizer, record: Record, settings: DatasetSettings) -> dict[str, Any]:

@@ -54,7 +54,7 @@ def predict(settings: GenerationSettings, model_dir: Path, test_path: Path, out_
                                     pad_token_id=tokenizer.pad_token_id, **sampling)
         seconds = (time.perf_counter() - began) / len(batch)
         texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        for index, text in zip(batch, texts):
+        for index, text in zip(batch, texts, strict=True):
             predictions[index] = (text.strip(), round(seconds, 4))
     frame = test.assign(prediction=[predictions[i][0] for i in range(len(test))],
                         generation_seconds=[predictions[i][1] for i in range(len(test))])

@@ -31,7 +31,7 @@ def prompt_logits(model, tokenizer) -> list:
 
 
 def max_difference(logits_a: list, logits_b: list) -> float:
-    return max((a - b).abs().max().item() for a, b in zip(logits_a, logits_b))
+    return max((a - b).abs().max().item() for a, b in zip(logits_a, logits_b, strict=True))
 
 
 def check_close(name: str, difference: float, tolerance: float) -> None:

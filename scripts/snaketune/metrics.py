@@ -12,8 +12,8 @@ import unicodedata
 from dataclasses import dataclass, field
 
 CJK = r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
-CHAR_TOKEN = re.compile(rf"[{CJK}]|[^\s{CJK}]+")
-PUNCT_EDGES = re.compile(r"^[\W_]+|[\W_]+$")
+# One CJK character, or a run of letters/digits of any other script; punctuation is not a token.
+CHAR_TOKEN = re.compile(rf"[{CJK}]|[^\W_{CJK}]+")
 
 
 @dataclass
@@ -27,12 +27,7 @@ def tokenize(text: str, how: str) -> list[str]:
     text = unicodedata.normalize("NFKC", str(text)).lower()
     if how == "whitespace":
         return text.split()
-    tokens = []
-    for token in CHAR_TOKEN.findall(text):
-        stripped = PUNCT_EDGES.sub("", token)
-        if stripped:
-            tokens.append(stripped)
-    return tokens
+    return CHAR_TOKEN.findall(text)
 
 
 def normalize_answer(text: str) -> str:
@@ -48,7 +43,7 @@ def bleu4(references: list[str], predictions: list[str], how: str) -> float:
     scores = [
         sentence_bleu([tokenize(ref, how)], tokenize(pred, how), weights=(0.25, 0.25, 0.25, 0.25),
                       smoothing_function=smooth) if tokenize(pred, how) else 0.0
-        for ref, pred in zip(references, predictions)
+        for ref, pred in zip(references, predictions, strict=True)
     ]
     return 100 * sum(scores) / len(scores)
 
@@ -69,7 +64,7 @@ def rouge(references: list[str], predictions: list[str], how: str) -> dict[str, 
 
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=_Splitter(how))
     totals = {"rouge-1": 0.0, "rouge-2": 0.0, "rouge-l": 0.0}
-    for ref, pred in zip(references, predictions):
+    for ref, pred in zip(references, predictions, strict=True):
         scores = scorer.score(ref, pred)
         totals["rouge-1"] += scores["rouge1"].fmeasure
         totals["rouge-2"] += scores["rouge2"].fmeasure
@@ -78,7 +73,7 @@ def rouge(references: list[str], predictions: list[str], how: str) -> dict[str, 
 
 
 def exact_match(references: list[str], predictions: list[str]) -> float:
-    hits = sum(normalize_answer(r) == normalize_answer(p) for r, p in zip(references, predictions))
+    hits = sum(normalize_answer(r) == normalize_answer(p) for r, p in zip(references, predictions, strict=True))
     return hits / len(references)
 
 

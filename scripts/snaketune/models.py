@@ -64,8 +64,8 @@ def corpus_texts(paths: list[str]) -> Iterator[str]:
             raise UserError(f"tokenizer_corpus: `{path}` not found")
         text = path.read_text(encoding="utf-8")
         if path.suffix in (".json", ".jsonl"):
-            rows = [json.loads(text)] if path.suffix == ".json" else [json.loads(x) for x in text.splitlines() if x.strip()]
-            yield from strings(rows)
+            lines = [text] if path.suffix == ".json" else [x for x in text.splitlines() if x.strip()]
+            yield from strings([json.loads(line) for line in lines])
         else:
             yield from text.splitlines()
 

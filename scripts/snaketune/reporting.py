@@ -36,7 +36,7 @@ def _cell(value: Any) -> str:
 def write_report(runs: list[dict[str, Any]], metrics: list[Path], logs: list[Path], curves: list[Path],
                  leaderboard: Path, page: Path) -> list[dict[str, Any]]:
     """Write ``leaderboard.csv`` and ``report.html``; ``runs``, ``metrics``, ``logs`` and ``curves`` align."""
-    rows = [run_row(run, m, log) for run, m, log in zip(runs, metrics, logs)]
+    rows = [run_row(run, m, log) for run, m, log in zip(runs, metrics, logs, strict=True)]
     columns = RUN_COLUMNS + ["train_steps", "final_loss"] + METRIC_COLUMNS
     with atomic_file(leaderboard) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
@@ -49,7 +49,7 @@ def write_report(runs: list[dict[str, Any]], metrics: list[Path], logs: list[Pat
         f"<figure><img alt='loss curve of {html.escape(r['run'])}' src='data:image/png;base64,"
         f"{base64.b64encode(Path(curve).read_bytes()).decode()}'><figcaption>{html.escape(r['run'])}"
         f"</figcaption></figure>"
-        for r, curve in zip(rows, curves)
+        for r, curve in zip(rows, curves, strict=True)
     )
     document = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>snaketune report</title>

@@ -91,6 +91,7 @@ def encode_conversation(tokenizer, conversation: list[dict[str, str]], max_lengt
     for position, (start, _end) in enumerate(encoding["offset_mapping"]):
         if any(lo <= start < hi for lo, hi in spans):
             labels[position] = input_ids[position]
-    eos_supervised = tokenizer.eos_token_id in [t for t, lab in zip(input_ids, labels) if lab != IGNORE_INDEX]
+    supervised = [token for token, label in zip(input_ids, labels, strict=True) if label != IGNORE_INDEX]
+    eos_supervised = tokenizer.eos_token_id in supervised
     truncated = len(input_ids) > max_length
     return Encoded(input_ids[:max_length], labels[:max_length], truncated, eos_supervised)

@@ -63,7 +63,7 @@ class TokenDataset:
 
         frame = pd.read_parquet(path, columns=["input_ids", "labels"])
         self.rows = [{"input_ids": list(map(int, i)), "labels": list(map(int, lab))}
-                     for i, lab in zip(frame["input_ids"], frame["labels"])]
+                     for i, lab in zip(frame["input_ids"], frame["labels"], strict=True)]
 
     def __len__(self) -> int:
         return len(self.rows)

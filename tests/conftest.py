@@ -1,0 +1,100 @@
+"""Shared fixtures: a tiny builtin model, and a helper that runs the real Snakefile in a scratch folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+TINY_MODEL = {
+    "source": "builtin", "architecture": "qwen2", "seed": 0, "vocab_size": 2048, "hidden_size": 32,
+    "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+    "max_position_embeddings": 256, "initializer_range": 0.2, "trust_remote_code": False,
+    "tokenizer_corpus": [str(REPO / "data" / "identity.jsonl"), str(REPO / "data" / "text_matching.json")],
+}
+
+
+def workflow_env() -> dict[str, str]:
+    """Environment for Snakemake jobs: `python` must be this interpreter, with its packages."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+def snakemake(workdir: Path, *args: str, check: bool = False) -> subprocess.CompletedProcess:
+    """Run the project's Snakefile in ``workdir`` with the local profile."""
+    command = [
+        sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+        "--profile", str(REPO / "profiles" / "local"), "--cores", "2", *args,
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env=workflow_env(), cwd=workdir)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def planned_jobs(result: subprocess.CompletedProcess) -> list[tuple[str, str]]:
+    """(rule, wildcards) of every job a dry run plans, ``all`` left out."""
+    jobs, rule = [], None
+    for line in (result.stdout + result.stderr).splitlines():
+        stripped = line.strip()
+        if line.startswith(("rule ", "localrule ")) and line.endswith(":"):
+            if rule and rule != "all":
+                jobs.append((rule, ""))
+            rule = line.split()[1].rstrip(":")
+        elif stripped.startswith("wildcards:") and rule:
+            jobs.append((rule, stripped.removeprefix("wildcards:").strip()))
+            rule = None
+    if rule and rule != "all":
+        jobs.append((rule, ""))
+    return sorted(jobs)
+
+
+def scratch_workflow(tmp: Path, config: dict) -> Path:
+    """A working folder with the bundled data and ``config.yaml``; returns the config path."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    if not (tmp / "data").exists():
+        shutil.copytree(REPO / "data", tmp / "data")
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(config, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def default_config() -> dict:
+    return yaml.safe_load((REPO / "config" / "config.yaml").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory, default_config) -> Path:
+    """The embedded default config run to the end once, shared by every test that inspects its results."""
+    workdir = tmp_path_factory.mktemp("demo")
+    config = scratch_workflow(workdir, default_config)
+    snakemake(workdir, "--configfile", str(config), check=True)
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny builtin model folder (tokenizer + random weights), built once per session."""
+    from snaketune.models import fetch
+
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    fetch(TINY_MODEL, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)

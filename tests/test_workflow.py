@@ -1,0 +1,152 @@
+"""The real Snakefile on the tiny default: every stage's output, learning, staleness, and user errors."""
+
+import copy
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO, TINY_MODEL, planned_jobs, scratch_workflow, snakemake
+
+RUN_STAGES = ["evaluate_predictions", "merge_adapter", "predict_test", "train_adapter"]
+
+
+def test_demo_writes_every_stage_output(demo):
+    results = demo / "results"
+    assert json.loads((results / "models/tiny-qwen2/manifest.json").read_text())["source"] == "builtin"
+    for dataset in ("identity", "text-matching"):
+        built = results / "datasets" / dataset / "tiny-qwen2"
+        assert all((built / f"{split}.parquet").is_file() for split in ("train", "eval", "test"))
+        assert json.loads((built / "stats.json").read_text())["splits"]["train"]["rows"] > 0
+    for run in ("identity-lora", "identity-base", "matching-lora"):
+        folder = results / "runs" / run
+        assert (folder / "adapter" / "adapter_config.json").is_file()
+        assert (folder / "adapter" / "adapter_model.safetensors").is_file()
+        assert list((folder / "merged").glob("*.safetensors"))
+        assert (folder / "loss.png").read_bytes()[:4] == b"\x89PNG"
+        predictions = pd.read_csv(folder / "predictions.csv", keep_default_na=False)
+        assert list(predictions.columns)[:4] == ["id", "prompt", "reference", "prediction"]
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert metrics["n"] == len(predictions) and {"bleu-4", "rouge-l", "exact_match"} <= set(metrics)
+        assert not (folder / "checkpoints").exists()  # removed once the adapter is safely written
+    log = pd.read_csv(results / "runs" / "identity-lora" / "train_log.csv")
+    assert list(log.columns) == ["step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_second"]
+    assert log["loss"].iloc[-1] < log["loss"].iloc[0] / 10
+    assert "identity-lora" in (results / "report.html").read_text()
+
+
+def test_fine_tuning_is_real_learning(demo):
+    board = pd.read_csv(demo / "results" / "leaderboard.csv").set_index("run")
+    assert board.loc["identity-lora", "exact_match"] >= 0.9
+    assert board.loc["identity-base", "exact_match"] < 0.1
+    assert board.loc["identity-base", "train_steps"] == 0
+
+
+def test_merged_model_loads_and_answers_with_auto_classes_alone(demo):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged = demo / "results" / "runs" / "identity-lora" / "merged"
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi, who made you?"}], tokenize=False,
+                                           add_generation_prompt=True)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    output = model.generate(**ids, max_new_tokens=30, do_sample=False)
+    answer = tokenizer.decode(output[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert answer == "The snaketune team built me."
+    assert output[0, -1].item() in model.generation_config.eos_token_id  # it stopped by itself
+
+
+def test_right_after_a_full_run_nothing_is_stale(demo):
+    result = snakemake(demo, "--configfile", str(demo / "config.yaml"), "--dry-run")
+    assert result.returncode == 0 and "Nothing to be done" in result.stdout + result.stderr
+
+
+def dry_run_with(demo, default_config, edit, name):
+    config = copy.deepcopy(default_config)
+    edit(config)
+    path = demo / name
+    path.write_text(yaml.safe_dump(config, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    result = snakemake(demo, "--configfile", str(path), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    return planned_jobs(result)
+
+
+def test_changing_one_runs_learning_rate_reruns_only_that_run(demo, default_config):
+    jobs = dry_run_with(demo, default_config, lambda c: c["runs"]["identity-lora"].update(learning_rate=0.02),
+                        "config-lr.yaml")
+    assert jobs == sorted([(rule, "run=identity-lora") for rule in RUN_STAGES] + [("report", "")])
+
+
+def test_changing_an_evaluation_setting_reruns_only_evaluate_and_report(demo, default_config):
+    jobs = dry_run_with(
+        demo, default_config,
+        lambda c: c["runs"]["matching-lora"].update(evaluation={"text_tokenizer": "whitespace"}), "config-eval.yaml",
+    )
+    assert jobs == [("evaluate_predictions", "run=matching-lora"), ("report", "")]
+
+
+def config_error(tmp_path, default_config, edit):
+    config = copy.deepcopy(default_config)
+    edit(config)
+    path = scratch_workflow(tmp_path, config)
+    result = snakemake(tmp_path, "--configfile", str(path), "--dry-run")
+    return path, result
+
+
+def test_unknown_config_key_fails_with_one_line_naming_it(tmp_path, default_config):
+    path, result = config_error(tmp_path, default_config,
+                                lambda c: c["runs"]["identity-base"].update(lora_rnak=4))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if "lora_rnak" in text)
+    assert (f"error: {path}:{line}: runs.identity-base.lora_rnak: unknown key `lora_rnak` "
+            "(did you mean `lora_rank`?)") in result.stderr.splitlines()
+
+
+def test_run_naming_an_undefined_model_fails_with_one_line(tmp_path, default_config):
+    path, result = config_error(tmp_path, default_config,
+                                lambda c: c["runs"]["identity-lora"].update(model="qwen-14b"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert any(line.startswith(f"error: {path}:") and "runs.identity-lora.model: names undefined model `qwen-14b`"
+               in line for line in result.stderr.splitlines())
+
+
+def test_bad_data_rows_fail_the_dataset_job_with_file_line_field(tmp_path):
+    (tmp_path / "data").mkdir()
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    (tmp_path / "data" / "not_json.jsonl").write_text("\n".join([good, good, "{not json", good]) + "\n")
+    (tmp_path / "data" / "no_messages.jsonl").write_text("\n".join([good, '{"conversation": []}', good]) + "\n")
+    config = {
+        "models": {"tiny": TINY_MODEL},
+        "datasets": {"not-json": {"path": "data/not_json.jsonl", "format": "messages"},
+                     "no-messages": {"path": "data/no_messages.jsonl", "format": "messages"}},
+        "runs": {"a": {"model": "tiny", "dataset": "not-json"}, "b": {"model": "tiny", "dataset": "no-messages"}},
+    }
+    path = scratch_workflow(tmp_path, config)
+    targets = [f"results/datasets/{name}/tiny/stats.json" for name in ("not-json", "no-messages")]
+    result = snakemake(tmp_path, "--configfile", str(path), "--keep-going", *targets)
+    assert result.returncode != 0
+    expected = {"not-json": "error: data/not_json.jsonl:3: not valid JSON: Expecting property name enclosed in "
+                            "double quotes (column 2)",
+                "no-messages": 'error: data/no_messages.jsonl:2: field "messages" missing'}
+    for name, line in expected.items():
+        log = (tmp_path / "logs" / "dataset" / name / "tiny.log").read_text()
+        assert line in log.splitlines() and "Traceback" not in log
+        assert not list((tmp_path / "results" / "datasets").glob(f"{name}/**/*.*"))  # nothing looks finished
+
+
+def test_lint_reports_nothing():
+    result = subprocess.run([sys.executable, "-m", "snakemake", "--lint", "--snakefile", str(REPO / "Snakefile")],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0
+    assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("stage", ["download", "dataset", "train", "merge", "predict", "evaluate", "report"])
+def test_every_stage_script_has_readable_help(stage):
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / f"{stage}.py"), "--help"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "Example:" in result.stdout and "usage:" in result.stdout
