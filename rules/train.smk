@@ -1,4 +1,5 @@
-# Fine-tune one run; a restarted job resumes from results/runs/{run}/checkpoints/.
+# Fine-tune one run (torchrun with one process per GPU when gpus > 1); a restarted job resumes from
+# results/runs/{run}/checkpoints/.
 rule train_adapter:
     input:
         manifest=run_model_manifest,
@@ -16,6 +17,7 @@ rule train_adapter:
         "../envs/train.yaml"
     threads: 2
     resources:
+        gpu=lambda wc: CFG.runs[wc.run]["gpus"],
         mem_mb=8000,
         runtime=1440,
     params:

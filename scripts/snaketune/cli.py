@@ -29,6 +29,7 @@ def main_guard(body: Callable[[], Any]) -> int:
     try:
         body()
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # start on a fresh line: a progress bar may have left the cursor mid-line
+        print(f"\nerror: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import jsonschema
 import yaml
 
 from snaketune.errors import UserError
-from snaketune.training import SUPPORTED_METHODS
+from snaketune.training import TrainSettings
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "config" / "schema" / "config.schema.yaml"
 
@@ -142,12 +142,10 @@ def load(raw: dict[str, Any], files: list[str | Path] = ()) -> WorkflowConfig:
             if run[key] not in table:
                 known = ", ".join(sorted(table))
                 report(("runs", name, key), f"names undefined {key} `{run[key]}` (defined: {known})")
-        if run["method"] not in SUPPORTED_METHODS:
-            report(
-                ("runs", name, "method"),
-                f"method `{run['method']}` is not available in this version "
-                f"(available: {', '.join(SUPPORTED_METHODS)})",
-            )
+        try:  # the train stage's own cross-field rules (qlora with ZeRO-3, LoRA+ with DeepSpeed ...)
+            TrainSettings(**{f.name: run[f.name] for f in fields(TrainSettings)})
+        except UserError as problem:
+            report(("runs", name), str(problem))
         runs[name] = run
     if problems:
         raise UserError("\n".join(problems))

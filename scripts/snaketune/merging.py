@@ -6,6 +6,8 @@ chat template and generation config are saved with it, and a logits check agains
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,12 +42,30 @@ def check_close(name: str, difference: float, tolerance: float) -> None:
         raise RuntimeError(f"{name}: max logit difference {difference:.3g} > {tolerance}: the merge is wrong")
 
 
+def link_full_model(trained: Path, out: Path) -> None:
+    """A full fine-tune is already the model: link its files into ``out`` (copy across filesystems)."""
+    with atomic_dir(out) as staging:
+        for path in trained.iterdir():
+            if path.is_file() and path.name not in ("training_args.bin", "train_summary.json"):
+                try:
+                    os.link(path, staging / path.name)
+                except OSError:
+                    shutil.copy2(path, staging / path.name)
+
+
 def merge(settings: MergeSettings, model_dir: Path, trust_remote_code: bool, adapter_dir: Path, out: Path) -> float:
-    """Merge ``adapter_dir`` into the base at ``model_dir`` and save to ``out``; return the logits difference."""
+    """Merge ``adapter_dir`` into the base at ``model_dir`` and save to ``out``; return the logits difference.
+
+    The base is loaded in full precision, also for QLoRA: merging into 4-bit weights would round the update away.
+    A folder without ``adapter_config.json`` holds full fine-tuned weights and is linked as it is.
+    """
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+    if not (adapter_dir / "adapter_config.json").is_file():
+        link_full_model(adapter_dir, out)
+        return 0.0
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=trust_remote_code)
     base = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust_remote_code, dtype=torch.float32)
     adapted = PeftModel.from_pretrained(base, adapter_dir).eval()

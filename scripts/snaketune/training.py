@@ -1,8 +1,11 @@
-"""Train stage: LoRA through PEFT and the Hugging Face Trainer, resumable from the newest complete checkpoint.
+"""Train stage: LoRA, QLoRA or full fine-tuning through the Hugging Face Trainer, resumable, one or N processes.
 
-Read top to bottom: settings -> model -> data -> trainer -> train (resuming if a checkpoint of the *same*
-settings exists) -> save adapter, train_log.csv, loss.png. Checkpoints live beside the adapter folder, not in
-it, because Snakemake deletes a job's declared outputs before starting it again.
+Read top to bottom: settings -> training arguments (these set up DeepSpeed before the model loads, so ZeRO-3
+can shard it while loading) -> checkpoints to resume from -> model -> trainer -> train -> save.
+
+Checkpoints live in ``results/runs/{run}/checkpoints/``, beside the adapter folder and not in it, because
+Snakemake deletes a job's declared outputs before starting it again. They carry a fingerprint of the settings
+and data, so a rerun after a config change starts over instead of resuming someone else's optimizer state.
 """
 
 from __future__ import annotations
@@ -10,27 +13,31 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
+import os
 import re
 import shutil
+import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from snaketune.errors import UserError
-from snaketune.io import atomic_dir, atomic_file, sha256_file, write_json
+from snaketune.io import atomic_file, sha256_file, write_json
 
-SUPPORTED_METHODS = ("lora",)  # the config model also names qlora and full; they are not trained yet
+SUPPORTED_METHODS = ("lora", "qlora", "full")
+DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[2] / "config" / "deepspeed"
 LOG_COLUMNS = ["step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_second"]
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 @dataclass
 class TrainSettings:
-    """Hyperparameters, named as in transformers' TrainingArguments and PEFT's LoraConfig."""
+    """Hyperparameters, named as in transformers' TrainingArguments, PEFT's LoraConfig and LLaMA-Factory."""
 
-    method: str = "lora"
+    method: str = "lora"  # lora | qlora (4-bit NF4 base) | full (every parameter)
     learning_rate: float = 2e-4
     num_train_epochs: float = 3
     max_steps: int = -1  # -1: run num_train_epochs; 0: no training at all (a baseline run)
@@ -47,12 +54,102 @@ class TrainSettings:
     lora_rank: int = 8
     lora_alpha: float = 16
     lora_dropout: float = 0.05
-    lora_target: str | list[str] = field(default="all")  # "all": every linear layer but the output head
+    lora_target: str | list[str] = "all"  # "all": every linear layer but the output head
+    loraplus_lr_ratio: float | None = None  # LoRA+: B matrices learn this many times faster than A
+    modules_to_save: list[str] | None = None  # trained in full beside the adapter (e.g. embed_tokens, lm_head)
+    precision: str = "auto"  # auto: bf16 on a GPU that has it, else fp16 on a GPU, fp32 on the CPU
+    gradient_checkpointing: bool = False  # recompute activations: much less memory, about 30% slower
+    optim: str = "adamw_torch"  # any TrainingArguments optim, e.g. paged_adamw_8bit for QLoRA
+    deepspeed: str | None = None  # zero1 | zero2 | zero3 | zero3_offload (config/deepspeed/<name>.json)
+    gpus: int = 1  # processes to launch (one per GPU; on a machine without GPUs, CPU processes)
+    tensorboard: bool = False  # also write TensorBoard events to results/runs/{run}/tensorboard
 
     def __post_init__(self) -> None:
+        problems = []
         if self.method not in SUPPORTED_METHODS:
-            raise UserError(f"method `{self.method}` is not available in this version "
-                            f"(available: {', '.join(SUPPORTED_METHODS)})")
+            problems.append(f"method `{self.method}` is not one of {', '.join(SUPPORTED_METHODS)}")
+        if self.deepspeed and not (DEEPSPEED_CONFIGS / f"{self.deepspeed}.json").is_file():
+            known = sorted(p.stem for p in DEEPSPEED_CONFIGS.glob("*.json"))
+            problems.append(f"deepspeed `{self.deepspeed}` is not one of {', '.join(known)}")
+        if self.method == "qlora" and self.deepspeed and self.deepspeed.startswith("zero3"):
+            problems.append("method `qlora` cannot shard 4-bit weights with ZeRO-3; use zero2, or method `lora`")
+        if self.loraplus_lr_ratio and (self.method == "full" or self.deepspeed):
+            problems.append("`loraplus_lr_ratio` needs method lora/qlora without deepspeed (it builds its own "
+                            "optimizer)")
+        if problems:
+            raise UserError("; ".join(problems))
+
+
+def fix_cuda_arch_list(environ: dict[str, str] = os.environ) -> str | None:
+    """Strip arch suffixes (``9.0a`` -> ``9.0``) from TORCH_CUDA_ARCH_LIST, which DeepSpeed cannot parse.
+
+    Containers for Hopper set ``9.0a``; DeepSpeed's op builder then fails at import with ValueError('0a').
+    Returns the new value when it changed something.
+    """
+    value = environ.get("TORCH_CUDA_ARCH_LIST")
+    if not value:
+        return None
+    fixed = ";".join(dict.fromkeys(re.sub(r"(\d+\.\d+)[a-z]+", r"\1", a) for a in re.split(r"[;\s]+", value) if a))
+    if fixed == value:
+        return None
+    environ["TORCH_CUDA_ARCH_LIST"] = fixed
+    return fixed
+
+
+def prepare_environment(settings: TrainSettings) -> None:
+    """Environment fixes that must happen before torch/deepspeed are imported, in every process."""
+    # transformers and accelerate import DeepSpeed whenever it is installed, so this matters for LoRA runs too
+    if fix_cuda_arch_list():
+        print(f"TORCH_CUDA_ARCH_LIST set to {os.environ['TORCH_CUDA_ARCH_LIST']} for DeepSpeed", file=sys.stderr)
+    if settings.deepspeed:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed on CPU: its cpu accelerator, gloo backend
+
+
+def die_with_launcher() -> None:
+    """Make this worker die when torchrun dies.
+
+    torchrun starts each worker in a session of its own, so killing the launcher (Snakemake cancelling the job,
+    an OOM kill) would leave the workers training on as orphans that later write into a rerun's folder.
+    """
+    if "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the launcher died before we asked
+        os._exit(1)
+
+
+def start_process_group(settings: TrainSettings) -> None:
+    """Join the processes torchrun started, before the model loads.
+
+    ZeRO-3 shards the model while it loads, so DeepSpeed's group must exist before from_pretrained, and the
+    checkpoint clean-up needs a barrier. The Trainer's arguments do this on a GPU but not on the CPU.
+    """
+    import torch
+
+    if "LOCAL_RANK" not in os.environ:  # one process, no launcher
+        return
+    if settings.deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed()  # also adopts a torch group that already exists
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def resolve_precision(precision: str) -> str:
+    import torch
+
+    if precision != "auto":
+        return precision
+    if not torch.cuda.is_available():
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 class TokenDataset:
@@ -120,11 +217,55 @@ def plot_loss(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class Interrupted(UserError):
+    """Training stopped on a signal after saving a checkpoint; running the job again resumes it."""
+
+
+def make_callbacks():
+    """Callbacks: stop on a NaN/inf loss; on SIGTERM (Ctrl-C, Slurm time limit) save a checkpoint and stop."""
+    import torch
+    from transformers import TrainerCallback
+
+    class StopOnSignal(TrainerCallback):
+        def __init__(self):
+            self.requested = False
+            self.stopped = False
+            for sig in (signal.SIGTERM, signal.SIGUSR1):  # Slurm sends SIGUSR1 with --signal=USR1@<seconds>
+                signal.signal(sig, self._request)
+
+        def _request(self, signum, frame):
+            self.requested = True
+
+        def on_step_end(self, args, state, control, **kwargs):
+            requested = self.requested
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                # every process must decide at the same step, or the checkpoint's collectives would hang
+                flag = torch.tensor([float(requested)], device="cuda" if torch.cuda.is_available() else "cpu")
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                requested = bool(flag.item())
+            if requested:
+                control.should_save = True
+                control.should_training_stop = True
+                self.stopped = True
+
+    class StopOnNonFiniteLoss(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            loss = (logs or {}).get("loss")
+            if loss is not None and not math.isfinite(loss):
+                raise NonFiniteLoss(f"loss became {loss} at step {state.global_step}")
+
+    return StopOnSignal(), StopOnNonFiniteLoss()
+
+
 def make_trainer_class():
     from transformers import Trainer
 
     class LoggingTrainer(Trainer):
-        """Adds real (non-padding) tokens per second to every log entry."""
+        """Adds real (non-padding) tokens per second, over all processes, to every log entry."""
 
         _last = None
 
@@ -138,65 +279,159 @@ def make_trainer_class():
     return LoggingTrainer
 
 
-def train(settings: TrainSettings, model_dir: Path, trust_remote_code: bool, train_path: Path, eval_path: Path,
-          adapter_out: Path, log_csv: Path, loss_png: Path, checkpoints: Path, run_name: str = "run") -> dict:
-    """Fine-tune and write the adapter folder, ``train_log.csv`` and ``loss.png``; return a summary."""
+def load_model(settings: TrainSettings, model_dir: Path, trust_remote_code: bool, precision: str):
+    """The base model, quantized for QLoRA, wrapped in a PEFT adapter for LoRA/QLoRA."""
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, TrainingArguments, set_seed
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    set_seed(settings.seed)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust_remote_code,
-                                                 dtype=torch.float32)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float32}[precision]
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": dtype}
+    if settings.method == "qlora":
+        compute = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+        )
+        kwargs["dtype"] = compute
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if settings.method == "full":
+        return model
+
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if settings.method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(
         r=settings.lora_rank, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
         target_modules="all-linear" if settings.lora_target == "all" else list(settings.lora_target),
-        task_type="CAUSAL_LM",
+        modules_to_save=settings.modules_to_save, task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, lora)
-    train_data, eval_data = TokenDataset(train_path), TokenDataset(eval_path)
-    summary: dict[str, Any] = {"settings": asdict(settings), "train_rows": len(train_data),
-                               "eval_rows": len(eval_data), "global_step": 0}
+    return get_peft_model(model, lora)
 
-    history: list[dict[str, Any]] = []
+
+def training_arguments(settings: TrainSettings, checkpoints: Path, run_dir: Path, precision: str, run_name: str):
+    import torch
+    from transformers import TrainingArguments
+
+    if settings.tensorboard:  # transformers 5 takes the TensorBoard folder from the environment only
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
+    return TrainingArguments(
+        output_dir=str(checkpoints), run_name=run_name, seed=settings.seed, data_seed=settings.seed,
+        learning_rate=settings.learning_rate, num_train_epochs=settings.num_train_epochs,
+        max_steps=settings.max_steps, per_device_train_batch_size=settings.per_device_train_batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        lr_scheduler_type=settings.lr_scheduler_type, warmup_steps=settings.warmup_steps,
+        weight_decay=settings.weight_decay, max_grad_norm=settings.max_grad_norm, optim=settings.optim,
+        bf16=precision == "bf16", fp16=precision == "fp16",
+        gradient_checkpointing=settings.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if settings.gradient_checkpointing else None,
+        deepspeed=str(DEEPSPEED_CONFIGS / f"{settings.deepspeed}.json") if settings.deepspeed else None,
+        logging_steps=settings.logging_steps, logging_first_step=True, save_strategy="steps",
+        logging_nan_inf_filter=False,  # the default hides a NaN loss behind earlier values; we stop on it
+        save_steps=settings.save_steps, save_total_limit=settings.save_total_limit,
+        report_to=["tensorboard"] if settings.tensorboard else [],
+        use_cpu=not torch.cuda.is_available(), include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False, dataloader_num_workers=0, per_device_eval_batch_size=8,
+        ddp_find_unused_parameters=False if settings.gpus > 1 else None,
+    )
+
+
+def fail_with_advice(settings: TrainSettings, exc: BaseException, step: int) -> UserError:
+    """Turn an out-of-memory error or a NaN loss into one line that says what to change."""
+    if isinstance(exc, NonFiniteLoss):
+        return UserError(
+            f"{exc}: lower learning_rate (now {settings.learning_rate}), keep max_grad_norm > 0 (now "
+            f"{settings.max_grad_norm}), or use precision bf16 instead of fp16"
+        )
+    return UserError(
+        f"out of GPU memory at step {step}: lower per_device_train_batch_size (now "
+        f"{settings.per_device_train_batch_size}) and raise gradient_accumulation_steps to keep the effective "
+        f"batch, set gradient_checkpointing: true (now {settings.gradient_checkpointing}), cut the dataset's "
+        f"max_seq_length, or use method qlora / deepspeed zero3_offload"
+    )
+
+
+def train(settings: TrainSettings, model_dir: Path, trust_remote_code: bool, train_path: Path, eval_path: Path,
+          run_dir: Path, run_name: str = "run") -> dict:
+    """Fine-tune and write ``run_dir/{adapter/, train_log.csv, loss.png}``; return a summary.
+
+    Raises:
+        UserError: out of memory or a non-finite loss, with what to change; Interrupted on SIGTERM after a
+            checkpoint was saved (run again to resume).
+    """
+    import torch
+    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, set_seed
+
+    die_with_launcher()
+    prepare_environment(settings)
+    set_seed(settings.seed)
+    precision = resolve_precision(settings.precision)
+    checkpoints, adapter_out = run_dir / "checkpoints", run_dir / "adapter"
+    args = training_arguments(settings, checkpoints, run_dir, precision, run_name)
+    start_process_group(settings)
+    resume_from = None
     if settings.max_steps != 0:
         fingerprint = hashlib.sha256(
             json.dumps([asdict(settings), sha256_file(train_path), str(model_dir)], sort_keys=True).encode()
         ).hexdigest()
-        resume_from = prepare_checkpoints(checkpoints, fingerprint)
-        args = TrainingArguments(
-            output_dir=str(checkpoints), run_name=run_name, seed=settings.seed, data_seed=settings.seed,
-            learning_rate=settings.learning_rate, num_train_epochs=settings.num_train_epochs,
-            max_steps=settings.max_steps, per_device_train_batch_size=settings.per_device_train_batch_size,
-            gradient_accumulation_steps=settings.gradient_accumulation_steps,
-            lr_scheduler_type=settings.lr_scheduler_type, warmup_steps=settings.warmup_steps,
-            weight_decay=settings.weight_decay, max_grad_norm=settings.max_grad_norm,
-            logging_steps=settings.logging_steps, logging_first_step=True, save_strategy="steps",
-            save_steps=settings.save_steps, save_total_limit=settings.save_total_limit, report_to=[],
-            use_cpu=not torch.cuda.is_available(), include_num_input_tokens_seen="non_padding",
-            remove_unused_columns=False, dataloader_num_workers=0, per_device_eval_batch_size=8,
-        )
-        trainer = make_trainer_class()(
-            model=model, args=args, train_dataset=train_data,
-            data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-        )
+        if int(os.environ.get("RANK", "0")) == 0:  # one process cleans up; the others wait, then read
+            prepare_checkpoints(checkpoints, fingerprint)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        resume_from = (complete_checkpoints(checkpoints) or [None])[-1]
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    model = load_model(settings, model_dir, trust_remote_code, precision)
+    train_data, eval_data = TokenDataset(train_path), TokenDataset(eval_path)
+    optimizers = (None, None)
+    if settings.loraplus_lr_ratio:
+        from peft.optimizers import create_loraplus_optimizer
+
+        optimizers = (create_loraplus_optimizer(model=model, optimizer_cls=torch.optim.AdamW,
+                                                lr=settings.learning_rate, weight_decay=settings.weight_decay,
+                                                loraplus_lr_ratio=settings.loraplus_lr_ratio), None)
+    on_signal, on_nan = make_callbacks()
+    trainer = make_trainer_class()(
+        model=model, args=args, train_dataset=train_data, optimizers=optimizers, callbacks=[on_signal, on_nan],
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+    )
+    rank0 = trainer.is_world_process_zero()
+    summary: dict[str, Any] = {"settings": asdict(settings), "precision": precision, "processes": args.world_size,
+                               "train_rows": len(train_data), "eval_rows": len(eval_data), "global_step": 0}
+    if rank0:
         effective = settings.per_device_train_batch_size * settings.gradient_accumulation_steps * args.world_size
-        print(f"train rows {len(train_data)}, effective batch {effective}, resume from {resume_from}", file=sys.stderr)
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        history = trainer.state.log_history
+        print(f"method {settings.method}, precision {precision}, processes {args.world_size}, effective batch "
+              f"{effective}, train rows {len(train_data)}, resume from {resume_from}", file=sys.stderr)
+
+    if settings.max_steps != 0:
+        try:
+            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except (NonFiniteLoss, torch.OutOfMemoryError) as exc:
+            raise fail_with_advice(settings, exc, trainer.state.global_step) from None
+        if on_signal.stopped:
+            raise Interrupted(f"stopped by a signal at step {trainer.state.global_step}; the checkpoint is saved "
+                              f"in {checkpoints}: run again to resume")
         summary.update(global_step=trainer.state.global_step, train_loss=result.training_loss,
                        tokens_seen=int(trainer.state.num_input_tokens_seen))
         if len(eval_data):
             summary["eval_loss"] = trainer.evaluate(eval_dataset=eval_data)["eval_loss"]
-        if not trainer.is_world_process_zero():
-            return summary
+    if torch.cuda.is_available():
+        summary["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
 
-    with atomic_dir(adapter_out) as staging:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        write_json(staging / "train_summary.json", summary)
-    rows = write_log_csv(history, log_csv)
-    plot_loss(rows, loss_png, title=run_name)
+    # Every process takes part in the save (ZeRO-3 gathers the shards); only rank 0 writes files.
+    staging = run_dir / ".adapter.partial"
+    if rank0 and staging.exists():
+        shutil.rmtree(staging)
+    trainer.save_model(str(staging))
+    if not rank0:
+        return summary
+    tokenizer.save_pretrained(staging)
+    write_json(staging / "train_summary.json", summary)
+    if adapter_out.exists():
+        shutil.rmtree(adapter_out)
+    os.replace(staging, adapter_out)
+    rows = write_log_csv(trainer.state.log_history, run_dir / "train_log.csv")
+    plot_loss(rows, run_dir / "loss.png", title=run_name)
     shutil.rmtree(checkpoints, ignore_errors=True)
     return summary

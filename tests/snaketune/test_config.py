@@ -63,11 +63,18 @@ def test_run_naming_an_undefined_model_is_an_error(tmp_path, default_config):
     assert str(caught.value).startswith(f"{path}:{line_of(path, 'qwen-huge')}:")
 
 
-def test_methods_not_yet_trained_fail_clearly(default_config):
+def test_train_stage_rules_are_checked_when_the_config_loads(tmp_path, default_config):
     config = copy.deepcopy(default_config)
-    config["runs"]["identity-lora"]["method"] = "full"
-    with pytest.raises(UserError, match=r"method `full` is not available in this version \(available: lora\)"):
-        load(config)
+    config["runs"]["identity-lora"].update(method="qlora", deepspeed="zero3")
+    path = write(tmp_path, config)
+    with pytest.raises(UserError) as caught:
+        load(config, [path])
+    assert str(caught.value).startswith(f"{path}:{line_of(path, 'identity-lora:')}: runs.identity-lora: method "
+                                        "`qlora` cannot shard 4-bit weights with ZeRO-3")
+
+
+def test_unknown_methods_fail_clearly(default_config):
+    config = copy.deepcopy(default_config)
     config["runs"]["identity-lora"]["method"] = "dpo"
     with pytest.raises(UserError, match=r"'dpo' is not one of \['lora', 'qlora', 'full'\]"):
         load(config)

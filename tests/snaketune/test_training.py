@@ -1,0 +1,157 @@
+"""Train stage, through the same CLI the rule runs: every method learns, a killed run resumes exactly,
+ZeRO-3 shards over two processes, and failures say what to change."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from conftest import REPO, workflow_env
+from snaketune.data import DatasetSettings, build
+from snaketune.errors import UserError
+from snaketune.training import TrainSettings, complete_checkpoints, fix_cuda_arch_list
+
+FAST = {"learning_rate": 0.01, "per_device_train_batch_size": 8, "logging_steps": 5, "save_steps": 20,
+        "save_total_limit": 2, "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "warmup_steps": 0}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_model, tiny_tokenizer):
+    """The identity dataset tokenized for the tiny model, and its manifest."""
+    out = tmp_path_factory.mktemp("identity")
+    build(DatasetSettings(path=str(REPO / "data" / "identity.jsonl"), format="messages", max_seq_length=64,
+                          eval_size=8, test_size=8), tiny_tokenizer, out)
+    return tiny_model / "manifest.json", out
+
+
+def train_command(built, run_dir, settings):
+    manifest, data = built
+    return [sys.executable, str(REPO / "scripts" / "train.py"), "--model-manifest", str(manifest),
+            "--data", str(data), "--run-dir", str(run_dir), "--settings", json.dumps(settings)]
+
+
+def run_train(built, run_dir, settings):
+    result = subprocess.run(train_command(built, run_dir, settings), capture_output=True, text=True,
+                            env=workflow_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def losses(run_dir):
+    return pd.read_csv(run_dir / "train_log.csv")
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
+def test_each_method_trains_and_its_loss_falls(built, tmp_path, method):
+    run_train(built, tmp_path, {**FAST, "method": method, "max_steps": 30, "gradient_checkpointing": True})
+    log = losses(tmp_path)
+    assert log["step"].iloc[-1] == 30 and log["loss"].iloc[-1] < 0.8 * log["loss"].iloc[0]
+    summary = json.loads((tmp_path / "adapter" / "train_summary.json").read_text())
+    assert summary["global_step"] == 30 and summary["settings"]["method"] == method
+    if method == "full":
+        assert (tmp_path / "adapter" / "model.safetensors").is_file()
+    else:
+        config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+        assert config["peft_type"] == "LORA" and config["r"] == 8
+    assert (tmp_path / "loss.png").is_file() and not (tmp_path / "checkpoints").exists()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(built, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    run_train(built, run_dir, {**FAST, "max_steps": 160})
+    return losses(run_dir)
+
+
+def start_train(built, run_dir, settings, log):
+    """Start training in the background; its output goes to a file (a full pipe would block it)."""
+    handle = open(log, "w")
+    return subprocess.Popen(train_command(built, run_dir, settings), env=workflow_env(), start_new_session=True,
+                            stdout=handle, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_checkpoint(folder, step, process, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(int(p.name.split("-")[1]) >= step for p in complete_checkpoints(folder)):
+            return
+        assert process.poll() is None, "training ended before it could be interrupted"
+        time.sleep(0.02)
+    raise AssertionError(f"no checkpoint-{step} after {timeout} s")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_killed_run_resumes_to_the_same_step_and_loss(built, tmp_path, uninterrupted, sig):
+    settings = {**FAST, "max_steps": 160}
+    process = start_train(built, tmp_path, settings, tmp_path / "first.log")
+    wait_for_checkpoint(tmp_path / "checkpoints", 40, process)
+    process.send_signal(sig)
+    assert process.wait(timeout=120) != 0 and not (tmp_path / "adapter").exists()
+    output = (tmp_path / "first.log").read_text()
+    if sig == signal.SIGTERM:  # stopped cleanly: a checkpoint at the step it stopped, one line saying so
+        assert "error: stopped by a signal at step" in output and "Traceback" not in output
+    resume_step = int(complete_checkpoints(tmp_path / "checkpoints")[-1].name.split("-")[1])
+    assert 40 <= resume_step < 160
+
+    result = run_train(built, tmp_path, settings)
+    assert f"resume from {tmp_path / 'checkpoints' / f'checkpoint-{resume_step}'}" in result.stderr
+    resumed = losses(tmp_path)
+    assert list(resumed["step"]) == list(uninterrupted["step"])  # one continuous curve, no step twice
+    assert resumed["loss"].iloc[-1] == pytest.approx(uninterrupted["loss"].iloc[-1], rel=0.01)
+
+
+def test_zero3_in_two_processes_trains_consolidates_and_resumes(built, tmp_path, tiny_model):
+    """The expensive real run: full fine-tune, ZeRO-3, two CPU processes under torchrun, killed and resumed."""
+    from transformers import AutoModelForCausalLM
+
+    settings = {**FAST, "method": "full", "deepspeed": "zero3", "gpus": 2, "max_steps": 60, "learning_rate": 0.003}
+    process = start_train(built, tmp_path, settings, tmp_path / "first.log")
+    wait_for_checkpoint(tmp_path / "checkpoints", 20, process, timeout=300)
+    os.killpg(process.pid, signal.SIGKILL)  # the whole launcher and both workers, as a node failure would
+    process.wait(timeout=60)
+    resume_step = int(complete_checkpoints(tmp_path / "checkpoints")[-1].name.split("-")[1])
+
+    result = run_train(built, tmp_path, settings)
+    assert f"resume from {tmp_path / 'checkpoints' / f'checkpoint-{resume_step}'}" in result.stderr
+    assert "processes 2" in result.stderr
+    summaries = [line for line in result.stdout.splitlines() if line.startswith('{"')]
+    assert len(summaries) == 1 and json.loads(summaries[0])["global_step"] == 60  # rank 0 alone reports
+    log = losses(tmp_path)
+    assert log["step"].is_monotonic_increasing and log["step"].iloc[-1] == 60
+    assert log["loss"].iloc[-1] < 0.8 * log["loss"].iloc[0]
+
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "adapter")  # consolidated: a normal HF folder
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    shapes = {name: tuple(p.shape) for name, p in base.named_parameters()}
+    assert {name: tuple(p.shape) for name, p in trained.named_parameters()} == shapes
+
+
+def test_a_nan_loss_stops_with_what_to_change(built, tmp_path):
+    settings = {**FAST, "method": "full", "max_steps": 40, "learning_rate": 1e30, "max_grad_norm": 0}
+    result = subprocess.run(train_command(built, tmp_path, settings), capture_output=True, text=True,
+                            env=workflow_env())
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    line = next(x for x in result.stderr.splitlines() if x.startswith("error: loss became"))
+    assert "lower learning_rate (now 1e+30)" in line and not (tmp_path / "adapter").exists()
+
+
+def test_hopper_arch_suffix_is_made_readable_for_deepspeed():
+    env = {"TORCH_CUDA_ARCH_LIST": "8.0;9.0a"}
+    assert fix_cuda_arch_list(env) == "8.0;9.0" and env["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0"
+    assert fix_cuda_arch_list({"TORCH_CUDA_ARCH_LIST": "9.0 9.0a+PTX"}) == "9.0;9.0+PTX"
+    assert fix_cuda_arch_list({"TORCH_CUDA_ARCH_LIST": "8.6"}) is None
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"method": "qlora", "deepspeed": "zero3"}, "cannot shard 4-bit weights with ZeRO-3"),
+    ({"method": "full", "loraplus_lr_ratio": 16}, "`loraplus_lr_ratio` needs method lora/qlora"),
+    ({"deepspeed": "zero4"}, "deepspeed `zero4` is not one of zero1, zero2, zero3, zero3_offload"),
+])
+def test_known_bad_combinations_are_refused_before_any_work(settings, message):
+    with pytest.raises(UserError, match=message):
+        TrainSettings(**settings)
