@@ -11,6 +11,13 @@ Example (one H100; about 6 minutes for the small cases, 6 more for qlora-14b):
     python benchmarks/train_gpu.py --cases lora-0.5b qlora-0.5b lora-1.5b qlora-1.5b zero3-1.5b \\
         zero3-offload-1.5b zero3-resume-1.5b --out benchmarks/results/train_gpu_small.json
     python benchmarks/train_gpu.py --cases qlora-14b --out benchmarks/results/train_gpu_qlora14b.json
+
+Two GPUs of one host (the issue "Full fine-tune with ZeRO-3 across two GPUs"; not yet run, no such machine was
+lent): Baichuan2-7B's shape, full fine-tune, bf16, gradient checkpointing, sequence 2048, 20 steps each:
+    python benchmarks/train_gpu.py --seq-len 2048 --steps 20 --cases zero2-7b-2gpu zero3-7b-2gpu \
+        zero3-offload-7b-2gpu zero3-resume-7b-2gpu --out benchmarks/results/train_multi_gpu.json
+Acceptance: ZeRO-3's per-GPU peak <= 0.6 x ZeRO-2's; the first 20 losses of both agree within 2% on average;
+the resumed run ends at step 20 with its final loss within 1% of zero3-7b-2gpu's.
 """
 
 from __future__ import annotations
@@ -33,6 +40,10 @@ SHAPES = {
                          num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rope_theta=1e6),
     "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                          num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rope_theta=1e6),
+    # Baichuan2-7B-Chat in the Llama layout its conversion produces (W_pack split into q/k/v, NormHead folded)
+    "baichuan2-7b": dict(architecture="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=32, vocab_size=125696,
+                         tie_word_embeddings=False, rope_theta=1e4),
     "qwen-14b-chat": dict(hidden_size=5120, intermediate_size=13696, num_hidden_layers=40, num_attention_heads=40,
                           num_key_value_heads=40, vocab_size=152064, tie_word_embeddings=False, rope_theta=1e4),
 }
@@ -47,13 +58,18 @@ CASES = {
     "zero3-offload-1.5b": ("qwen2.5-1.5b", {"method": "full", "deepspeed": "zero3_offload", **FULL}),
     "zero3-resume-1.5b": ("qwen2.5-1.5b", {"method": "full", "deepspeed": "zero3", **FULL}),
     "qlora-14b": ("qwen-14b-chat", {"method": "qlora", **LORA}),
+    # two GPUs of one host, as the Baichuan2 recipe (deepspeed --num_gpus=2); run with --seq-len 2048
+    "zero2-7b-2gpu": ("baichuan2-7b", {"method": "full", "deepspeed": "zero2", "gpus": 2, **FULL}),
+    "zero3-7b-2gpu": ("baichuan2-7b", {"method": "full", "deepspeed": "zero3", "gpus": 2, **FULL}),
+    "zero3-offload-7b-2gpu": ("baichuan2-7b", {"method": "full", "deepspeed": "zero3_offload", "gpus": 2, **FULL}),
+    "zero3-resume-7b-2gpu": ("baichuan2-7b", {"method": "full", "deepspeed": "zero3", "gpus": 2, **FULL}),
 }
 
 
 def build_model(shape: str, folder: Path) -> Path:
     """A random-init Qwen2 model of ``shape`` with the project's tokenizer; returns its manifest."""
     import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     from snaketune.models import build_tokenizer
 
@@ -63,7 +79,9 @@ def build_model(shape: str, folder: Path) -> Path:
     tokenizer = build_tokenizer([str(REPO / "data" / "identity.jsonl"), str(REPO / "data" / "text_matching.json")],
                                 vocab_size=2048)
     eos, pad = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
-    config = Qwen2Config(**SHAPES[shape], max_position_embeddings=8192, rms_norm_eps=1e-6, eos_token_id=eos,
+    dims = dict(SHAPES[shape])
+    config_class = LlamaConfig if dims.pop("architecture", "qwen2") == "llama" else Qwen2Config
+    config = config_class(**dims, max_position_embeddings=8192, rms_norm_eps=1e-6, eos_token_id=eos,
                          pad_token_id=pad, bos_token_id=None)
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -103,6 +121,7 @@ def read_run(run_dir: Path) -> dict:
         "steps": int(summary["global_step"]),
         "tokens_per_second": round(sorted(speeds)[len(speeds) // 2], 1) if speeds else None,
         "peak_memory_gib": summary.get("peak_memory_gib"),
+        "peak_memory_gib_per_process": summary.get("peak_memory_gib_per_process"),
         "losses": [round(x, 5) for x in log["loss"].tolist()],
         "finite": bool(log["loss"].map(lambda x: x == x and abs(x) != float("inf")).all()),
     }
@@ -138,6 +157,13 @@ def run_case(name: str, work: Path, steps: int, length: int) -> dict:
     result["resumed_from"] = next((line.split("resume from ")[1] for line in completed.stderr.splitlines()
                                    if "resume from " in line), None)
     result.update(read_run(run_dir))
+    if settings["method"] == "full":  # the consolidated folder must load on its own, in a fresh process
+        check = subprocess.run([sys.executable, "-c", "import sys; from transformers import AutoModelForCausalLM; "
+                                "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
+                                "print(sum(p.numel() for p in m.parameters()))", str(run_dir / "adapter")],
+                               capture_output=True, text=True)
+        result["loads_in_fresh_process"] = check.returncode == 0
+        result["parameters"] = int(check.stdout.split()[-1]) if check.returncode == 0 else None
     return result
 
 

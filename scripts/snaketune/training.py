@@ -417,7 +417,14 @@ def train(settings: TrainSettings, model_dir: Path, trust_remote_code: bool, tra
         if len(eval_data):
             summary["eval_loss"] = trainer.evaluate(eval_dataset=eval_data)["eval_loss"]
     if torch.cuda.is_available():
-        summary["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30], device="cuda")
+        if torch.distributed.is_initialized():  # every GPU's peak: ZeRO's promise is about each of them
+            peaks = [torch.zeros_like(peak) for _ in range(torch.distributed.get_world_size())]
+            torch.distributed.all_gather(peaks, peak)
+        else:
+            peaks = [peak]
+        summary["peak_memory_gib_per_process"] = [round(p.item(), 3) for p in peaks]
+        summary["peak_memory_gib"] = max(summary["peak_memory_gib_per_process"])
 
     # Every process takes part in the save (ZeRO-3 gathers the shards); only rank 0 writes files.
     staging = run_dir / ".adapter.partial"

@@ -61,6 +61,11 @@ def test_each_method_trains_and_its_loss_falls(built, tmp_path, method):
     assert (tmp_path / "loss.png").is_file() and not (tmp_path / "checkpoints").exists()
 
 
+def test_tensorboard_events_are_written_when_asked(built, tmp_path):
+    run_train(built, tmp_path, {**FAST, "max_steps": 4, "tensorboard": True})
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(built, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("uninterrupted")
