@@ -61,6 +61,34 @@ def test_each_method_trains_and_its_loss_falls(built, tmp_path, method):
     assert (tmp_path / "loss.png").is_file() and not (tmp_path / "checkpoints").exists()
 
 
+def test_lora_plus_and_modules_to_save_train_and_are_saved(built, tmp_path):
+    from safetensors import safe_open
+
+    run_train(built, tmp_path, {**FAST, "max_steps": 20, "loraplus_lr_ratio": 16, "modules_to_save": ["lm_head"]})
+    log = losses(tmp_path)
+    assert log["loss"].iloc[-1] < 0.8 * log["loss"].iloc[0]
+    with safe_open(tmp_path / "adapter" / "adapter_model.safetensors", "pt") as weights:
+        assert any("lm_head" in key for key in weights.keys())  # the head is trained in full and saved
+
+
+def test_out_of_memory_ends_with_what_to_change(built, tmp_path, monkeypatch):
+    import torch
+    from transformers import Trainer
+
+    from snaketune.training import train
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Trainer, "training_step", out_of_memory)
+    manifest, data = built
+    with pytest.raises(UserError, match=r"out of GPU memory at step 0: lower per_device_train_batch_size \(now 8\)"
+                                        r".*gradient_checkpointing: true \(now False\)"):
+        train(TrainSettings(**{**FAST, "max_steps": 5}), manifest.parent, False, data / "train.parquet",
+              data / "eval.parquet", tmp_path)
+    assert not (tmp_path / "adapter").exists()
+
+
 def test_tensorboard_events_are_written_when_asked(built, tmp_path):
     run_train(built, tmp_path, {**FAST, "max_steps": 4, "tensorboard": True})
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
