@@ -7,6 +7,8 @@ rule report:
     output:
         leaderboard="results/leaderboard.csv",
         html="results/report.html",
+        sweep_tables=expand("results/sweeps/{sweep}/runs.csv", sweep=CFG.sweeps),
+        sweep_best=expand("results/sweeps/{sweep}/best.json", sweep=CFG.sweeps),
     log:
         "logs/report/report.log",
     conda:
@@ -18,6 +20,21 @@ rule report:
     params:
         script=script("report"),
         runs=stages.report_runs(CFG),
+        sweeps=stages.sweep_settings(CFG),
     shell:
         "python {params.script} --runs {params.runs:q} --metrics {input.metrics} --logs {input.logs}"
-        " --curves {input.curves} --leaderboard {output.leaderboard} --html {output.html} > {log} 2>&1"
+        " --curves {input.curves} --leaderboard {output.leaderboard} --html {output.html}"
+        " --sweeps {params.sweeps:q} > {log} 2>&1"
+
+
+# `snakemake best`: the best run of every sweep, with the path of its merged model (for predict or serve).
+rule best:
+    input:
+        expand("results/sweeps/{sweep}/best.json", sweep=CFG.sweeps),
+    log:
+        "logs/report/best.log",
+    localrule: True
+    conda:
+        "../envs/eval.yaml"
+    shell:
+        "cat {input} | tee {log}"

@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--curves", nargs="+", required=True, help="loss.png per run, in --runs order")
     parser.add_argument("--leaderboard", required=True, help="leaderboard.csv to write")
     parser.add_argument("--html", required=True, help="report.html to write")
+    parser.add_argument("--sweeps", type=json.loads, default={}, help="JSON: sweep name -> its runs and select_by")
+    parser.add_argument("--sweep-dir", default="results/sweeps", help="where each sweep's runs.csv/best.json go")
     return parser
 
 
@@ -38,7 +40,8 @@ def main(argv=None) -> int:
         if not len(args.runs) == len(args.metrics) == len(args.logs) == len(args.curves):
             raise UserError("--runs, --metrics, --logs and --curves must name the same number of runs")
         rows = write_report(args.runs, [Path(p) for p in args.metrics], [Path(p) for p in args.logs],
-                            [Path(p) for p in args.curves], Path(args.leaderboard), Path(args.html))
+                            [Path(p) for p in args.curves], Path(args.leaderboard), Path(args.html),
+                            args.sweeps, Path(args.sweep_dir))
         for row in rows:
             print(json.dumps(row, ensure_ascii=False))
 

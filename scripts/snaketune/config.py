@@ -16,6 +16,7 @@ import jsonschema
 import yaml
 
 from snaketune.errors import UserError
+from snaketune.sweeps import expand as expand_sweeps
 from snaketune.training import TrainSettings
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "config" / "schema" / "config.schema.yaml"
@@ -77,6 +78,7 @@ class WorkflowConfig:
     models: dict[str, dict[str, Any]]
     datasets: dict[str, dict[str, Any]]
     runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sweeps: dict[str, dict[str, Any]] = field(default_factory=dict)  # sweep name -> its runs' swept settings
 
 
 def _defaults(props: dict[str, Any]) -> dict[str, Any]:
@@ -99,6 +101,12 @@ def load(raw: dict[str, Any], files: list[str | Path] = ()) -> WorkflowConfig:
 
     def report(keys: tuple, message: str) -> None:
         problems.append(f"{locate.where(keys)}: {_dotted(keys) or 'config'}: {message}")
+
+    sweeps: dict[str, dict[str, Any]] = {}
+    if isinstance(raw.get("runs"), dict):
+        settings = set(schema["$defs"]["run_settings"]["properties"])
+        runs, sweeps = expand_sweeps(raw["runs"], settings, report)
+        raw = {**raw, "runs": runs}
 
     validator = jsonschema.Draft202012Validator(schema)
     for error in sorted(validator.iter_errors(raw), key=lambda e: [str(p) for p in e.absolute_path]):
@@ -149,4 +157,4 @@ def load(raw: dict[str, Any], files: list[str | Path] = ()) -> WorkflowConfig:
         runs[name] = run
     if problems:
         raise UserError("\n".join(problems))
-    return WorkflowConfig(models=models, datasets=datasets, runs=runs)
+    return WorkflowConfig(models=models, datasets=datasets, runs=runs, sweeps=sweeps)

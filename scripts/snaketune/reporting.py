@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from snaketune.io import atomic_file
+from snaketune.io import atomic_file, write_json
 
 RUN_COLUMNS = ["run", "model", "dataset", "method", "learning_rate", "num_train_epochs", "max_steps"]
 METRIC_COLUMNS = ["n", "exact_match", "bleu-4", "rouge-1", "rouge-2", "rouge-l", "text_tokenizer"]
@@ -33,9 +33,73 @@ def _cell(value: Any) -> str:
     return html.escape(str(value))
 
 
+def figure_png(fig) -> str:
+    """A matplotlib figure as a base64 PNG for an <img> tag."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def write_sweep(name: str, sweep: dict[str, Any], rows: list[dict[str, Any]], logs: dict[str, Path],
+                folder: Path) -> str:
+    """Write ``runs.csv`` and ``best.json`` of one sweep; return its HTML section (metric plots, loss curves)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from snaketune.sweeps import select_best
+
+    by_run = {row["run"]: row for row in rows}
+    members = [by_run[run] for run in sweep["runs"]]
+    settings = sorted({key for point in sweep["runs"].values() for key in point})
+    metric, mode = sweep["select_by"], sweep["select_mode"]
+    with atomic_file(folder / "runs.csv") as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["run", *settings, metric])
+        writer.writeheader()
+        writer.writerows({"run": run, **point, metric: by_run[run].get(metric, "")}
+                         for run, point in sweep["runs"].items())
+    best = select_best(members, metric, mode)
+    write_json(folder / "best.json", {
+        "sweep": name, "select_by": metric, "select_mode": mode, "run": best["run"], "value": best[metric],
+        "settings": sweep["runs"][best["run"]], "merged": f"results/runs/{best['run']}/merged",
+        "metrics": {key: best[key] for key in METRIC_COLUMNS if best.get(key, "") != ""},
+    })
+
+    fig, axes = plt.subplots(1, len(settings), figsize=(4 * len(settings), 3), squeeze=False)
+    for ax, key in zip(axes[0], settings, strict=True):
+        values = [(sweep["runs"][row["run"]][key], row.get(metric)) for row in members]
+        ax.scatter([str(v) if isinstance(v, str) else v for v, _ in values], [m for _, m in values])
+        ax.set(xlabel=key, ylabel=metric)
+        ax.grid(alpha=0.3)
+    scatter = figure_png(fig)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for run in sweep["runs"]:
+        with open(logs[run], newline="") as handle:
+            log = list(csv.DictReader(handle))
+        ax.plot([int(r["step"]) for r in log], [float(r["loss"]) for r in log], label=run)
+    ax.set(xlabel="step", ylabel="training loss", title=f"sweep {name}")
+    ax.legend(fontsize=6)
+    curves = figure_png(fig)
+    return (f"<h2>Sweep {html.escape(name)}</h2><p>best by {html.escape(metric)} ({mode}): "
+            f"<b>{html.escape(best['run'])}</b> = {_cell(best[metric])}</p>"
+            f"<img alt='{html.escape(metric)} against each swept setting' src='data:image/png;base64,{scatter}'>"
+            f"<img alt='loss curves of sweep {html.escape(name)}' src='data:image/png;base64,{curves}'>")
+
+
 def write_report(runs: list[dict[str, Any]], metrics: list[Path], logs: list[Path], curves: list[Path],
-                 leaderboard: Path, page: Path) -> list[dict[str, Any]]:
-    """Write ``leaderboard.csv`` and ``report.html``; ``runs``, ``metrics``, ``logs`` and ``curves`` align."""
+                 leaderboard: Path, page: Path, sweeps: dict[str, Any] | None = None,
+                 sweep_dir: Path = Path("results/sweeps")) -> list[dict[str, Any]]:
+    """Write ``leaderboard.csv``, ``report.html`` and each sweep's ``runs.csv``/``best.json``.
+
+    ``runs``, ``metrics``, ``logs`` and ``curves`` align, one entry per run.
+    """
     rows = [run_row(run, m, log) for run, m, log in zip(runs, metrics, logs, strict=True)]
     columns = RUN_COLUMNS + ["train_steps", "final_loss"] + METRIC_COLUMNS
     with atomic_file(leaderboard) as tmp, open(tmp, "w", newline="") as handle:
@@ -51,6 +115,9 @@ def write_report(runs: list[dict[str, Any]], metrics: list[Path], logs: list[Pat
         f"</figcaption></figure>"
         for r, curve in zip(rows, curves, strict=True)
     )
+    log_of = {row["run"]: log for row, log in zip(rows, logs, strict=True)}
+    sections = "".join(write_sweep(name, sweep, rows, log_of, sweep_dir / name)
+                       for name, sweep in (sweeps or {}).items())
     document = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>snaketune report</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
@@ -59,6 +126,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}figure{{display:i
 <h2>Leaderboard</h2><p>exact_match is a fraction; BLEU and ROUGE are percentages.</p>
 <table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>
 <h2>Training loss</h2>{figures}
+{sections}
 </body></html>
 """
     with atomic_file(page) as tmp:

@@ -55,3 +55,8 @@ def eval_settings(cfg: WorkflowConfig, run: str) -> str:
 def report_runs(cfg: WorkflowConfig) -> str:
     """The per-run columns of the leaderboard, in config order."""
     return as_json([{**{k: run.get(k) for k in RUN_COLUMNS}, "run": name} for name, run in cfg.runs.items()])
+
+
+def sweep_settings(cfg: WorkflowConfig) -> str:
+    """Each sweep's runs with their swept values, and how the best one is picked (in expansion order)."""
+    return json.dumps(cfg.sweeps, ensure_ascii=False)
