@@ -52,8 +52,11 @@ def run_dataset_file(name):
     return lookup
 
 
-def run_files(name):
-    return [f"results/runs/{run}/{name}" for run in CFG.runs]
+def run_files(name, owner=None):
+    """One file per run, in config order; ``owner`` maps a run to the run whose file it shares."""
+    return [
+        f"results/runs/{owner(CFG, run) if owner else run}/{name}" for run in CFG.runs
+    ]
 
 
 def get_final_output():

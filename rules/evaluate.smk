@@ -1,7 +1,7 @@
 # Score the predictions: BLEU-4, ROUGE-1/2/L, exact match.
 rule evaluate_predictions:
     input:
-        predictions="results/runs/{run}/predictions.csv",
+        predictions=lambda wc: f"results/runs/{stages.predict_owner(CFG, wc.run)}/predictions.csv",
     output:
         metrics="results/runs/{run}/metrics.json",
     log:

@@ -2,7 +2,7 @@
 rule merge_adapter:
     input:
         manifest=run_model_manifest,
-        adapter="results/runs/{run}/adapter",
+        adapter=lambda wc: f"results/runs/{stages.train_owner(CFG, wc.run)}/adapter",
     output:
         merged=directory("results/runs/{run}/merged"),
     log:

@@ -1,7 +1,7 @@
 # Generate answers for the test split with the merged model.
 rule predict_test:
     input:
-        model="results/runs/{run}/merged",
+        model=lambda wc: f"results/runs/{stages.merge_owner(CFG, wc.run)}/merged",
         test=run_dataset_file("test.parquet"),
     output:
         predictions="results/runs/{run}/predictions.csv",

@@ -2,8 +2,8 @@
 rule report:
     input:
         metrics=run_files("metrics.json"),
-        logs=run_files("train_log.csv"),
-        curves=run_files("loss.png"),
+        logs=run_files("train_log.csv", owner=stages.train_owner),
+        curves=run_files("loss.png", owner=stages.train_owner),
     output:
         leaderboard="results/leaderboard.csv",
         html="results/report.html",

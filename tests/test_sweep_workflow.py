@@ -43,3 +43,23 @@ def test_grid_shares_common_steps_and_grows_by_only_the_new_runs(tmp_path):
     grown = scratch_workflow(tmp_path, sweep_config([0.01, 0.001, 0.1]))
     plan = planned_jobs(snakemake(tmp_path, "--configfile", str(grown), "--dry-run"))
     assert plan == sorted([("report", "")] + [(rule, f"run={run}") for run in names([0.1]) for rule in RUN_STAGES])
+
+
+def test_runs_differing_only_after_training_share_the_training(tmp_path):
+    config = sweep_config([0.01])
+    base = {k: v for k, v in config["runs"]["grid"].items() if k not in ("sweep", "select_by")}
+    config["runs"] = {
+        "a": base,
+        "a-words": {**base, "evaluation": {"text_tokenizer": "whitespace"}},  # same predictions, scored otherwise
+        "a-longer": {**base, "generation": {"max_new_tokens": 8}},  # same adapter, generated otherwise
+    }
+    path = scratch_workflow(tmp_path, config)
+    plan = planned_jobs(snakemake(tmp_path, "--configfile", str(path), "--dry-run"))
+    assert plan == sorted([  # one train and one merge; a second predict only for other generation settings
+        ("download_model", "model=tiny"), ("build_dataset", "dataset=identity, model=tiny"), ("report", ""),
+        ("train_adapter", "run=a"),
+        ("merge_adapter", "run=a"),
+        ("predict_test", "run=a"), ("predict_test", "run=a-longer"),
+        ("evaluate_predictions", "run=a"), ("evaluate_predictions", "run=a-words"),
+        ("evaluate_predictions", "run=a-longer"),
+    ])

@@ -60,3 +60,38 @@ def report_runs(cfg: WorkflowConfig) -> str:
 def sweep_settings(cfg: WorkflowConfig) -> str:
     """Each sweep's runs with their swept values, and how the best one is picked (in expansion order)."""
     return json.dumps(cfg.sweeps, ensure_ascii=False)
+
+
+def _first_run_like(cfg: WorkflowConfig, run: str, identity) -> str:
+    key = identity(cfg, run)
+    return next(name for name in cfg.runs if identity(cfg, name) == key)
+
+
+def _training(cfg: WorkflowConfig, run: str) -> tuple:
+    return cfg.runs[run]["model"], cfg.runs[run]["dataset"], train_settings(cfg, run)
+
+
+def _merged(cfg: WorkflowConfig, run: str) -> tuple:
+    return _training(cfg, run) + (merge_settings(cfg, run),)
+
+
+def _predictions(cfg: WorkflowConfig, run: str) -> tuple:
+    return _merged(cfg, run) + (generation_settings(cfg, run),)
+
+
+def train_owner(cfg: WorkflowConfig, run: str) -> str:
+    """The run whose training this run uses: the first one with the same model, data and train settings.
+
+    Runs that differ only in what happens after training (generation, evaluation) share one train job.
+    """
+    return _first_run_like(cfg, run, _training)
+
+
+def merge_owner(cfg: WorkflowConfig, run: str) -> str:
+    """The run whose merged model this run uses (same training and merge settings)."""
+    return _first_run_like(cfg, run, _merged)
+
+
+def predict_owner(cfg: WorkflowConfig, run: str) -> str:
+    """The run whose merged model and predictions this run uses (same training, merge and generation)."""
+    return _first_run_like(cfg, run, _predictions)
