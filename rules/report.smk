@@ -37,4 +37,4 @@ rule best:
     conda:
         "../envs/eval.yaml"
     shell:
-        "cat {input} | tee {log}"
+        "for best in {input}; do cat $best; done | tee {log}"
