@@ -14,6 +14,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
+# The per-run jobs a change to one run's training replans, in the sorted order planned_jobs returns.
+RUN_STAGES = ["evaluate_predictions", "merge_adapter", "predict_test", "train_adapter"]
+
 TINY_MODEL = {
     "source": "builtin", "architecture": "qwen2", "seed": 0, "vocab_size": 2048, "hidden_size": 32,
     "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,

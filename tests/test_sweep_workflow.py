@@ -4,9 +4,7 @@ import json
 
 import pandas as pd
 
-from conftest import TINY_MODEL, planned_jobs, scratch_workflow, snakemake
-
-RUN_STAGES = ["evaluate_predictions", "merge_adapter", "predict_test", "train_adapter"]
+from conftest import RUN_STAGES, TINY_MODEL, planned_jobs, scratch_workflow, snakemake
 
 
 def sweep_config(rates):
