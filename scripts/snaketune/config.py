@@ -79,6 +79,7 @@ class WorkflowConfig:
     datasets: dict[str, dict[str, Any]]
     runs: dict[str, dict[str, Any]] = field(default_factory=dict)
     sweeps: dict[str, dict[str, Any]] = field(default_factory=dict)  # sweep name -> its runs' swept settings
+    cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)  # lookups derived from runs
 
 
 def _defaults(props: dict[str, Any]) -> dict[str, Any]:

@@ -63,8 +63,17 @@ def sweep_settings(cfg: WorkflowConfig) -> str:
 
 
 def _first_run_like(cfg: WorkflowConfig, run: str, identity) -> str:
-    key = identity(cfg, run)
-    return next(name for name in cfg.runs if identity(cfg, name) == key)
+    """The first run in config order with the same ``identity`` as ``run``.
+
+    Snakemake asks once per job; the table of first runs is built once per config and identity, not per ask.
+    """
+    firsts = cfg.cache.get(identity)
+    if firsts is None:
+        firsts = {}
+        for name in cfg.runs:
+            firsts.setdefault(identity(cfg, name), name)
+        cfg.cache[identity] = firsts
+    return firsts[identity(cfg, run)]
 
 
 def _training(cfg: WorkflowConfig, run: str) -> tuple:
