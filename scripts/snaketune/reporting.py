@@ -15,11 +15,15 @@ RUN_COLUMNS = ["run", "model", "dataset", "method", "learning_rate", "num_train_
 METRIC_COLUMNS = ["n", "exact_match", "bleu-4", "rouge-1", "rouge-2", "rouge-l", "text_tokenizer"]
 
 
-def run_row(run: dict[str, Any], metrics_path: Path, log_path: Path) -> dict[str, Any]:
+def read_log(path: Path) -> list[dict[str, str]]:
+    """The rows of a run's train_log.csv."""
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def run_row(run: dict[str, Any], metrics_path: Path, log: list[dict[str, str]]) -> dict[str, Any]:
     """The leaderboard row of one run: its settings, its training length and final loss, its metrics."""
     metrics = json.loads(Path(metrics_path).read_text(encoding="utf-8"))
-    with open(log_path, newline="") as handle:
-        log = list(csv.DictReader(handle))
     row = {key: run.get(key, "") for key in RUN_COLUMNS}
     row["train_steps"] = int(log[-1]["step"]) if log else 0
     row["final_loss"] = float(log[-1]["loss"]) if log else ""
@@ -46,8 +50,8 @@ def figure_png(fig) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def write_sweep(name: str, sweep: dict[str, Any], rows: list[dict[str, Any]], logs: dict[str, Path],
-                folder: Path) -> str:
+def write_sweep(name: str, sweep: dict[str, Any], rows: list[dict[str, Any]],
+                logs: dict[str, list[dict[str, str]]], folder: Path) -> str:
     """Write ``runs.csv`` and ``best.json`` of one sweep; return its HTML section (metric plots, loss curves)."""
     import matplotlib
 
@@ -81,8 +85,7 @@ def write_sweep(name: str, sweep: dict[str, Any], rows: list[dict[str, Any]], lo
     scatter = figure_png(fig)
     fig, ax = plt.subplots(figsize=(7, 4))
     for run in sweep["runs"]:
-        with open(logs[run], newline="") as handle:
-            log = list(csv.DictReader(handle))
+        log = logs[run]
         ax.plot([int(r["step"]) for r in log], [float(r["loss"]) for r in log], label=run)
     ax.set(xlabel="step", ylabel="training loss", title=f"sweep {name}")
     ax.legend(fontsize=6)
@@ -100,7 +103,8 @@ def write_report(runs: list[dict[str, Any]], metrics: list[Path], logs: list[Pat
 
     ``runs``, ``metrics``, ``logs`` and ``curves`` align, one entry per run.
     """
-    rows = [run_row(run, m, log) for run, m, log in zip(runs, metrics, logs, strict=True)]
+    parsed_logs = [read_log(path) for path in logs]
+    rows = [run_row(run, m, log) for run, m, log in zip(runs, metrics, parsed_logs, strict=True)]
     columns = RUN_COLUMNS + ["train_steps", "final_loss"] + METRIC_COLUMNS
     with atomic_file(leaderboard) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
@@ -115,7 +119,7 @@ def write_report(runs: list[dict[str, Any]], metrics: list[Path], logs: list[Pat
         f"</figcaption></figure>"
         for r, curve in zip(rows, curves, strict=True)
     )
-    log_of = {row["run"]: log for row, log in zip(rows, logs, strict=True)}
+    log_of = {row["run"]: log for row, log in zip(rows, parsed_logs, strict=True)}
     sections = "".join(write_sweep(name, sweep, rows, log_of, sweep_dir / name)
                        for name, sweep in (sweeps or {}).items())
     document = f"""<!doctype html>
