@@ -13,6 +13,7 @@ rule predict_test:
         "../envs/train.yaml"
     threads: 1
     resources:
+        gpu=1,
         mem_mb=8000,
         runtime=240,
     params:

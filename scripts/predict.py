@@ -31,7 +31,9 @@ def main(argv=None) -> int:
 
     def body():
         from snaketune.generation import GenerationSettings, predict
+        from snaketune.gpus import claim
 
+        claim(1)
         rows = predict(make_settings(GenerationSettings, args.settings), Path(args.model), Path(args.test),
                        Path(args.out))
         print(f"predictions: {rows}")

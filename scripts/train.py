@@ -45,10 +45,13 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
     def body():
+        from snaketune.gpus import claim
         from snaketune.models import model_path
         from snaketune.training import TrainSettings, prepare_environment, train
 
         settings = make_settings(TrainSettings, args.settings)
+        if "LOCAL_RANK" not in os.environ:  # torchrun's workers inherit the launcher's GPUs
+            claim(settings.gpus)
         # DeepSpeed wants a launcher's environment even for one process, so it always goes through torchrun
         if (settings.gpus > 1 or settings.deepspeed) and "LOCAL_RANK" not in os.environ:
             prepare_environment(settings)

@@ -73,20 +73,6 @@ def dry_run_with(demo, default_config, edit, name):
     return planned_jobs(result)
 
 
-def test_changing_one_runs_learning_rate_reruns_only_that_run(demo, default_config):
-    jobs = dry_run_with(demo, default_config, lambda c: c["runs"]["identity-lora"].update(learning_rate=0.02),
-                        "config-lr.yaml")
-    assert jobs == sorted([(rule, "run=identity-lora") for rule in RUN_STAGES] + [("report", "")])
-
-
-def test_changing_an_evaluation_setting_reruns_only_evaluate_and_report(demo, default_config):
-    jobs = dry_run_with(
-        demo, default_config,
-        lambda c: c["runs"]["matching-lora"].update(evaluation={"text_tokenizer": "whitespace"}), "config-eval.yaml",
-    )
-    assert jobs == [("evaluate_predictions", "run=matching-lora"), ("report", "")]
-
-
 def config_error(tmp_path, default_config, edit):
     config = copy.deepcopy(default_config)
     edit(config)

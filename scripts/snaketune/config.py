@@ -136,6 +136,8 @@ def load(raw: dict[str, Any], files: list[str | Path] = ()) -> WorkflowConfig:
         allowed = SOURCE_KEYS[source] | {"source", "trust_remote_code"}
         props = {k: v for k, v in defs["model"]["properties"].items() if k in allowed}
         models[name] = {**_defaults(props), **entry}
+        if "cache_dir" in allowed and models[name]["cache_dir"] is None:
+            models[name]["cache_dir"] = raw.get("model_cache_dir")
 
     datasets = {name: {**_defaults(defs["dataset"]["properties"]), **entry} for name, entry in raw["datasets"].items()}
 

@@ -87,3 +87,14 @@ def test_source_specific_keys_are_checked(default_config):
         load(config)
     assert "models.hub.hidden_size: `hidden_size` does not apply to source `modelscope`" in str(caught.value)
     assert "models.hub: source `modelscope` needs `id`" in str(caught.value)
+
+
+def test_model_cache_dir_is_where_hub_models_go_unless_an_entry_says_otherwise(default_config):
+    config = copy.deepcopy(default_config)
+    config["model_cache_dir"] = "/root/autodl-tmp/models"
+    config["models"]["qwen"] = {"source": "modelscope", "id": "qwen/Qwen2-0.5B-Instruct"}
+    config["models"]["llama"] = {"source": "huggingface", "id": "x/y", "cache_dir": "/data/hf"}
+    cfg = load(config)
+    assert cfg.models["qwen"]["cache_dir"] == "/root/autodl-tmp/models"
+    assert cfg.models["llama"]["cache_dir"] == "/data/hf"
+    assert "cache_dir" not in cfg.models["tiny-qwen2"]  # builtin models are built, not downloaded

@@ -1,0 +1,118 @@
+"""The per-stage conda envs agree with requirements.txt, and each holds every package its rules' code imports."""
+
+import ast
+import importlib.metadata
+import re
+import sys
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+ENVS = sorted((REPO / "envs").glob("*.yaml"))
+
+
+def pins(lines) -> dict[str, str]:
+    """{normalised name: version} of ``name==version`` lines."""
+    found = {}
+    for line in lines:
+        match = re.match(r"\s*([A-Za-z0-9_.\-]+)\s*==\s*([^\s#;]+)", line)
+        if match:
+            found[normalise(match.group(1))] = match.group(2)
+    return found
+
+
+def normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def env_pins(path) -> dict[str, str]:
+    spec = yaml.safe_load(path.read_text())
+    pip = next((item["pip"] for item in spec["dependencies"] if isinstance(item, dict)), [])
+    conda = [item.replace("=", "==", 1) for item in spec["dependencies"] if isinstance(item, str) and "=" in item]
+    return pins(pip + [c for c in conda if not c.startswith("python")])
+
+
+REQUIREMENTS = pins((REPO / "requirements.txt").read_text().splitlines())
+
+
+@pytest.mark.parametrize("env", ENVS, ids=lambda p: p.stem)
+def test_env_pins_the_same_versions_as_requirements(env):
+    spec = yaml.safe_load(env.read_text())
+    assert "python =3.11" in spec["dependencies"]
+    pinned = env_pins(env)
+    assert pinned, f"{env.name} pins nothing"
+    mismatched = {name: (version, REQUIREMENTS.get(name)) for name, version in pinned.items()
+                  if REQUIREMENTS.get(name) != version}
+    assert not mismatched, f"{env.name} vs requirements.txt: {mismatched}"
+
+
+def test_requirements_are_what_the_tests_run_on():
+    """requirements.txt is the tested set: the interpreter running these tests has exactly those versions."""
+    installed = {name: importlib.metadata.version(name) for name in REQUIREMENTS}
+    torch_local = installed["torch"].split("+")[0]  # a CPU or CUDA build of the same release
+    installed["torch"] = torch_local
+    assert installed == REQUIREMENTS
+
+
+def module_level(tree):
+    """Nodes outside function bodies: what runs on import (a function's own imports run only when it is called)."""
+    stack = list(tree.body)
+    while stack:
+        node = stack.pop()
+        yield node
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            stack.extend(ast.iter_child_nodes(node))
+
+
+def imported_modules(path, seen=None) -> set[str]:
+    """Third-party top-level modules a stage script imports anywhere, plus those its snaketune modules import
+    on import, recursively."""
+    entry = seen is None
+    seen = set() if seen is None else seen
+    if path in seen:
+        return set()
+    seen.add(path)
+    found = set()
+    tree = ast.parse(path.read_text())
+    for node in (ast.walk(tree) if entry else module_level(tree)):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        for name in names:
+            top = name.split(".")[0]
+            if top == "snaketune":
+                module = REPO / "scripts" / (name.replace(".", "/") + ".py")
+                found |= imported_modules(module, seen) if module.exists() else set()
+            elif top not in sys.stdlib_module_names:
+                found.add(top)
+    return found
+
+
+def rule_envs() -> dict[str, tuple[str, str]]:
+    """rule name -> (env file, stage script) as the rule files declare them."""
+    table = {}
+    for rules in sorted((REPO / "rules").glob("*.smk")):
+        for block in re.split(r"\n(?=rule )", rules.read_text()):
+            rule = re.match(r"rule (\w+):", block)
+            env = re.search(r'conda:\s*\n\s*"\.\./envs/([\w.]+)"', block)
+            script = re.search(r'script\("(\w+)"\)', block)
+            if rule and env and script:
+                table[rule.group(1)] = (env.group(1), script.group(1))
+    return table
+
+
+def test_every_rule_has_an_env_holding_what_its_script_imports():
+    table = rule_envs()
+    assert set(table) >= {"download_model", "build_dataset", "train_adapter", "merge_adapter", "predict_test",
+                          "evaluate_predictions", "report"}
+    distributions = importlib.metadata.packages_distributions()
+    for rule, (env, script) in table.items():
+        pinned = env_pins(REPO / "envs" / env)
+        needed = {normalise(dist) for module in imported_modules(REPO / "scripts" / f"{script}.py")
+                  for dist in distributions.get(module, [module])}
+        missing = needed - set(pinned) - {"snakemake"}
+        assert not missing, f"rule {rule}: envs/{env} lacks {sorted(missing)} that scripts/{script}.py imports"

@@ -1,0 +1,102 @@
+"""The autodl and Slurm profiles plan every example config; the local profile's kill-and-resume behaviour."""
+
+import base64
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from conftest import REPO, planned_jobs, scratch_workflow, workflow_env
+
+EXAMPLES = sorted((REPO / "config" / "examples").glob("*.yaml"))
+
+
+def profile_for_this_machine(name, folder):
+    """The repo's profile; without conda on this machine (it is not on PyPI), the same profile minus conda
+    deployment, whose env files tests/test_envs.py checks instead."""
+    profile = yaml.safe_load((REPO / "profiles" / name / "config.v8+.yaml").read_text())
+    if shutil.which("conda") is None:
+        profile.pop("software-deployment-method", None)
+        profile.pop("conda-prefix", None)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.v8+.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
+    return folder
+
+
+@pytest.mark.parametrize("profile", ["autodl", "slurm"])
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_profile_plans_every_example_config(tmp_path, profile, example):
+    config = yaml.safe_load(example.read_text())
+    workdir = tmp_path / "work"
+    scratch_workflow(workdir, config)
+    shutil.copy(example, workdir / "config.yaml")  # the example itself, comments and all
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+         "--profile", str(profile_for_this_machine(profile, tmp_path / "profile")), "--configfile",
+         str(workdir / "config.yaml"), "--dry-run"],
+        capture_output=True, text=True, env=workflow_env(), cwd=workdir)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    jobs = planned_jobs(result)
+    rules = {rule for rule, _ in jobs}
+    assert {"download_model", "build_dataset", "train_adapter", "merge_adapter", "predict_test",
+            "evaluate_predictions", "report"} <= rules
+    assert sum(rule == "train_adapter" for rule, _ in jobs) == len(config["runs"])
+
+
+def test_profiles_say_what_the_issue_asks():
+    autodl = yaml.safe_load((REPO / "profiles" / "autodl" / "config.v8+.yaml").read_text())
+    assert "executor" not in autodl and autodl["software-deployment-method"] == "conda"
+    assert autodl["keep-going"] and autodl["rerun-incomplete"] and "gpu=1" in autodl["resources"]
+    assert any(item.startswith("model_cache_dir=") for item in autodl["config"])
+    slurm = yaml.safe_load((REPO / "profiles" / "slurm" / "config.v8+.yaml").read_text())
+    assert slurm["executor"] == "slurm" and slurm["slurm-status-command"] == "squeue" and slurm["retries"] >= 1
+    for key in ("slurm_partition", "runtime", "mem_mb", "cpus_per_task"):
+        assert key in slurm["default-resources"]
+    assert slurm["set-resources"]["train_adapter"]["nodes"] == 1
+
+
+def test_a_train_job_killed_under_the_local_profile_is_rerun_and_resumes(tmp_path, default_config):
+    config = {key: default_config[key] for key in ("models", "datasets")}
+    config["runs"] = {"long": {"model": "tiny-qwen2", "dataset": "identity", "learning_rate": 0.01,
+                               "max_steps": 400, "save_steps": 20, "logging_steps": 10,
+                               "per_device_train_batch_size": 4}}
+    workdir = tmp_path / "work"
+    path = scratch_workflow(workdir, config)
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
+               str(workdir), "--profile", str(REPO / "profiles" / "local"), "--cores", "2", "--configfile", str(path)]
+    # the whole process group goes, Snakemake included, as when a box is rebooted or a nohup shell is killed
+    first = subprocess.Popen(command, env=workflow_env(), cwd=workdir, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = workdir / "results" / "runs" / "long" / "checkpoints"
+    deadline = time.monotonic() + 600
+    while not any(checkpoints.glob("checkpoint-*/trainer_state.json")):
+        assert first.poll() is None and time.monotonic() < deadline, "no checkpoint before the job ended"
+        time.sleep(0.5)
+    time.sleep(1)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    saved = sorted(int(p.parent.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*/trainer_state.json"))
+    assert saved and saved[-1] < 400
+
+    # Snakemake's own record of outputs whose job started and never finished (outputs are written atomically
+    # at the end, so none of them exists yet: nothing half-written can be mistaken for a result)
+    markers = {base64.b64decode(p.name).decode() for p in (workdir / ".snakemake" / "incomplete").iterdir()}
+    assert markers == {"results/runs/long/adapter", "results/runs/long/train_log.csv", "results/runs/long/loss.png"}
+    assert not (workdir / "results/runs/long/adapter").exists()
+
+    # a kill -9 leaves Snakemake's lock behind, as a power loss would: the README's recovery is --unlock, then rerun
+    locked = subprocess.run(command, capture_output=True, text=True, env=workflow_env(), cwd=workdir)
+    assert locked.returncode != 0 and "--unlock" in locked.stdout + locked.stderr
+    subprocess.run(command + ["--unlock"], check=True, capture_output=True, env=workflow_env(), cwd=workdir)
+    second = subprocess.run(command, capture_output=True, text=True, env=workflow_env(), cwd=workdir)
+    assert second.returncode == 0, second.stderr[-3000:]
+    log = (workdir / "logs" / "train" / "long.log").read_text()
+    assert f"resume from results/runs/long/checkpoints/checkpoint-{saved[-1]}" in log
+    steps = [int(line.split(",")[0]) for line in
+             (workdir / "results/runs/long/train_log.csv").read_text().splitlines()[1:] if line[0].isdigit()]
+    assert steps == sorted(set(steps)) and steps[-1] == 400

@@ -1,0 +1,82 @@
+"""The Slurm profile for real: the default DAG on a one-node Slurm cluster started on localhost.
+
+Runs once (it is the expensive test): installs slurm-wlm + munge when absent, starts munged/slurmctld/slurmd under a
+temporary folder, runs profiles/slurm (partition and per-job sizes lowered to what this machine has), and stops
+every daemon by pid.
+"""
+
+import re
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO, scratch_workflow, workflow_env
+from local_slurm import PARTITION, LocalSlurm
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the local Slurm cluster is Debian packages")
+
+
+def machine_profile(folder, cluster):
+    """profiles/slurm with only the partition and the resources this machine has changed."""
+    profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.v8+.yaml").read_text())
+    profile["default-resources"]["slurm_partition"] = PARTITION
+    profile["default-resources"].pop("slurm_account", None)
+    profile["slurm-no-account"] = True
+    profile["slurm-init-seconds-before-status-checks"] = 1
+    profile["latency-wait"] = 5
+    mem_mb = min(4000, cluster.memory_mb // 2)
+    for rule in list(profile["set-resources"]) + ["train_adapter", "predict_test"]:
+        resources = profile["set-resources"].setdefault(rule, {})
+        resources.update({"mem_mb": mem_mb, "cpus_per_task": 1})
+        if rule in ("train_adapter", "predict_test"):
+            resources["gpu"] = 0  # this machine has none
+    profile["default-resources"]["mem_mb"] = mem_mb
+    profile["default-resources"]["cpus_per_task"] = 1
+    folder.mkdir(parents=True)
+    (folder / "config.v8+.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
+    return folder
+
+
+def test_default_dag_runs_as_slurm_jobs_and_matches_the_local_run(tmp_path, demo, default_config):
+    workdir = tmp_path / "work"
+    config = scratch_workflow(workdir, default_config)
+    with LocalSlurm(tmp_path / "slurm") as cluster:
+        profile = machine_profile(tmp_path / "profile", cluster)
+        env = workflow_env()
+        env.update(SLURM_CONF=cluster.env["SLURM_CONF"], PATH=f"{cluster.bin}:{env['PATH']}")
+        result = subprocess.run(
+            [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+             "--profile", str(profile), "--configfile", str(config)],
+            capture_output=True, text=True, env=env, cwd=workdir, timeout=1800)
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output[-6000:]
+
+        # every job of every rule was submitted to Slurm, and Slurm says each completed
+        submitted = re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+)", output)
+        states = {}
+        for _, slurm_id in submitted:
+            shown = subprocess.run(["scontrol", "show", "job", slurm_id], env=cluster.env, capture_output=True,
+                                   text=True).stdout
+            states[slurm_id] = re.search(r"JobState=(\S+)", shown).group(1)
+        local_jobs = re.findall(r"^localrule (\w+):", output, flags=re.M)
+        running = cluster.running()
+    assert cluster.running() == [] and running == ["munged", "slurmctld", "slurmd"]
+    assert local_jobs == ["all"]
+    ran_rules = set(re.findall(r"^rule (\w+):", output, flags=re.M))
+    assert ran_rules == {"download_model", "build_dataset", "train_adapter", "merge_adapter", "predict_test",
+                         "evaluate_predictions", "report"}
+    # 1 download + 2 dataset builds + 3 runs x (train, merge, predict, evaluate) + 1 report
+    assert len(submitted) == 16 and set(states.values()) == {"COMPLETED"}, states
+
+    # same outputs as the local run of the same config
+    for relative in ["results/models/tiny-qwen2/model.safetensors",
+                     "results/datasets/identity/tiny-qwen2/train.parquet",
+                     "results/runs/matching-lora/metrics.json"]:
+        assert (workdir / relative).read_bytes() == (demo / relative).read_bytes(), relative
+    for run in default_config["runs"]:
+        slurm = pd.read_csv(workdir / f"results/runs/{run}/predictions.csv")
+        local = pd.read_csv(demo / f"results/runs/{run}/predictions.csv")
+        assert slurm[["id", "prediction"]].equals(local[["id", "prediction"]]), run
