@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO, RUN_STAGES, TINY_MODEL, planned_jobs, scratch_workflow, snakemake
+from conftest import REPO, TINY_MODEL, planned_jobs, scratch_workflow, snakemake
 
 
 def test_demo_writes_every_stage_output(demo):
