@@ -1,13 +1,15 @@
-# Tokenize a dataset once per model: split, render with the chat template, mask, write parquet.
+# Tokenize a dataset once per model: read any layout, split, render with the chat template, mask, write parquet.
+# Params and inputs are exactly what the build depends on: files, format settings, template, length, seed.
 rule build_dataset:
     input:
         manifest=lambda wc: model_manifest(wc.model),
-        data=lambda wc: CFG.datasets[wc.dataset]["path"],
+        data=lambda wc: stages.dataset_files(CFG, wc.dataset),
     output:
         train="results/datasets/{dataset}/{model}/train.parquet",
         eval="results/datasets/{dataset}/{model}/eval.parquet",
         test="results/datasets/{dataset}/{model}/test.parquet",
         stats="results/datasets/{dataset}/{model}/stats.json",
+        lengths="results/datasets/{dataset}/{model}/lengths.png",
     log:
         "logs/dataset/{dataset}/{model}.log",
     conda:

@@ -5,6 +5,7 @@ rule train_adapter:
         manifest=run_model_manifest,
         train=run_dataset_file("train.parquet"),
         eval=run_dataset_file("eval.parquet"),
+        stats=run_dataset_file("stats.json"),
     output:
         adapter=directory("results/runs/{run}/adapter"),
         log_csv="results/runs/{run}/train_log.csv",

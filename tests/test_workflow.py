@@ -122,6 +122,42 @@ def test_bad_data_rows_fail_the_dataset_job_with_file_line_field(tmp_path):
         assert not list((tmp_path / "results" / "datasets").glob(f"{name}/**/*.*"))  # nothing looks finished
 
 
+def test_datasets_from_dataset_info_and_a_csv_build_through_the_workflow(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"conversations": [{"from": "human", "value": f"问题{i}"}, {"from": "gpt", "value": f"答案{i}"}]}
+            for i in range(12)]
+    (data / "chat.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    (data / "dataset_info.json").write_text(json.dumps({"chat": {"file_name": "chat.json", "formatting": "sharegpt"}}))
+    (data / "pairs.csv").write_text("s1,s2,label\n" + "".join(f"句子{i},句子{i + 1},{i % 2}\n" for i in range(12)),
+                                    encoding="utf-8")
+    config = {
+        "models": {"tiny": TINY_MODEL},
+        "datasets": {
+            "chat": {"dataset_info": "data/dataset_info.json", "name": "chat", "test_size": 2, "eval_size": 1},
+            "pairs": {"path": "data/pairs.csv", "format": "columns", "prompt": "{s1} / {s2}", "response": "{label}",
+                      "template": "qwen", "test_size": 2, "eval_size": 1},
+        },
+        "runs": {"a": {"model": "tiny", "dataset": "chat"}, "b": {"model": "tiny", "dataset": "pairs"}},
+    }
+    path = scratch_workflow(tmp_path, config)
+    targets = [f"results/datasets/{name}/tiny/stats.json" for name in ("chat", "pairs")]
+    snakemake(tmp_path, *targets, "--configfile", str(path), check=True)
+    chat = json.loads((tmp_path / targets[0]).read_text())
+    pairs = json.loads((tmp_path / targets[1]).read_text())
+    assert (chat["format"], chat["rows_read"], chat["splits"]["train"]["rows"]) == ("sharegpt", 12, 9)
+    assert pairs["template"] == "qwen" and "You are a helpful assistant." in pairs["chat_template"]
+    test = pd.read_parquet(tmp_path / "results/datasets/pairs/tiny/test.parquet")
+    assert test["prompt"][0].startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>")
+    assert (tmp_path / "results/datasets/pairs/tiny/lengths.png").exists()
+    # editing the dataset_info.json reruns the build that read it, and nothing else
+    info = json.loads((data / "dataset_info.json").read_text())
+    info["chat"]["columns"] = {"messages": "conversations"}
+    (data / "dataset_info.json").write_text(json.dumps(info))
+    jobs = planned_jobs(snakemake(tmp_path, *targets, "--dry-run", "--configfile", str(path)))
+    assert jobs == [("build_dataset", "dataset=chat, model=tiny")]
+
+
 def test_lint_reports_nothing():
     result = subprocess.run([sys.executable, "-m", "snakemake", "--lint", "--snakefile", str(REPO / "Snakefile")],
                             capture_output=True, text=True, cwd=REPO)

@@ -16,6 +16,7 @@ import jsonschema
 import yaml
 
 from snaketune.errors import UserError
+from snaketune.formats import from_dataset_info
 from snaketune.sweeps import expand as expand_sweeps
 from snaketune.training import TrainSettings
 
@@ -139,7 +140,28 @@ def load(raw: dict[str, Any], files: list[str | Path] = ()) -> WorkflowConfig:
         if "cache_dir" in allowed and models[name]["cache_dir"] is None:
             models[name]["cache_dir"] = raw.get("model_cache_dir")
 
-    datasets = {name: {**_defaults(defs["dataset"]["properties"]), **entry} for name, entry in raw["datasets"].items()}
+    datasets = {}
+    for name, entry in raw["datasets"].items():
+        datasets[name] = dataset = {**_defaults(defs["dataset"]["properties"]), **entry}
+        if "dataset_info" in entry:
+            if "name" not in entry:
+                report(("datasets", name, "dataset_info"), "`dataset_info` needs `name`: which dataset in it")
+                continue
+            try:
+                found = from_dataset_info(entry["dataset_info"], entry["name"])
+            except UserError as problem:
+                report(("datasets", name, "name"), str(problem))
+                continue
+            for key in ("columns", "tags"):
+                dataset[key] = {**found[key], **entry.get(key, {})}
+            dataset["path"], dataset["format"] = entry.get("path", found["path"]), entry.get("format", found["format"])
+        for key in ("path", "format"):
+            if key not in dataset:
+                report(("datasets", name), f"`{key}` is required (or `dataset_info` and `name`)")
+        if dataset.get("format") == "columns":
+            for key in ("prompt", "response"):
+                if not dataset[key]:
+                    report(("datasets", name), f"format `columns` needs `{key}`: a template over the file's columns")
 
     run_props = defs["run_settings"]["properties"]
     base = {**_defaults(run_props), **copy.deepcopy(raw.get("run_defaults", {}))}

@@ -1,6 +1,8 @@
-"""Dataset build: canonical records -> tokenized train/eval/test parquet with loss masks, plus stats.json.
+"""Dataset build: files -> canonical records -> tokenized train/eval/test parquet with loss masks, stats.json
+and a length histogram.
 
-Tokenizing happens once here, keyed by dataset and model, so every run that shares them reuses the result.
+The build is a function of (files, format settings, tokenizer, template, max length, seed) and nothing else: the
+rule passes exactly those, so it reruns when one of them changes and only then.
 """
 
 from __future__ import annotations
@@ -8,29 +10,46 @@ from __future__ import annotations
 import json
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from snaketune.errors import UserError, located
-from snaketune.formats import Record, read_records
+from snaketune.formats import ReadSettings, Record, read_records
 from snaketune.io import atomic_file, write_json
-from snaketune.templates import TemplateError, encode_conversation, render, template_sha256, with_system
+from snaketune.templates import ChatTemplate, TemplateError, encode_text, template_sha256, with_system
 
 SPLITS = ("train", "eval", "test")
 COLUMNS = ["id", "line", "input_ids", "labels", "n_tokens", "n_supervised", "truncated", "prompt", "reference",
            "messages"]
+PRIVATE = ("full_length", "turns")  # used for stats, not written
+ENCODE_BATCH = 1000  # rows tokenized per call: the fast tokenizer parallelises within a batch
 
 
 @dataclass
 class DatasetSettings:
-    path: str
+    path: str | list[str]
     format: str
     system: str | None = None
+    columns: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    prompt: str | None = None
+    response: str | None = None
+    max_bad_rows: int = 0
+    deduplicate: bool = True
+    template: str = "auto"
     max_seq_length: int = 512
     eval_size: float = 0.1
     test_size: float = 0.1
     seed: int = 0
+
+    def read_settings(self) -> ReadSettings:
+        names = {f.name for f in fields(ReadSettings)}
+        return ReadSettings(**{k: v for k, v in asdict(self).items() if k in names})
+
+    @property
+    def source(self) -> str:
+        return self.path if isinstance(self.path, str) else ", ".join(self.path)
 
 
 def split_sizes(n: int, eval_size: float, test_size: float) -> tuple[int, int]:
@@ -47,7 +66,7 @@ def split_records(records: list[Record], settings: DatasetSettings) -> dict[str,
     n_eval, n_test = split_sizes(len(records), settings.eval_size, settings.test_size)
     if n_eval + n_test >= len(records):
         raise UserError(
-            f"{settings.path}: {len(records)} rows leave none for training after eval_size={settings.eval_size} "
+            f"{settings.source}: {len(records)} rows leave none for training after eval_size={settings.eval_size} "
             f"and test_size={settings.test_size}"
         )
     order = list(range(len(records)))
@@ -57,67 +76,122 @@ def split_records(records: list[Record], settings: DatasetSettings) -> dict[str,
     return {name: [records[i] for i in sorted(rows)] for name, rows in zip(SPLITS, cuts, strict=True)}
 
 
-def encode_record(tokenizer, record: Record, settings: DatasetSettings) -> dict[str, Any]:
-    """One parquet row: token ids, labels, and the prompt/reference that predict and evaluate use."""
-    conversation = with_system(record.system, record.messages)
-    try:
-        encoded = encode_conversation(tokenizer, conversation, settings.max_seq_length)
-    except TemplateError as exc:
-        raise located(settings.path, record.line, str(exc)) from None
-    if not encoded.eos_supervised:
-        raise located(
-            settings.path, record.line,
-            f"the chat template does not end assistant turns with the tokenizer's eos token "
-            f"`{tokenizer.eos_token}`; a model trained on it would never stop. Set the model's eos_token to the "
-            f"template's end-of-turn token",
-        )
-    return {
-        "id": record.id,
-        "line": record.line,
-        "input_ids": encoded.input_ids,
-        "labels": encoded.labels,
-        "n_tokens": len(encoded.input_ids),
-        "n_supervised": encoded.n_supervised,
-        "truncated": encoded.truncated,
-        "prompt": render(tokenizer, conversation[:-1], add_generation_prompt=True),
-        "reference": record.messages[-1]["content"],
-        "messages": json.dumps(conversation, ensure_ascii=False),
-    }
+def encode_records(template: ChatTemplate | None, tokenizer, records: list[Record], max_length: int) -> list[dict]:
+    """Parquet rows for ``records``: token ids, labels, and the prompt/reference that predict and evaluate use."""
+    if template is None:  # pretraining text
+        encoded = encode_text(tokenizer, [r.text for r in records], max_length)
+        prompts = [""] * len(records)
+        references = [""] * len(records)
+        conversations = [r.as_dict() for r in records]
+    else:
+        conversations = [with_system(r.system, r.messages) for r in records]
+        try:
+            encoded = template.encode(conversations, max_length)
+        except TemplateError as exc:
+            raise UserError(f"{records[0].path}: {exc}") from None
+        for record, row in zip(records, encoded, strict=True):
+            if not row.eos_supervised:
+                raise located(
+                    record.path, record.line,
+                    f"the chat template does not end assistant turns with the tokenizer's eos token "
+                    f"`{tokenizer.eos_token}`; a model trained on it would never stop. Set the model's eos_token "
+                    "to the template's end-of-turn token, or choose the dataset's `template`",
+                )
+        prompts = [template.render(c[:-1], add_generation_prompt=True) for c in conversations]
+        references = [r.messages[-1]["content"] for r in records]
+    return [
+        {"id": record.id, "line": record.line, "input_ids": row.input_ids, "labels": row.labels,
+         "n_tokens": len(row.input_ids), "n_supervised": row.n_supervised, "truncated": row.truncated,
+         "prompt": prompt, "reference": reference, "messages": json.dumps(conversation, ensure_ascii=False),
+         "full_length": row.length, "turns": len(record.messages) if record.text is None else 1}
+        for record, row, prompt, reference, conversation
+        in zip(records, encoded, prompts, references, conversations, strict=True)
+    ]
+
+
+def length_summary(lengths: list[int]) -> dict[str, float]:
+    import numpy as np
+
+    if not lengths:
+        return {"mean": 0, "p50": 0, "p95": 0, "max": 0}
+    values = np.asarray(lengths)
+    return {"mean": round(float(values.mean()), 2), "p50": float(np.percentile(values, 50)),
+            "p95": float(np.percentile(values, 95)), "max": int(values.max())}
+
+
+def plot_lengths(lengths: dict[str, list[int]], max_length: int, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 3.5))
+    for name, values in lengths.items():
+        if values:
+            axes.hist(values, bins=40, alpha=0.6, label=f"{name} ({len(values)})")
+    axes.axvline(max_length, color="black", linestyle="--", linewidth=1, label=f"max_seq_length {max_length}")
+    axes.set(xlabel="tokens per row (before truncation)", ylabel="rows", title=title)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    with atomic_file(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=100)
+    plt.close(figure)
 
 
 def build(settings: DatasetSettings, tokenizer, out_dir: str | Path) -> dict[str, Any]:
-    """Read, split, tokenize and write ``{train,eval,test}.parquet`` and ``stats.json`` under ``out_dir``."""
+    """Read, split, tokenize; write ``{train,eval,test}.parquet``, ``stats.json`` and ``lengths.png``."""
     import pandas as pd
     from tqdm import tqdm
 
-    records = read_records(settings.path, settings.format, settings.system)
-    splits = split_records(records, settings)
+    read = read_records(settings.read_settings())
+    text_only = settings.format == "text"
+    template = None
+    if not text_only:
+        try:
+            template = ChatTemplate.of(tokenizer, settings.template)
+        except TemplateError as exc:
+            raise UserError(f"{settings.source}: {exc}") from None
+    splits = split_records(read.records, settings)
     out_dir = Path(out_dir)
     stats: dict[str, Any] = {
-        "source": settings.path, "format": settings.format, "max_seq_length": settings.max_seq_length,
-        "chat_template_sha256": template_sha256(tokenizer), "eos_token": tokenizer.eos_token, "splits": {},
+        "source": settings.path, "format": settings.format, "template": None if text_only else settings.template,
+        "chat_template": None if text_only else template.source,
+        "chat_template_sha256": None if text_only else template_sha256(template.source),
+        "max_seq_length": settings.max_seq_length, "eos_token": tokenizer.eos_token,
+        "rows_read": read.rows_read, "bad_rows_skipped": len(read.bad_rows), "bad_rows": read.bad_rows[:20],
+        "duplicates_removed": read.duplicates, "splits": {},
     }
-    frames = {}
+    frames, lengths = {}, {}
     for name, rows in splits.items():
-        encoded = [encode_record(tokenizer, r, settings) for r in tqdm(rows, desc=f"tokenize {name}", file=sys.stderr)]
+        encoded = []
+        with tqdm(total=len(rows), desc=f"tokenize {name}", unit="row", file=sys.stderr) as bar:
+            for start in range(0, len(rows), ENCODE_BATCH):
+                batch = rows[start : start + ENCODE_BATCH]
+                encoded += encode_records(template, tokenizer, batch, settings.max_seq_length)
+                bar.update(len(batch))
         dropped = [row for row in encoded if row["n_supervised"] == 0]
-        for row in dropped:
-            print(f"warning: {settings.path}:{row['line']}: dropped from {name}: no assistant token left within "
+        for row in dropped[:20]:
+            print(f"warning: {settings.source}:{row['line']}: dropped from {name}: no trainable token left within "
                   f"max_seq_length={settings.max_seq_length}", file=sys.stderr)
         kept = [row for row in encoded if row["n_supervised"] > 0]
         if name == "train" and not kept:
-            raise UserError(f"{settings.path}: no training row keeps an assistant token within max_seq_length")
+            raise UserError(f"{settings.source}: no training row keeps a trainable token within max_seq_length")
         frames[name] = pd.DataFrame(kept, columns=COLUMNS)
+        token_counts = [row["n_tokens"] for row in kept]
+        lengths[name] = [row["full_length"] for row in encoded]
         stats["splits"][name] = {
             "rows": len(kept),
-            "tokens": int(sum(r["n_tokens"] for r in kept)),
+            "turns": int(sum(row["turns"] for row in kept)),
+            "tokens": int(sum(token_counts)),
+            "tokens_per_row_before_truncation": length_summary(lengths[name]),
             "supervised_tokens": int(sum(r["n_supervised"] for r in kept)),
             "truncated": int(sum(r["truncated"] for r in kept)),
             "dropped_no_target": len(dropped),
-            "max_tokens": int(max((r["n_tokens"] for r in kept), default=0)),
+            "max_tokens": int(max(token_counts, default=0)),
         }
     for name, frame in frames.items():
         with atomic_file(out_dir / f"{name}.parquet") as tmp:
             frame.to_parquet(tmp, index=False)
+    plot_lengths(lengths, settings.max_seq_length, Path(out_dir).parent.name, out_dir / "lengths.png")
     write_json(out_dir / "stats.json", stats)
     return stats

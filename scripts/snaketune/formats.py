@@ -1,43 +1,137 @@
-"""Dataset readers: each maps a row of a known layout to the canonical record.
+"""Dataset readers: files (JSON, JSONL, CSV, TSV, parquet) of every common layout -> canonical records.
 
-The canonical record is ``{"id", "system", "messages": [{"role", "content"}]}``. Every row keeps the line it
-came from, so an error names ``file:line: field``; a row is never dropped without saying so.
+The canonical record is ``{"id", "system", "messages": [{"role", "content"}]}`` for conversations (roles user,
+assistant, tool), or ``{"id", "text"}`` for pretraining text. Every row keeps the file and line it came from, so
+an error names ``file:line: field``. A bad row is either the end of the build (more than ``max_bad_rows`` of
+them) or skipped and counted; it is never dropped without saying so.
+
+Layouts (``format``), each with the field names it reads by default; ``columns`` renames any of them:
+
+- alpaca: instruction, input, output, system, history (``[[question, answer], ...]``)
+- sharegpt: conversations (``from``/``value`` turns; human, gpt, system, function_call, observation), system
+- messages: messages (OpenAI ``role``/``content``), the sharegpt reader with OpenAI's tags
+- firefly: conversation (``[{human, assistant}, ...]``), system
+- text: text (pretraining: every token is trained on)
+- columns: any table; ``prompt`` and ``response`` are templates over its columns (``"{sentence1}\\n{sentence2}"``)
 """
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
+import math
+import string
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from snaketune.errors import UserError, located
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+PROMPT_ROLES = ("user", "tool")  # turns the model reads; the assistant turns after them are trained on
+TABULAR = (".csv", ".tsv", ".parquet")  # cells of these may be numbers where text is meant
+FORMATS = ("alpaca", "sharegpt", "messages", "firefly", "text", "columns")
+
+DEFAULT_COLUMNS = {
+    "alpaca": {"instruction": "instruction", "input": "input", "output": "output", "system": "system",
+               "history": "history"},
+    "sharegpt": {"conversations": "conversations", "system": "system"},
+    "messages": {"conversations": "messages", "system": "system"},
+    "firefly": {"conversation": "conversation", "system": "system"},
+    "text": {"text": "text"},
+    "columns": {},
+}
+DEFAULT_TAGS = {
+    "sharegpt": {"role": "from", "content": "value", "user": "human", "assistant": "gpt", "system": "system",
+                 "function_call": "function_call", "observation": "observation"},
+    "messages": {"role": "role", "content": "content", "user": "user", "assistant": "assistant",
+                 "system": "system", "function_call": "function_call", "observation": "tool"},
+}
 
 
 @dataclass
 class Record:
-    """One conversation in canonical form, with where it came from."""
+    """One conversation (or pretraining text) in canonical form, with where it came from."""
 
     id: str
     system: str | None
     messages: list[dict[str, str]]
     line: int
+    path: str = ""
+    text: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
+        if self.text is not None:
+            return {"id": self.id, "text": self.text}
         return {"id": self.id, "system": self.system, "messages": self.messages}
+
+    def content_key(self) -> str:
+        """Identity of the content, for exact-duplicate removal (ids and lines left out)."""
+        body = json.dumps([self.system, self.messages, self.text], ensure_ascii=False, sort_keys=True)
+        return hashlib.sha1(body.encode("utf-8")).hexdigest()
+
+
+@dataclass
+class ReadSettings:
+    """How to read one dataset's files (the ``datasets:`` entry of the config, resolved)."""
+
+    path: str | list[str]
+    format: str
+    system: str | None = None
+    columns: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    prompt: str | None = None
+    response: str | None = None
+    max_bad_rows: int = 0
+    deduplicate: bool = True
+
+    @property
+    def paths(self) -> list[Path]:
+        return [Path(p) for p in ([self.path] if isinstance(self.path, str) else self.path)]
+
+
+@dataclass
+class ReadResult:
+    records: list[Record]
+    bad_rows: list[str]  # "file:line: reason", in file order
+    duplicates: int
+    rows_read: int
+
+
+class BadRow(UserError):
+    """A problem with one row: the build skips it when ``max_bad_rows`` allows, otherwise stops."""
+
+
+def bad(path: Path, line: int | None, message: str) -> BadRow:
+    return BadRow(str(located(path, line, message)))
+
+
+# -- files -> (line, row dict) ---------------------------------------------------------------------------------
+def iter_file_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """Yield ``(line, row)`` from any supported file; JSONL rows that are not JSON come back as BadRow."""
+    if not path.exists():
+        raise UserError(f"{path}: file not found")
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        yield from _iter_table_rows(path, "\t" if suffix == ".tsv" else ",")
+    elif suffix == ".parquet":
+        yield from _iter_parquet_rows(path)
+    else:
+        yield from iter_json_rows(path)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise located(path, None, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def iter_json_rows(path: Path) -> Iterator[tuple[int, Any]]:
     """Yield ``(line, row)`` from a JSONL file or a JSON array file, whichever ``path`` holds."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
-    except UnicodeDecodeError as exc:
-        raise located(path, None, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    text = _read_text(path)
     if text.lstrip().startswith("["):
         yield from _iter_json_array(path, text)
         return
@@ -47,120 +141,345 @@ def iter_json_rows(path: Path) -> Iterator[tuple[int, Any]]:
         try:
             yield number, json.loads(line)
         except json.JSONDecodeError as exc:
-            raise located(path, number, f"not valid JSON: {exc.msg} (column {exc.colno})") from None
+            yield number, bad(path, number, f"not valid JSON: {exc.msg} (column {exc.colno})")
 
 
 def _iter_json_array(path: Path, text: str) -> Iterator[tuple[int, Any]]:
     """Walk a top-level JSON array element by element, so each element knows its starting line."""
     decoder = json.JSONDecoder()
-    pos = text.index("[") + 1
+    counted_to, line = 0, 1  # lines are counted incrementally: counting from the start each time is quadratic
+
+    def line_at(p: int) -> int:
+        nonlocal counted_to, line
+        line += text.count("\n", counted_to, p)
+        counted_to = p
+        return line
 
     def skip(p: int) -> int:
         while p < len(text) and text[p] in " \t\r\n":
             p += 1
         return p
 
-    pos = skip(pos)
+    pos = skip(text.index("[") + 1)
     if pos < len(text) and text[pos] == "]":
         return
     while True:
-        line = text.count("\n", 0, pos) + 1
+        start_line = line_at(pos)
         try:
             row, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as exc:
+        except json.JSONDecodeError as exc:  # the array cannot be walked past this point: the whole file fails
             raise located(path, exc.lineno, f"not valid JSON: {exc.msg} (column {exc.colno})") from None
-        yield line, row
+        yield start_line, row
         pos = skip(pos)
         if pos < len(text) and text[pos] == ",":
             pos = skip(pos + 1)
             continue
         if pos < len(text) and text[pos] == "]":
             return
-        line = text.count("\n", 0, pos) + 1
-        raise located(path, line, "not valid JSON: expected ',' or ']' between array elements")
+        raise located(path, line_at(pos), "not valid JSON: expected ',' or ']' between array elements")
 
 
-def _text_field(path: Path, line: int, row: dict, key: str, required: bool = True) -> str | None:
-    if key not in row or row[key] is None:
-        if required:
-            raise located(path, line, f'field "{key}" missing')
-        return None
-    if not isinstance(row[key], str):
-        raise located(path, line, f'field "{key}" must be a string, got {type(row[key]).__name__}')
-    return row[key]
+def _iter_table_rows(path: Path, delimiter: str) -> Iterator[tuple[int, dict]]:
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle, delimiter=delimiter)
+        try:
+            header = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise located(path, 1, f"not a valid {path.suffix[1:].upper()} header: {exc}") from None
+        start = reader.line_num + 1
+        while True:
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                raise located(path, start, f"not valid {path.suffix[1:].upper()}: {exc}") from None
+            if cells:
+                if len(cells) != len(header):
+                    yield start, bad(path, start, f"{len(cells)} cells, the header has {len(header)}")
+                else:
+                    yield start, dict(zip(header, cells, strict=True))
+            start = reader.line_num + 1
 
 
-def _row_id(path: Path, line: int, row: dict) -> str:
-    return str(row["id"]) if row.get("id") is not None else f"{path.stem}-{line}"
+def _iter_parquet_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for a file that is not parquet
+        raise located(path, None, f"not a readable parquet file ({exc})") from None
+    for number, row in enumerate(table.to_pylist(), start=1):  # "line" of a parquet file: its row number
+        yield number, {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
 
 
-def read_messages(path: Path, line: int, row: dict) -> Record:
-    """OpenAI layout: ``{"messages": [{"role": ..., "content": ...}, ...]}``."""
-    if "messages" not in row:
-        raise located(path, line, 'field "messages" missing')
-    messages = row["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise located(path, line, 'field "messages" must be a non-empty list')
-    system, turns = None, []
-    for index, message in enumerate(messages):
-        where = f"messages[{index}]"
-        if not isinstance(message, dict):
-            raise located(path, line, f'field "{where}" must be an object with "role" and "content"')
-        for key in ("role", "content"):
-            if not isinstance(message.get(key), str):
-                raise located(path, line, f'field "{where}.{key}" missing or not a string')
-        role = message["role"]
-        if role not in ROLES:
-            raise located(path, line, f'field "{where}.role": `{role}` is not one of {", ".join(ROLES)}')
-        if role == "system":
-            if index != 0:
-                raise located(path, line, f'field "{where}": a system message may only come first')
-            system = message["content"]
-        else:
-            turns.append({"role": role, "content": message["content"]})
-    return Record(_row_id(path, line, row), system, turns, line)
+def header_of(path: Path) -> list[str] | None:
+    """Column names of a CSV/TSV/parquet file; None for JSON."""
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            return next(csv.reader(handle, delimiter="\t" if suffix == ".tsv" else ","), [])
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(path).names)
+    return None
 
 
-def read_alpaca(path: Path, line: int, row: dict) -> Record:
-    """Alpaca layout: ``instruction``, optional ``input``, ``output``, optional ``system``."""
-    instruction = _text_field(path, line, row, "instruction")
-    extra = _text_field(path, line, row, "input", required=False)
-    output = _text_field(path, line, row, "output")
-    prompt = f"{instruction}\n{extra}" if extra else instruction
-    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
-    return Record(_row_id(path, line, row), _text_field(path, line, row, "system", required=False), messages, line)
+# -- row dict -> Record ---------------------------------------------------------------------------------------
+class RowReader:
+    """Reads rows of one layout, with the dataset's column names and role tags."""
+
+    def __init__(self, settings: ReadSettings):
+        if settings.format not in FORMATS:
+            raise UserError(f"format `{settings.format}` is not one of {', '.join(FORMATS)}")
+        self.settings = settings
+        self.layout = settings.format
+        self.columns = {**DEFAULT_COLUMNS[self.layout], **settings.columns}
+        self.tags = {**DEFAULT_TAGS.get(self.layout, {}), **settings.tags}
+
+    # helpers
+    def text(self, path: Path, line: int, row: dict, key: str, required: bool = True) -> str | None:
+        name = self.columns.get(key, key)
+        value = row.get(name)
+        if value is None or (value == "" and not required):
+            if required:
+                raise bad(path, line, f'field "{name}" missing')
+            return None
+        if value == "":
+            raise bad(path, line, f'field "{name}" is empty')
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and path.suffix.lower() in TABULAR:
+            value = str(value)
+        if not isinstance(value, str):
+            raise bad(path, line, f'field "{name}" must be a string, got {type(value).__name__}')
+        return value
+
+    def read(self, path: Path, line: int, row: Any) -> Record:
+        if isinstance(row, BadRow):
+            raise row
+        if not isinstance(row, dict):
+            raise bad(path, line, f"row must be a JSON object, got {type(row).__name__}")
+        record = getattr(self, f"read_{self.layout}")(path, line, row)
+        record.path = str(path)
+        if record.system is None:
+            record.system = self.settings.system
+        if record.text is None:
+            check_turns(path, line, record)
+        return record
+
+    # layouts
+    def read_alpaca(self, path: Path, line: int, row: dict) -> Record:
+        instruction = self.text(path, line, row, "instruction")
+        extra = self.text(path, line, row, "input", required=False)
+        output = self.text(path, line, row, "output")
+        messages = []
+        history = row.get(self.columns["history"])
+        if history is not None:
+            if not isinstance(history, list) or not all(
+                    isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)
+                    for pair in history):
+                raise bad(path, line, f'field "{self.columns["history"]}" must be a list of [question, answer] '
+                                      "string pairs")
+            for question, answer in history:
+                messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        prompt = f"{instruction}\n{extra}" if extra else instruction
+        messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+        return Record(row_id(path, line, row), self.text(path, line, row, "system", required=False), messages, line)
+
+    def read_sharegpt(self, path: Path, line: int, row: dict) -> Record:
+        key = self.columns["conversations"]
+        turns = row.get(key)
+        if turns is None:
+            raise bad(path, line, f'field "{key}" missing')
+        if not isinstance(turns, list) or not turns:
+            raise bad(path, line, f'field "{key}" must be a non-empty list')
+        role_tag, content_tag = self.tags["role"], self.tags["content"]
+        roles = {self.tags[name]: name for name in ("user", "assistant", "system", "function_call", "observation")}
+        canonical = {"user": "user", "assistant": "assistant", "system": "system", "function_call": "assistant",
+                     "observation": "tool"}
+        system, messages = self.text(path, line, row, "system", required=False), []
+        for index, turn in enumerate(turns):
+            where = f"{key}[{index}]"
+            if not isinstance(turn, dict):
+                raise bad(path, line, f'field "{where}" must be an object with "{role_tag}" and "{content_tag}"')
+            for tag in (role_tag, content_tag):
+                if not isinstance(turn.get(tag), str):
+                    raise bad(path, line, f'field "{where}.{tag}" missing or not a string')
+            role = roles.get(turn[role_tag])
+            if role is None:
+                raise bad(path, line, f'field "{where}.{role_tag}": `{turn[role_tag]}` is not one of '
+                                      f'{", ".join(roles)}')
+            if role == "system":
+                if index != 0:
+                    raise bad(path, line, f'field "{where}": a system turn may only come first')
+                system = turn[content_tag]
+                continue
+            messages.append({"role": canonical[role], "content": turn[content_tag]})
+        return Record(row_id(path, line, row), system, messages, line)
+
+    read_messages = read_sharegpt
+
+    def read_firefly(self, path: Path, line: int, row: dict) -> Record:
+        key = self.columns["conversation"]
+        turns = row.get(key)
+        if turns is None:
+            raise bad(path, line, f'field "{key}" missing')
+        if not isinstance(turns, list) or not turns:
+            raise bad(path, line, f'field "{key}" must be a non-empty list')
+        messages = []
+        for index, turn in enumerate(turns):
+            for role, tag in (("user", "human"), ("assistant", "assistant")):
+                if not isinstance(turn, dict) or not isinstance(turn.get(tag), str):
+                    raise bad(path, line, f'field "{key}[{index}].{tag}" missing or not a string')
+                messages.append({"role": role, "content": turn[tag]})
+        return Record(row_id(path, line, row), self.text(path, line, row, "system", required=False), messages, line)
+
+    def read_text(self, path: Path, line: int, row: dict) -> Record:
+        text = self.text(path, line, row, "text")
+        if not text.strip():
+            raise bad(path, line, f'field "{self.columns["text"]}" is empty')
+        return Record(row_id(path, line, row), None, [], line, text=text)
+
+    def read_columns(self, path: Path, line: int, row: dict) -> Record:
+        prompt = fill(path, line, self.settings.prompt, row, "prompt")
+        response = fill(path, line, self.settings.response, row, "response")
+        system = self.text(path, line, row, "system", required=False) if "system" in self.columns else None
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        return Record(row_id(path, line, row), system, messages, line)
 
 
-READERS = {"messages": read_messages, "alpaca": read_alpaca}
+def template_fields(template: str) -> list[str]:
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
-def check_turns(path: Path, record: Record) -> None:
-    """A conversation alternates user/assistant and ends with the assistant turn that is trained on."""
+def fill(path: Path, line: int, template: str, row: dict, setting: str) -> str:
+    """Fill a ``{column}`` template from a row; a column the row lacks is a bad row naming it."""
+    values = {}
+    for name in template_fields(template):
+        value = row.get(name)
+        if value is None:
+            raise bad(path, line, f'field "{name}" (used by `{setting}`) missing')
+        values[name] = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return template.format_map(values)
+
+
+def row_id(path: Path, line: int, row: dict) -> str:
+    """The row's own ``id``, or a placeholder that read_records replaces by ``{file stem}-{row number}``."""
+    return str(row["id"]) if row.get("id") is not None else ""
+
+
+def check_turns(path: Path, line: int, record: Record) -> None:
+    """Prompt turns (user/tool) and assistant turns alternate, none is empty, and the last is the assistant's."""
     roles = [m["role"] for m in record.messages]
     if not roles or roles[-1] != "assistant":
-        raise located(path, record.line, 'field "messages": the last message must have role "assistant"')
-    for index, role in enumerate(roles):
-        expected = "user" if index % 2 == 0 else "assistant"
-        if role != expected:
-            raise located(path, record.line, f'field "messages": turn {index} is "{role}", expected "{expected}"')
+        raise bad(path, line, 'the last turn must be the assistant\'s (it is what is trained on)')
+    for index, message in enumerate(record.messages):
+        expected_prompt = index % 2 == 0
+        if (message["role"] in PROMPT_ROLES) != expected_prompt:
+            expected = "user" if expected_prompt else "assistant"
+            raise bad(path, line, f'turn {index} is "{message["role"]}", expected "{expected}" (turns alternate)')
+        if not message["content"].strip():
+            raise bad(path, line, f'turn {index} ("{message["role"]}") is empty')
 
 
-def read_records(path: str | Path, layout: str, default_system: str | None = None) -> list[Record]:
-    """Read every row of ``path`` in ``layout`` into canonical records; the first bad row raises."""
-    path = Path(path)
-    reader = READERS[layout]
-    records, seen = [], {}
-    for line, row in iter_json_rows(path):
-        if not isinstance(row, dict):
-            raise located(path, line, f"row must be a JSON object, got {type(row).__name__}")
-        record = reader(path, line, row)
-        check_turns(path, record)
-        if record.id in seen:
-            raise located(path, line, f'field "id": `{record.id}` already used on line {seen[record.id]}')
-        seen[record.id] = line
-        if record.system is None:
-            record.system = default_system
-        records.append(record)
+def check_columns(settings: ReadSettings, path: Path) -> None:
+    """A tabular file must have every column the settings name: one error naming the file and the column."""
+    header = header_of(path)
+    if header is None:
+        return
+    needed = set()
+    if settings.format == "columns":
+        needed |= set(template_fields(settings.prompt or "")) | set(template_fields(settings.response or ""))
+        if "system" in settings.columns:
+            needed.add(settings.columns["system"])
+    elif settings.format in ("alpaca", "text"):
+        reader = RowReader(settings)
+        required = ("instruction", "output") if settings.format == "alpaca" else ("text",)
+        needed |= {reader.columns[key] for key in required}
+    for name in sorted(needed - set(header)):
+        close = [h for h in header if h.lower() == name.lower()]
+        hint = f" (did you mean `{close[0]}`?)" if close else f" (columns: {', '.join(header)})"
+        raise located(path, 1, f'column "{name}" does not exist{hint}')
+
+
+def read_records(settings: ReadSettings) -> ReadResult:
+    """Read every row of every file; bad rows are collected (up to ``max_bad_rows``), duplicates removed."""
+    reader = RowReader(settings)
+    records, bad_rows, seen_ids, seen_content = [], [], {}, set()
+    duplicates = rows_read = 0
+    for path in settings.paths:
+        check_columns(settings, path)
+        for number, (line, row) in enumerate(iter_file_rows(path), start=1):
+            rows_read += 1
+            try:
+                record = reader.read(path, line, row)
+                record.id = record.id or f"{path.stem}-{number}"  # row number: one-line JSON arrays share a line
+                if record.id in seen_ids:
+                    raise bad(path, line, f'field "id": `{record.id}` already used on {seen_ids[record.id]}')
+            except BadRow as problem:
+                bad_rows.append(str(problem))
+                if len(bad_rows) > settings.max_bad_rows:
+                    shown = "\n".join(bad_rows[:5])
+                    raise UserError(f"{shown}\n{len(bad_rows)} bad row(s) so far, more than max_bad_rows="
+                                    f"{settings.max_bad_rows}; fix them or raise max_bad_rows to skip them "
+                                    "(skipped rows are counted in stats.json)") from None
+                continue
+            seen_ids[record.id] = f"{path}:{line}"
+            key = record.content_key()
+            if settings.deduplicate and key in seen_content:
+                duplicates += 1
+                continue
+            seen_content.add(key)
+            records.append(record)
     if not records:
-        raise UserError(f"{path}: no rows")
-    return records
+        raise UserError(f"{', '.join(map(str, settings.paths))}: no usable rows")
+    return ReadResult(records, bad_rows, duplicates, rows_read)
+
+
+# -- LLaMA-Factory dataset_info.json ------------------------------------------------------------------------
+LF_COLUMNS = {  # LLaMA-Factory column names -> ours, per formatting
+    "alpaca": {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
+               "history": "history"},
+    "sharegpt": {"messages": "conversations", "system": "system"},
+}
+LF_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+           "system_tag": "system", "function_tag": "function_call", "observation_tag": "observation"}
+
+
+def from_dataset_info(info_path: str | Path, name: str) -> dict[str, Any]:
+    """Read settings for dataset ``name`` of a LLaMA-Factory ``dataset_info.json``: path, format, columns, tags."""
+    info_path = Path(info_path)
+    if not info_path.exists():
+        raise UserError(f"{info_path}: file not found")
+    try:
+        info = json.loads(_read_text(info_path))
+    except json.JSONDecodeError as exc:
+        raise located(info_path, exc.lineno, f"not valid JSON: {exc.msg}") from None
+    if not isinstance(info, dict) or name not in info:
+        known = ", ".join(sorted(info)) if isinstance(info, dict) else "none"
+        raise located(info_path, None, f'dataset "{name}" not found (it has: {known})')
+    entry = info[name]
+    line = _read_text(info_path).split(f'"{name}"')[0].count("\n") + 1
+    if not isinstance(entry, dict) or "file_name" not in entry:
+        raise located(info_path, line, f'dataset "{name}": field "file_name" missing (hub and script datasets '
+                                       "are not read; download the file and name it here)")
+    formatting = entry.get("formatting", "alpaca")
+    if formatting not in LF_COLUMNS:
+        raise located(info_path, line, f'dataset "{name}": formatting `{formatting}` is not alpaca or sharegpt')
+    columns = {}
+    for theirs, value in (entry.get("columns") or {}).items():
+        if theirs not in LF_COLUMNS[formatting]:
+            if theirs in ("tools", "images", "videos", "audios", "chosen", "rejected", "kto_tag"):
+                raise located(info_path, line, f'dataset "{name}": column `{theirs}` (tool, multimodal or '
+                                               "preference data) is not supported")
+            raise located(info_path, line, f'dataset "{name}": unknown column key `{theirs}`')
+        columns[LF_COLUMNS[formatting][theirs]] = value
+    tags = {}
+    for theirs, value in (entry.get("tags") or {}).items():
+        if theirs not in LF_TAGS:
+            raise located(info_path, line, f'dataset "{name}": unknown tag key `{theirs}`')
+        tags[LF_TAGS[theirs]] = value
+    return {"path": str(info_path.parent / entry["file_name"]), "format": formatting, "columns": columns,
+            "tags": tags}

@@ -1,51 +1,174 @@
 """Chat templates and loss masks.
 
-The model's own chat template (``tokenizer.chat_template``) is the source of truth: the dataset stage renders
-with it, and predict/serve render with it, so training and inference see byte-identical prompts. The registry
-holds templates for models that ship none (the builtin tiny model gets ChatML from here).
+A dataset names its template: ``auto`` (default) uses the tokenizer's own ``chat_template``; a registry name
+(``chatml``, ``qwen``, ``qwen2.5``, ``baichuan2``, ``llama3``, ``internlm2``) uses the model family's published
+format, written here as Jinja. The chosen template is stored with the dataset and saved into the trained model's
+tokenizer, so training, prediction and chat render byte-identical prompts.
 
 Loss mask: the conversation is rendered once and tokenized once with character offsets; a token is supervised
 when it starts inside an assistant turn, whose character span is found by rendering the conversation up to
-that turn (with and without it). This works for any template whose renderings of a shorter conversation are
-prefixes of the longer one, and it is checked, not assumed.
+that turn (with and without it). Every assistant turn is supervised, its end-of-turn token included. This works
+for any template whose renderings of a shorter conversation are prefixes of the longer one, and it is checked,
+not assumed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
 
 IGNORE_INDEX = -100
 
 TEMPLATES: dict[str, str] = {}
+SPECIAL_TOKENS: dict[str, list[str]] = {}  # tokens each registry template needs as single tokenizer tokens
 
 
-def register_template(name: str, jinja: str) -> None:
+def register_template(name: str, jinja: str, special_tokens: list[str]) -> None:
     """Add a Jinja chat template to the registry under ``name``."""
     TEMPLATES[name] = jinja
+    SPECIAL_TOKENS[name] = special_tokens
 
 
-# ChatML, as the Qwen2 family uses it: <|im_start|>{role}\n{content}<|im_end|>\n per message.
+def _chatml(default_system: str | None, bos: bool = False) -> str:
+    """ChatML: <|im_start|>{role}\\n{content}<|im_end|>\\n per message (Qwen, Qwen2/2.5, InternLM2)."""
+    head = "{{- bos_token }}" if bos else ""
+    if default_system:
+        head += ("{%- if messages[0]['role'] != 'system' %}"
+                 f"{{{{- '<|im_start|>system\\n{default_system}<|im_end|>\\n' }}}}"
+                 "{%- endif %}")
+    return (head + "{%- for message in messages %}"
+            "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+            "{%- endfor %}"
+            "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
+# Plain ChatML, no default system prompt (the builtin tiny model uses it).
+register_template("chatml", _chatml(None), CHATML_TOKENS)
+# Qwen-1 chat (Qwen-14B-Chat's make_context) and Qwen2-Instruct: a default system prompt when a row has none.
+register_template("qwen", _chatml("You are a helpful assistant."), CHATML_TOKENS)
+register_template("qwen2.5", _chatml("You are Qwen, created by Alibaba Cloud. You are a helpful assistant."),
+                  CHATML_TOKENS)
+# InternLM2-chat: ChatML after the bos token.
+register_template("internlm2", _chatml(None, bos=True), ["<s>", *CHATML_TOKENS])
+# Baichuan2-Chat: system text first, <reserved_106> before a user turn, <reserved_107> before an assistant turn,
+# which ends with the eos token.
 register_template(
-    "chatml",
+    "baichuan2",
     "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- if message['role'] == 'system' %}{{- message['content'] }}"
+    "{%- elif message['role'] == 'assistant' %}{{- '<reserved_107>' + message['content'] + eos_token }}"
+    "{%- else %}{{- '<reserved_106>' + message['content'] }}"
+    "{%- endif %}"
     "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}",
+    "{%- if add_generation_prompt %}{{- '<reserved_107>' }}{%- endif %}",
+    ["<reserved_106>", "<reserved_107>"],
 )
+# Llama 3 instruct: header tokens around the role, content trimmed, <|eot_id|> ends every turn.
+register_template(
+    "llama3",
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
+    " + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}",
+    ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+)
+TEMPLATE_NAMES = ("auto", *TEMPLATES)
 
 
-def template_sha256(tokenizer) -> str:
-    """Hash of the chat template, stored with every dataset and adapter so drift is visible."""
-    return hashlib.sha256((tokenizer.chat_template or "").encode("utf-8")).hexdigest()
+class TemplateError(ValueError):
+    """The chat template cannot be used, or cannot produce a loss mask for this conversation."""
+
+
+def choose_template(tokenizer, name: str) -> str:
+    """The Jinja source for template ``name`` with this tokenizer; checks the special tokens it needs exist."""
+    if name == "auto":
+        if not tokenizer.chat_template:
+            raise TemplateError("the tokenizer has no chat_template; set the dataset's `template` to one of "
+                                + ", ".join(TEMPLATES))
+        return tokenizer.chat_template
+    if name not in TEMPLATES:
+        raise TemplateError(f"template `{name}` is not one of {', '.join(TEMPLATE_NAMES)}")
+    vocab = tokenizer.get_vocab()
+    missing = [token for token in SPECIAL_TOKENS[name] if token not in vocab]
+    if missing:
+        raise TemplateError(f"template `{name}` needs tokens the tokenizer does not have: {', '.join(missing)} "
+                            "(is this the right template for this model?)")
+    return TEMPLATES[name]
+
+
+def template_sha256(source: str | None) -> str:
+    """Hash of a chat template's source, stored with every dataset and adapter so drift is visible."""
+    return hashlib.sha256((source or "").encode("utf-8")).hexdigest()
 
 
 def with_system(system: str | None, messages: list[dict[str, str]]) -> list[dict[str, str]]:
     return ([{"role": "system", "content": system}] if system else []) + list(messages)
 
 
-def render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+@lru_cache(maxsize=16)
+def _compiled(source: str):
+    """Compile a template once, in a sandbox, the way transformers renders chat templates."""
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(f"the chat template refused the conversation: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = lambda value, indent=None, **_: json.dumps(value, ensure_ascii=False, indent=indent)
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    return env.from_string(source)
+
+
+class ChatTemplate:
+    """A chat template bound to a tokenizer's special tokens: renders conversations and encodes loss masks."""
+
+    def __init__(self, tokenizer, source: str):
+        self.tokenizer = tokenizer
+        self.source = source
+        self.template = _compiled(source)
+        self.context = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+        self.context.setdefault("bos_token", tokenizer.bos_token or "")
+        self.context.setdefault("eos_token", tokenizer.eos_token or "")
+
+    @classmethod
+    def of(cls, tokenizer, name: str = "auto") -> ChatTemplate:
+        return cls(tokenizer, choose_template(tokenizer, name))
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.context)
+
+    def assistant_spans(self, conversation: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+        """Render ``conversation``; return the text and the character span of every assistant turn."""
+        text = self.render(conversation)
+        spans = []
+        for index, message in enumerate(conversation):
+            if message["role"] != "assistant":
+                continue
+            before = self.render(conversation[:index], add_generation_prompt=True)
+            through = text if index == len(conversation) - 1 else self.render(conversation[: index + 1])
+            if not text.startswith(before) or not text.startswith(through) or not through.startswith(before):
+                raise TemplateError(
+                    "the chat template does not render a conversation's turns as prefixes of the whole; "
+                    "its assistant turns cannot be located for the loss mask"
+                )
+            spans.append((len(before), len(through)))
+        return text, spans
+
+    def encode(self, conversations: list[list[dict[str, str]]], max_length: int) -> list[Encoded]:
+        """Tokenize conversations in one batch; labels are the ids inside assistant turns, -100 elsewhere."""
+        rendered = [self.assistant_spans(conversation) for conversation in conversations]
+        batch = self.tokenizer([text for text, _ in rendered], add_special_tokens=False,
+                               return_offsets_mapping=True)
+        return [masked(ids, offsets, spans, self.tokenizer.eos_token_id, max_length)
+                for ids, offsets, (_, spans) in zip(batch["input_ids"], batch["offset_mapping"], rendered,
+                                                    strict=True)]
 
 
 @dataclass
@@ -54,44 +177,40 @@ class Encoded:
     labels: list[int]
     truncated: bool
     eos_supervised: bool
+    length: int  # tokens before truncation
 
     @property
     def n_supervised(self) -> int:
         return sum(label != IGNORE_INDEX for label in self.labels)
 
 
-class TemplateError(ValueError):
-    """The chat template cannot produce a loss mask for this conversation."""
+def masked(input_ids, offsets, spans, eos_token_id, max_length: int) -> Encoded:
+    labels = [IGNORE_INDEX] * len(input_ids)
+    span_index = 0
+    for position, (start, _end) in enumerate(offsets):
+        while span_index < len(spans) and start >= spans[span_index][1]:
+            span_index += 1
+        if span_index < len(spans) and spans[span_index][0] <= start:
+            labels[position] = input_ids[position]
+    eos_supervised = any(label == eos_token_id for label in labels)
+    return Encoded(list(input_ids[:max_length]), labels[:max_length], len(input_ids) > max_length, eos_supervised,
+                   len(input_ids))
 
 
-def assistant_spans(tokenizer, conversation: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
-    """Render ``conversation`` and return the text with the character span of every assistant turn."""
-    text = render(tokenizer, conversation)
-    spans = []
-    for index, message in enumerate(conversation):
-        if message["role"] != "assistant":
-            continue
-        before = render(tokenizer, conversation[:index], add_generation_prompt=True)
-        through = render(tokenizer, conversation[: index + 1])
-        if not text.startswith(before) or not text.startswith(through) or not through.startswith(before):
-            raise TemplateError(
-                "the chat template does not render a conversation's turns as prefixes of the whole; "
-                "its assistant turns cannot be located for the loss mask"
-            )
-        spans.append((len(before), len(through)))
-    return text, spans
+def encode_text(tokenizer, texts: list[str], max_length: int) -> list[Encoded]:
+    """Pretraining rows: every token (and a closing eos) is trained on."""
+    batch = tokenizer(texts, add_special_tokens=False)
+    encoded = []
+    for ids in batch["input_ids"]:
+        ids = list(ids) + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+        encoded.append(Encoded(ids[:max_length], ids[:max_length], len(ids) > max_length, True, len(ids)))
+    return encoded
+
+
+# Convenience for one conversation with the tokenizer's own template (tests, predict, chat).
+def render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    return ChatTemplate.of(tokenizer).render(messages, add_generation_prompt)
 
 
 def encode_conversation(tokenizer, conversation: list[dict[str, str]], max_length: int) -> Encoded:
-    """Tokenize a conversation; labels are the token ids inside assistant turns and -100 elsewhere."""
-    text, spans = assistant_spans(tokenizer, conversation)
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = list(encoding["input_ids"])
-    labels = [IGNORE_INDEX] * len(input_ids)
-    for position, (start, _end) in enumerate(encoding["offset_mapping"]):
-        if any(lo <= start < hi for lo, hi in spans):
-            labels[position] = input_ids[position]
-    supervised = [token for token, label in zip(input_ids, labels, strict=True) if label != IGNORE_INDEX]
-    eos_supervised = tokenizer.eos_token_id in supervised
-    truncated = len(input_ids) > max_length
-    return Encoded(input_ids[:max_length], labels[:max_length], truncated, eos_supervised)
+    return ChatTemplate.of(tokenizer).encode([conversation], max_length)[0]

@@ -382,6 +382,11 @@ def train(settings: TrainSettings, model_dir: Path, trust_remote_code: bool, tra
         resume_from = (complete_checkpoints(checkpoints) or [None])[-1]
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    stats_path = Path(train_path).parent / "stats.json"
+    if stats_path.exists():  # the template the data was rendered with goes into the saved tokenizer
+        template = json.loads(stats_path.read_text(encoding="utf-8")).get("chat_template")
+        if template:
+            tokenizer.chat_template = template
     model = load_model(settings, model_dir, trust_remote_code, precision)
     train_data, eval_data = TokenDataset(train_path), TokenDataset(eval_path)
     optimizers = (None, None)

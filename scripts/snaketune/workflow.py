@@ -36,6 +36,13 @@ def dataset_settings(cfg: WorkflowConfig, dataset: str) -> str:
     return as_json(pick(cfg.datasets[dataset], DatasetSettings))
 
 
+def dataset_files(cfg: WorkflowConfig, dataset: str) -> list[str]:
+    """The files a dataset build reads: its data files, and the dataset_info.json that named them."""
+    entry = cfg.datasets[dataset]
+    files = [entry["path"]] if isinstance(entry["path"], str) else list(entry["path"])
+    return files + ([entry["dataset_info"]] if entry.get("dataset_info") else [])
+
+
 def train_settings(cfg: WorkflowConfig, run: str) -> str:
     return as_json(pick(cfg.runs[run], TrainSettings))
 

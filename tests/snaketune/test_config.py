@@ -1,6 +1,7 @@
 """Config validation: every mistake reported at once, each naming file, line and field."""
 
 import copy
+import json
 
 import pytest
 import yaml
@@ -98,3 +99,35 @@ def test_model_cache_dir_is_where_hub_models_go_unless_an_entry_says_otherwise(d
     assert cfg.models["qwen"]["cache_dir"] == "/root/autodl-tmp/models"
     assert cfg.models["llama"]["cache_dir"] == "/data/hf"
     assert "cache_dir" not in cfg.models["tiny-qwen2"]  # builtin models are built, not downloaded
+
+
+def test_a_dataset_from_llama_factory_dataset_info(tmp_path, default_config):
+    (tmp_path / "qa.json").write_text(json.dumps([{"q": "question", "a": "answer"}]))
+    info = tmp_path / "dataset_info.json"
+    info.write_text(json.dumps({"qa": {"file_name": "qa.json", "columns": {"prompt": "q", "response": "a"}}}))
+    config = copy.deepcopy(default_config)
+    config["datasets"]["identity"] = {"dataset_info": str(info), "name": "qa", "max_seq_length": 64}
+    dataset = load(config).datasets["identity"]
+    assert (dataset["path"], dataset["format"], dataset["columns"]) == (str(tmp_path / "qa.json"), "alpaca",
+                                                                         {"instruction": "q", "output": "a"})
+    config["datasets"]["identity"]["name"] = "qb"
+    path = write(tmp_path, config)
+    with pytest.raises(UserError) as caught:
+        load(config, [path])
+    assert str(caught.value) == (f"{path}:{line_of(path, 'name: qb')}: datasets.identity.name: "
+                                 f'{info}: dataset "qb" not found (it has: qa)')
+
+
+def test_dataset_needs_path_and_format_and_columns_needs_its_templates(tmp_path, default_config):
+    config = copy.deepcopy(default_config)
+    config["datasets"]["identity"] = {"format": "columns", "path": "m.csv", "prompt": "{s1}"}
+    config["datasets"]["text-matching"] = {"path": "x.jsonl"}
+    path = write(tmp_path, config)
+    with pytest.raises(UserError) as caught:
+        load(config, [path])
+    assert str(caught.value).splitlines() == [
+        f"{path}:{line_of(path, 'identity:')}: datasets.identity: format `columns` needs `response`: a template "
+        "over the file's columns",
+        f"{path}:{line_of(path, 'text-matching:')}: datasets.text-matching: `format` is required (or "
+        "`dataset_info` and `name`)",
+    ]

@@ -37,7 +37,8 @@ def test_splits_that_leave_no_training_rows_are_refused():
 
 
 def test_build_writes_parquet_and_stats_and_reports_truncation(tmp_path, tiny_tokenizer):
-    rows = [{"messages": [{"role": "user", "content": "short"}, {"role": "assistant", "content": "ok"}]}] * 8
+    rows = [{"messages": [{"role": "user", "content": f"short {i}"}, {"role": "assistant", "content": "ok"}]}
+            for i in range(8)]
     rows.append({"messages": [{"role": "user", "content": "long " * 200}, {"role": "assistant", "content": "x"}]})
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps({"id": i, **r}) for i, r in enumerate(rows)) + "\n")
@@ -49,4 +50,73 @@ def test_build_writes_parquet_and_stats_and_reports_truncation(tmp_path, tiny_to
     assert list(test.columns)[:3] == ["id", "line", "input_ids"]
     if len(test):
         assert test["prompt"][0].endswith("<|im_start|>assistant\n") and test["reference"][0] == "ok"
-    assert json.loads((tmp_path / "out" / "stats.json").read_text())["chat_template_sha256"]
+    written = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert written["chat_template_sha256"] and written["chat_template"] == tiny_tokenizer.chat_template
+    assert (tmp_path / "out" / "lengths.png").read_bytes().startswith(b"\x89PNG")
+
+
+def supervised_text(tokenizer, row):
+    """The trained tokens of a parquet row, decoded run by run."""
+    runs, current = [], []
+    for token, label in zip(row["input_ids"], row["labels"], strict=True):
+        if label != -100:
+            current.append(token)
+        elif current:
+            runs.append(tokenizer.decode(current))
+            current = []
+    return runs + ([tokenizer.decode(current)] if current else [])
+
+
+FORMAT_FILES = {
+    "alpaca": ("a.json", json.dumps([{"instruction": "问", "input": "题", "output": "答", "history": [["早", "好"]]}],
+                                    ensure_ascii=False), {}),
+    "sharegpt": ("s.jsonl", json.dumps({"conversations": [{"from": "human", "value": "问"},
+                                                           {"from": "gpt", "value": "答"}]}, ensure_ascii=False), {}),
+    "messages": ("m.jsonl", json.dumps({"messages": [{"role": "user", "content": "q"},
+                                                     {"role": "assistant", "content": "a"}]}), {}),
+    "firefly": ("f.jsonl", json.dumps({"conversation": [{"human": "q1", "assistant": "a1"},
+                                                        {"human": "q2", "assistant": "a2"}]}), {}),
+    "columns": ("c.csv", "s1,s2,label\n我想还款,怎么还钱,相同\n", {"prompt": "{s1}|{s2}", "response": "{label}"}),
+    "text": ("t.jsonl", json.dumps({"text": "plain text to continue"}), {}),
+}
+TRAINED = {
+    "alpaca": ["好<|im_end|>\n", "答<|im_end|>\n"],
+    "sharegpt": ["答<|im_end|>\n"],
+    "messages": ["a<|im_end|>\n"],
+    "firefly": ["a1<|im_end|>\n", "a2<|im_end|>\n"],
+    "columns": ["相同<|im_end|>\n"],
+    "text": ["plain text to continue<|im_end|>"],  # pretraining: every token, and the eos that ends the text
+}
+
+
+@pytest.mark.parametrize("layout", sorted(FORMAT_FILES))
+def test_each_format_builds_with_loss_on_exactly_the_assistant_tokens(tmp_path, tiny_tokenizer, layout):
+    name, text, extra = FORMAT_FILES[layout]
+    data = tmp_path / name
+    data.write_text(text + "\n", encoding="utf-8")
+    settings = DatasetSettings(path=str(data), format=layout, max_seq_length=128, eval_size=0, test_size=0, **extra)
+    stats = build(settings, tiny_tokenizer, tmp_path / "out")
+    (row,) = pd.read_parquet(tmp_path / "out" / "train.parquet").to_dict("records")
+    assert supervised_text(tiny_tokenizer, row) == TRAINED[layout]
+    assert stats["splits"]["train"]["rows"] == 1 and stats["rows_read"] == 1
+
+
+def test_stats_count_duplicates_bad_rows_truncation_and_lengths(tmp_path, tiny_tokenizer):
+    rows = [json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]})
+            for i in range(10)]
+    rows += [rows[0], "{broken", json.dumps({"messages": [{"role": "user", "content": "x " * 300},
+                                                           {"role": "assistant", "content": "late"}]}),
+             json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "y " * 300}]})]
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    settings = DatasetSettings(path=str(data), format="messages", max_seq_length=64, eval_size=0, test_size=0,
+                               max_bad_rows=1)
+    stats = build(settings, tiny_tokenizer, tmp_path / "out")
+    train = stats["splits"]["train"]
+    assert (stats["rows_read"], stats["duplicates_removed"], stats["bad_rows_skipped"]) == (14, 1, 1)
+    assert stats["bad_rows"] == [f"{data}:12: not valid JSON: Expecting property name enclosed in double quotes "
+                                 "(column 2)"]
+    # the long prompt lost its answer to truncation (dropped, counted); the long answer was cut (kept, counted)
+    assert (train["rows"], train["dropped_no_target"], train["truncated"], train["turns"]) == (11, 1, 1, 22)
+    assert train["tokens_per_row_before_truncation"]["max"] > 300 > train["tokens_per_row_before_truncation"]["p50"]
+    assert train["max_tokens"] == 64

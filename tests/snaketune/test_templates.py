@@ -1,11 +1,17 @@
-"""Loss masks: only assistant tokens (and the end-of-turn token) are trained on, byte-exact with the template."""
+"""Chat templates, token for token, and loss masks: every assistant turn and its end-of-turn token are trained on,
+nothing else.
+
+Each family's template is checked on a tokenizer built here with that family's special tokens (no download):
+the expected ids are the family's published format written out piece by piece, each piece tokenized alone
+(special tokens split text, so that is what the whole must give), and the expected mask marks the assistant pieces.
+"""
 
 import pytest
 
-from snaketune.data import DatasetSettings, encode_record
+from snaketune.data import encode_records
 from snaketune.errors import UserError
 from snaketune.formats import Record
-from snaketune.templates import IGNORE_INDEX, encode_conversation, render
+from snaketune.templates import IGNORE_INDEX, TEMPLATES, ChatTemplate, TemplateError, encode_conversation, render
 
 CONVERSATION = [
     {"role": "system", "content": "You are a helpful assistant."},
@@ -14,27 +20,120 @@ CONVERSATION = [
     {"role": "user", "content": "Who made you?"},
     {"role": "assistant", "content": "The snaketune team built me."},
 ]
+SYS, Q1, A1, Q2, A2 = (m["content"] for m in CONVERSATION)
+
+# family -> (bos, eos, extra special tokens) as the family's tokenizer has them
+FAMILIES = {
+    "chatml": (None, "<|im_end|>", []),
+    "qwen": (None, "<|im_end|>", []),
+    "qwen2.5": (None, "<|im_end|>", []),
+    "internlm2": ("<s>", "<|im_end|>", ["<s>"]),
+    "baichuan2": (None, "</s>", ["</s>", "<reserved_106>", "<reserved_107>"]),
+    "llama3": ("<|begin_of_text|>", "<|eot_id|>",
+               ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
+}
 
 
-def test_rendering_is_chatml_byte_for_byte(tiny_tokenizer):
+def chatml_turns(system):
+    pieces = [] if system is None else [("<|im_start|>", 0), (f"system\n{system}", 0), ("<|im_end|>", 0), ("\n", 0)]
+    for question, answer in ((Q1, A1), (Q2, A2)):
+        pieces += [("<|im_start|>", 0), (f"user\n{question}", 0), ("<|im_end|>", 0), ("\n", 0),
+                   ("<|im_start|>", 0), ("assistant\n", 0), (answer, 1), ("<|im_end|>", 1), ("\n", 1)]
+    return pieces
+
+
+def llama3_turns():
+    pieces = [("<|begin_of_text|>", 0), ("<|start_header_id|>", 0), ("system", 0), ("<|end_header_id|>", 0),
+              (f"\n\n{SYS}", 0), ("<|eot_id|>", 0)]
+    for question, answer in ((Q1, A1), (Q2, A2)):
+        pieces += [("<|start_header_id|>", 0), ("user", 0), ("<|end_header_id|>", 0), (f"\n\n{question}", 0),
+                   ("<|eot_id|>", 0), ("<|start_header_id|>", 0), ("assistant", 0), ("<|end_header_id|>", 0),
+                   ("\n\n", 0), (answer, 1), ("<|eot_id|>", 1)]
+    return pieces
+
+
+def baichuan2_turns():
+    pieces = [(SYS, 0)]
+    for question, answer in ((Q1, A1), (Q2, A2)):
+        pieces += [("<reserved_106>", 0), (question, 0), ("<reserved_107>", 0), (answer, 1), ("</s>", 1)]
+    return pieces
+
+
+# family -> (conversation given, the published rendering as (piece, trained) pairs)
+EXPECTED = {
+    "chatml": (CONVERSATION, chatml_turns(SYS)),
+    "qwen": (CONVERSATION[1:], chatml_turns("You are a helpful assistant.")),  # default system when none
+    "qwen2.5": (CONVERSATION[1:], chatml_turns("You are Qwen, created by Alibaba Cloud. You are a helpful assistant.")),
+    "internlm2": (CONVERSATION, [("<s>", 0)] + chatml_turns(SYS)),
+    "baichuan2": (CONVERSATION, baichuan2_turns()),
+    "llama3": (CONVERSATION, llama3_turns()),
+}
+
+
+@pytest.fixture(scope="module")
+def family_tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    def make(family):
+        bos, eos, extra = FAMILIES[family]
+        tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+        tokenizer.add_special_tokens({"additional_special_tokens": extra} if extra else {})
+        tokenizer.bos_token, tokenizer.eos_token = bos, eos
+        tokenizer.chat_template = None
+        return tokenizer
+
+    return make
+
+
+@pytest.mark.parametrize("family", sorted(EXPECTED))
+def test_two_turn_conversation_matches_the_published_format_token_for_token(family, family_tokenizer):
+    tokenizer = family_tokenizer(family)
+    conversation, pieces = EXPECTED[family]
+    ids, mask = [], []
+    for piece, trained in pieces:
+        piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
+        ids += piece_ids
+        mask += [trained] * len(piece_ids)
+    template = ChatTemplate.of(tokenizer, family)
+    (encoded,) = template.encode([conversation], max_length=4096)
+    assert template.render(conversation) == "".join(piece for piece, _ in pieces)
+    assert encoded.input_ids == ids
+    assert [int(label != IGNORE_INDEX) for label in encoded.labels] == mask  # position by position
+    trained_ids = [token for token, trained in zip(ids, mask, strict=True) if trained]
+    assert [label for label in encoded.labels if label != IGNORE_INDEX] == trained_ids
+    assert encoded.eos_supervised and encoded.n_supervised == sum(mask)
+
+
+@pytest.mark.parametrize("family", sorted(EXPECTED))
+def test_our_renderer_equals_transformers_apply_chat_template(family, family_tokenizer):
+    tokenizer = family_tokenizer(family)
+    tokenizer.chat_template = TEMPLATES[family]
+    conversation = EXPECTED[family][0]
+    ours = ChatTemplate.of(tokenizer, "auto")
+    for upto, generation_prompt in ((len(conversation), False), (len(conversation) - 1, True)):
+        assert ours.render(conversation[:upto], generation_prompt) == tokenizer.apply_chat_template(
+            conversation[:upto], tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def test_auto_uses_the_tokenizers_own_template_and_needs_one(family_tokenizer):
+    tokenizer = family_tokenizer("chatml")
+    with pytest.raises(TemplateError, match="the tokenizer has no chat_template"):
+        ChatTemplate.of(tokenizer, "auto")
+    tokenizer.chat_template = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}<|im_end|>{% endfor %}"
+    rendered = ChatTemplate.of(tokenizer, "auto").render(CONVERSATION[1:3])
+    assert rendered == f"[user]{Q1}<|im_end|>[assistant]{A1}<|im_end|>"
+
+
+def test_a_template_whose_tokens_the_tokenizer_lacks_is_refused(family_tokenizer):
+    with pytest.raises(TemplateError, match="template `llama3` needs tokens the tokenizer does not have: "
+                                            "<|begin_of_text|>, <|start_header_id|>"):
+        ChatTemplate.of(family_tokenizer("chatml"), "llama3")
+
+
+def test_the_tiny_models_own_template_is_chatml(tiny_tokenizer):
     expected = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in CONVERSATION)
     assert render(tiny_tokenizer, CONVERSATION) == expected
     assert render(tiny_tokenizer, CONVERSATION[:2], add_generation_prompt=True).endswith("<|im_start|>assistant\n")
-
-
-def test_only_assistant_turns_and_their_terminator_are_supervised(tiny_tokenizer):
-    encoded = encode_conversation(tiny_tokenizer, CONVERSATION, max_length=512)
-    spans, current = [], []
-    for token, label in zip(encoded.input_ids, encoded.labels, strict=True):
-        if label != IGNORE_INDEX:
-            assert label == token
-            current.append(token)
-        elif current:
-            spans.append(tiny_tokenizer.decode(current))
-            current = []
-    spans.append(tiny_tokenizer.decode(current))
-    assert spans == ["我是 Snaky。<|im_end|>\n", "The snaketune team built me.<|im_end|>\n"]
-    assert encoded.eos_supervised and not encoded.truncated
 
 
 def test_tokens_match_tokenizing_the_rendered_text(tiny_tokenizer):
@@ -45,7 +144,7 @@ def test_tokens_match_tokenizing_the_rendered_text(tiny_tokenizer):
 
 def test_truncation_keeps_the_first_tokens_and_says_so(tiny_tokenizer):
     encoded = encode_conversation(tiny_tokenizer, CONVERSATION, max_length=10)
-    assert len(encoded.input_ids) == len(encoded.labels) == 10 and encoded.truncated
+    assert len(encoded.input_ids) == len(encoded.labels) == 10 and encoded.truncated and encoded.length > 10
 
 
 def test_template_whose_turns_do_not_end_in_eos_is_refused(tiny_model):
@@ -53,6 +152,6 @@ def test_template_whose_turns_do_not_end_in_eos_is_refused(tiny_model):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     tokenizer.eos_token = "<|endoftext|>"  # a base model's eos with a chat template: generation would never stop
-    record = Record("r1", None, CONVERSATION[1:3], line=4)
+    record = Record("r1", None, CONVERSATION[1:3], line=4, path="d.jsonl")
     with pytest.raises(UserError, match=r"d\.jsonl:4: the chat template does not end assistant turns"):
-        encode_record(tokenizer, record, DatasetSettings(path="d.jsonl", format="messages"))
+        encode_records(ChatTemplate.of(tokenizer), tokenizer, [record], 512)
