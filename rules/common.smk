@@ -7,6 +7,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(workflow.basedir) / "scripts"))
 
 from snaketune import workflow as stages
+from snaketune.choice import benchmark_files
 from snaketune.config import load as load_config
 from snaketune.errors import UserError
 
@@ -23,6 +24,7 @@ wildcard_constraints:
     model="[A-Za-z0-9][A-Za-z0-9._-]*",
     dataset="[A-Za-z0-9][A-Za-z0-9._-]*",
     run="[A-Za-z0-9][A-Za-z0-9._-]*",
+    benchmark="[A-Za-z0-9][A-Za-z0-9._-]*",
 
 
 def script(name):
@@ -57,6 +59,13 @@ def run_files(name, owner=None):
     return [
         f"results/runs/{owner(CFG, run) if owner else run}/{name}" for run in CFG.runs
     ]
+
+
+def model_arguments(wildcards, input):
+    """Command-line model of predict and benchmark: the merged folder, or the base manifest and the adapter."""
+    if "adapter" in input.keys():
+        return f"--model-manifest {input.manifest} --adapter {input.adapter}"
+    return f"--model {input.model}"
 
 
 def get_final_output():

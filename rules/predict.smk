@@ -1,7 +1,8 @@
-# Generate answers for the test split with the merged model.
+# Generate answers for the test split: from the merged model, or from the base with the adapter on top
+# (generation.predict_from). A restarted job resumes from results/runs/{run}/predictions.partial.csv.
 rule predict_test:
     input:
-        model=lambda wc: f"results/runs/{stages.merge_owner(CFG, wc.run)}/merged",
+        unpack(lambda wc: stages.predict_model_inputs(CFG, wc.run)),
         test=run_dataset_file("test.parquet"),
     output:
         predictions="results/runs/{run}/predictions.csv",
@@ -19,6 +20,7 @@ rule predict_test:
     params:
         script=script("predict"),
         settings=lambda wc: stages.generation_settings(CFG, wc.run),
+        model_args=model_arguments,
     shell:
-        "python {params.script} --model {input.model} --test {input.test} --out {output.predictions}"
+        "python {params.script} {params.model_args} --test {input.test} --out {output.predictions}"
         " --settings {params.settings:q} > {log} 2>&1"

@@ -9,7 +9,12 @@ rule train_adapter:
     output:
         adapter=directory("results/runs/{run}/adapter"),
         log_csv="results/runs/{run}/train_log.csv",
-        curve="results/runs/{run}/loss.png",
+        curve=report(
+            "results/runs/{run}/loss.png",
+            category="Loss curves",
+            subcategory="{run}",
+            caption="report/loss.rst",
+        ),
     log:
         "logs/train/{run}.log",
     benchmark:

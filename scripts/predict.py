@@ -1,9 +1,12 @@
 #!/usr/bin/env python
-"""Generate answers for the test split with a merged model; writes predictions.csv.
+"""Generate answers for the test split with a merged model, or a base model and its adapter; writes
+predictions.csv. A restarted job generates only the rows a killed one had not finished.
 
 Example:
     python scripts/predict.py --model results/runs/identity-lora/merged \\
         --test results/datasets/identity/tiny/test.parquet --out results/runs/identity-lora/predictions.csv
+    python scripts/predict.py --model-manifest results/models/tiny-qwen2/manifest.json \\
+        --adapter results/runs/identity-lora/adapter --test ... --out ...
 """
 
 import argparse
@@ -17,7 +20,10 @@ def build_parser() -> argparse.ArgumentParser:
     from snaketune.cli import settings_argument
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="merged model folder")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="merged model folder")
+    source.add_argument("--model-manifest", help="base model's manifest.json (with --adapter)")
+    parser.add_argument("--adapter", help="adapter folder written by the train stage (with --model-manifest)")
     parser.add_argument("--test", required=True, help="test.parquet written by the dataset stage")
     parser.add_argument("--out", required=True, help="predictions.csv to write")
     settings_argument(parser)
@@ -34,8 +40,18 @@ def main(argv=None) -> int:
         from snaketune.gpus import claim
 
         claim(1)
-        rows = predict(make_settings(GenerationSettings, args.settings), Path(args.model), Path(args.test),
-                       Path(args.out))
+        from snaketune.errors import UserError
+        from snaketune.models import model_path
+
+        if bool(args.model_manifest) != bool(args.adapter):
+            raise UserError("--model-manifest and --adapter go together")
+        if args.adapter:
+            folder, trust = model_path(args.model_manifest)
+            adapter = Path(args.adapter)
+        else:
+            folder, trust, adapter = Path(args.model), False, None
+        rows = predict(make_settings(GenerationSettings, args.settings), folder, Path(args.test), Path(args.out),
+                       adapter_dir=adapter, trust_remote_code=trust)
         print(f"predictions: {rows}")
 
     return main_guard(body)

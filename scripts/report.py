@@ -21,6 +21,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metrics", nargs="+", required=True, help="metrics.json per run, in --runs order")
     parser.add_argument("--logs", nargs="+", required=True, help="train_log.csv per run, in --runs order")
     parser.add_argument("--curves", nargs="+", required=True, help="loss.png per run, in --runs order")
+    parser.add_argument("--predictions", nargs="*", default=None, help="predictions.csv per run, in --runs order")
+    parser.add_argument("--train-times", nargs="*", default=None,
+                        help="Snakemake benchmark .tsv of each run's train job, in --runs order")
+    parser.add_argument("--benchmarks", nargs="*", default=[],
+                        help="results/runs/{run}/benchmarks/{name}.json files (multiple-choice scores)")
     parser.add_argument("--leaderboard", required=True, help="leaderboard.csv to write")
     parser.add_argument("--html", required=True, help="report.html to write")
     parser.add_argument("--sweeps", type=json.loads, default={}, help="JSON: sweep name -> its runs and select_by")
@@ -41,7 +46,10 @@ def main(argv=None) -> int:
             raise UserError("--runs, --metrics, --logs and --curves must name the same number of runs")
         rows = write_report(args.runs, [Path(p) for p in args.metrics], [Path(p) for p in args.logs],
                             [Path(p) for p in args.curves], Path(args.leaderboard), Path(args.html),
-                            args.sweeps, Path(args.sweep_dir))
+                            args.sweeps, Path(args.sweep_dir),
+                            predictions=[Path(p) for p in args.predictions] if args.predictions else None,
+                            train_times=[Path(p) for p in args.train_times] if args.train_times else None,
+                            benchmarks=[Path(p) for p in args.benchmarks])
         for row in rows:
             print(json.dumps(row, ensure_ascii=False))
 

@@ -13,7 +13,10 @@ IDENTITY_RUNS = ["identity-lora", "identity-base"]
 
 
 def run_jobs(*runs):
-    return [(rule, f"run={run}") for run in runs for rule in RUN_STAGES]
+    """The per-run jobs; the identity runs of the default config also score the bundled benchmark."""
+    jobs = [(rule, f"run={run}") for run in runs for rule in RUN_STAGES]
+    return jobs + [("evaluate_benchmark", f"run={run}, benchmark=mmcu-sample") for run in runs
+                   if run in IDENTITY_RUNS]
 
 
 def dataset_job(dataset):
@@ -30,8 +33,14 @@ ROWS = [
      lambda c: c["runs"]["matching-lora"]["generation"].update(max_new_tokens=6),
      [("evaluate_predictions", "run=matching-lora"), ("predict_test", "run=matching-lora")]),
     ("one run's evaluation setting",
-     lambda c: c["runs"]["matching-lora"].update(evaluation={"text_tokenizer": "whitespace"}),
+     lambda c: c["runs"]["matching-lora"]["evaluation"].update(text_tokenizer="whitespace"),
      [("evaluate_predictions", "run=matching-lora")]),
+    ("one run's benchmark setting (shots)",
+     lambda c: c["runs"]["identity-lora"]["evaluation"].update(shots=1),
+     [("evaluate_benchmark", "run=identity-lora, benchmark=mmcu-sample")]),
+    ("one run's predict_from (adapter instead of merged)",
+     lambda c: c["runs"]["matching-lora"]["generation"].update(predict_from="adapter"),
+     [("evaluate_predictions", "run=matching-lora"), ("predict_test", "run=matching-lora")]),
     ("a dataset's build setting (max_seq_length)",
      lambda c: c["datasets"]["identity"].update(max_seq_length=96), dataset_job("identity") + run_jobs(*IDENTITY_RUNS)),
     ("the model entry (seed of the builtin model)",

@@ -28,12 +28,29 @@ def test_demo_writes_every_stage_output(demo):
         predictions = pd.read_csv(folder / "predictions.csv", keep_default_na=False)
         assert list(predictions.columns)[:4] == ["id", "prompt", "reference", "prediction"]
         metrics = json.loads((folder / "metrics.json").read_text())
-        assert metrics["n"] == len(predictions) and {"bleu-4", "rouge-l", "exact_match"} <= set(metrics)
+        wanted = {"exact_match", "accuracy", "f1"} if run == "matching-lora" else {"bleu-4", "rouge-l", "exact_match"}
+        assert metrics["n"] == len(predictions) and wanted <= set(metrics)
         assert not (folder / "checkpoints").exists()  # removed once the adapter is safely written
     log = pd.read_csv(results / "runs" / "identity-lora" / "train_log.csv")
     assert list(log.columns) == ["step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_second"]
     assert log["loss"].iloc[-1] < log["loss"].iloc[0] / 10
-    assert "identity-lora" in (results / "report.html").read_text()
+    page = (results / "report.html").read_text()
+    assert "identity-lora" in page and "Predictions beside references" in page
+    benchmark = json.loads((results / "runs/identity-lora/benchmarks/mmcu-sample.json").read_text())
+    assert (benchmark["n"], benchmark["shots"], sorted(benchmark["subjects"])) == (9, 2, ["医学", "法律"])
+    board = pd.read_csv(results / "leaderboard.csv").set_index("run")
+    assert board.loc["identity-lora", "mmcu-sample_accuracy"] == benchmark["accuracy"]
+    assert board.loc["identity-lora", "train_seconds"] > 0
+    matching = json.loads((results / "runs/matching-lora/metrics.json").read_text())
+    assert set(matching["confusion"]) == {"相同", "不同"} and 0 <= matching["f1"] <= 1
+    assert board.loc["matching-lora", "accuracy"] == matching["accuracy"]
+
+
+def test_snakemakes_own_report_has_the_loss_curves_and_leaderboard(demo):
+    result = snakemake(demo, "--report", "snakemake_report.html", "--configfile", str(demo / "config.yaml"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    page = (demo / "snakemake_report.html").read_text(errors="replace")
+    assert "Loss curves" in page and "Leaderboard" in page and "leaderboard.csv" in page
 
 
 def test_fine_tuning_is_real_learning(demo):

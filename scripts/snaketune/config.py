@@ -80,6 +80,8 @@ class WorkflowConfig:
     datasets: dict[str, dict[str, Any]]
     runs: dict[str, dict[str, Any]] = field(default_factory=dict)
     sweeps: dict[str, dict[str, Any]] = field(default_factory=dict)  # sweep name -> its runs' swept settings
+    benchmarks: dict[str, dict[str, Any]] = field(default_factory=dict)  # multiple-choice benchmarks by name
+    serve_run: str | None = None  # the run `snakemake serve` serves
     cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)  # lookups derived from runs
 
 
@@ -175,11 +177,20 @@ def load(raw: dict[str, Any], files: list[str | Path] = ()) -> WorkflowConfig:
             if run[key] not in table:
                 known = ", ".join(sorted(table))
                 report(("runs", name, key), f"names undefined {key} `{run[key]}` (defined: {known})")
+        benchmarks = raw.get("benchmarks", {})
+        for benchmark in run["evaluation"]["benchmarks"]:
+            if benchmark not in benchmarks:
+                known = ", ".join(sorted(benchmarks)) or "none; add a top-level `benchmarks:` entry"
+                report(("runs", name, "evaluation", "benchmarks"),
+                       f"names undefined benchmark `{benchmark}` (defined: {known})")
         try:  # the train stage's own cross-field rules (qlora with ZeRO-3, LoRA+ with DeepSpeed ...)
             TrainSettings(**{f.name: run[f.name] for f in fields(TrainSettings)})
         except UserError as problem:
             report(("runs", name), str(problem))
         runs[name] = run
+    if raw.get("serve_run") and raw["serve_run"] not in runs:
+        report(("serve_run",), f"`{raw['serve_run']}` is not a run (runs: {', '.join(runs)})")
     if problems:
         raise UserError("\n".join(problems))
-    return WorkflowConfig(models=models, datasets=datasets, runs=runs, sweeps=sweeps)
+    return WorkflowConfig(models=models, datasets=datasets, runs=runs, sweeps=sweeps,
+                          benchmarks=raw.get("benchmarks", {}), serve_run=raw.get("serve_run"))

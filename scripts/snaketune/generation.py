@@ -7,6 +7,7 @@ what training saw. Batches are sorted by length and left-padded so each batch wa
 from __future__ import annotations
 
 import csv
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -23,42 +24,124 @@ class GenerationSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
+    predict_from: str = "merged"  # merged: the merged folder; adapter: the base with the adapter on top
 
 
-def predict(settings: GenerationSettings, model_dir: Path, test_path: Path, out_csv: Path) -> int:
-    """Generate an answer for every test row and write ``out_csv`` atomically; return the row count."""
+def load_for_generation(model_dir: Path, adapter_dir: Path | None, trust_remote_code: bool = False):
+    """Tokenizer (left padding) and model in eval mode: a merged folder, or a base with its adapter applied."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir or model_dir, padding_side="left",
+                                              trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", trust_remote_code=trust_remote_code)
+    if adapter_dir is not None and (adapter_dir / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    elif adapter_dir is not None:  # a full fine-tune: the "adapter" folder holds the whole model
+        model = AutoModelForCausalLM.from_pretrained(adapter_dir, dtype="auto", trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, model.eval()
+
+
+def generate_batch(model, tokenizer, prompts: list[str], settings: GenerationSettings, device) -> list[str]:
+    """Greedy (or sampled) continuations of left-padded prompts, decoded without special tokens."""
+    import torch
+
+    sampling = {"temperature": settings.temperature, "top_p": settings.top_p} if settings.do_sample else {}
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
+                                pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling)
+    return [text.strip() for text in
+            tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
+
+
+class PartialPredictions:
+    """Rows already generated, appended batch by batch beside the output, so a killed job resumes.
+
+    The rows are kept only if they came from the same model, test split and settings (a fingerprint file says so).
+    """
+
+    def __init__(self, out_csv: Path, fingerprint: str):
+        self.rows_path = out_csv.with_name(out_csv.stem + ".partial.csv")
+        self.key_path = out_csv.with_name(out_csv.stem + ".partial.key")
+        if not (self.key_path.exists() and self.key_path.read_text() == fingerprint):
+            self.rows_path.unlink(missing_ok=True)
+            self.key_path.write_text(fingerprint)
+
+    def done(self) -> dict[str, tuple[str, float]]:
+        if not self.rows_path.exists():
+            return {}
+        done = {}
+        with self.rows_path.open(newline="", encoding="utf-8") as handle:
+            try:
+                for row in csv.reader(handle, strict=True):
+                    if len(row) == 3:  # a row cut short by the kill has fewer cells and is generated again
+                        done[row[0]] = (row[1], float(row[2]))
+            except (csv.Error, ValueError):
+                pass  # the kill cut the last row mid-field
+        return done
+
+    def append(self, rows: list[tuple[str, str, float]]) -> None:
+        with self.rows_path.open("a", newline="", encoding="utf-8") as handle:
+            csv.writer(handle, quoting=csv.QUOTE_ALL).writerows(rows)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def remove(self) -> None:
+        self.rows_path.unlink(missing_ok=True)
+        self.key_path.unlink(missing_ok=True)
+
+
+def predict(settings: GenerationSettings, model_dir: Path, test_path: Path, out_csv: Path,
+            adapter_dir: Path | None = None, trust_remote_code: bool = False) -> int:
+    """Generate an answer for every test row and write ``out_csv`` atomically; return the row count.
+
+    Rows are generated shortest first in batches; each finished batch is appended to a partial file, so a
+    restarted job generates only the rows that are missing.
+    """
+    import hashlib
+    import json
+
     import pandas as pd
     import torch
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from transformers import set_seed
 
-    from snaketune.io import atomic_file
+    from snaketune.io import atomic_file, sha256_file
 
     set_seed(settings.seed)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").eval()
+    tokenizer, model = load_for_generation(model_dir, adapter_dir, trust_remote_code)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     test = pd.read_parquet(test_path, columns=["id", "prompt", "reference"])
-    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in test["prompt"]]
-    order = sorted(range(len(test)), key=lambda i: lengths[i])
-    sampling = {"temperature": settings.temperature, "top_p": settings.top_p} if settings.do_sample else {}
-    predictions: dict[int, tuple[str, float]] = {}
-    for start in tqdm(range(0, len(order), settings.batch_size), desc="generate", file=sys.stderr):
-        batch = order[start : start + settings.batch_size]
-        inputs = tokenizer([test["prompt"][i] for i in batch], return_tensors="pt", padding=True,
-                           add_special_tokens=False).to(device)
-        began = time.perf_counter()
-        with torch.no_grad():
-            output = model.generate(**inputs, max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
-                                    pad_token_id=tokenizer.pad_token_id, **sampling)
-        seconds = (time.perf_counter() - began) / len(batch)
-        texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        for index, text in zip(batch, texts, strict=True):
-            predictions[index] = (text.strip(), round(seconds, 4))
-    frame = test.assign(prediction=[predictions[i][0] for i in range(len(test))],
-                        generation_seconds=[predictions[i][1] for i in range(len(test))])
+    test["id"] = test["id"].astype(str)
+    fingerprint = hashlib.sha256(json.dumps(
+        [vars(settings), str(model_dir.resolve()), str(adapter_dir.resolve()) if adapter_dir else None,
+         sha256_file(test_path)], sort_keys=True).encode()).hexdigest()
+    partial = PartialPredictions(out_csv, fingerprint)
+    predictions = {k: v for k, v in partial.done().items() if k in set(test["id"])}
+    if predictions:
+        print(f"resuming: {len(predictions)} of {len(test)} rows already generated", file=sys.stderr)
+    todo = [i for i in range(len(test)) if test["id"][i] not in predictions]
+    lengths = {i: len(tokenizer(test["prompt"][i], add_special_tokens=False)["input_ids"]) for i in todo}
+    order = sorted(todo, key=lambda i: lengths[i])
+    with tqdm(total=len(test), initial=len(predictions), desc="generate", unit="row", file=sys.stderr) as bar:
+        for start in range(0, len(order), settings.batch_size):
+            batch = order[start : start + settings.batch_size]
+            began = time.perf_counter()
+            texts = generate_batch(model, tokenizer, [test["prompt"][i] for i in batch], settings, device)
+            seconds = round((time.perf_counter() - began) / len(batch), 4)
+            rows = [(test["id"][i], text, seconds) for i, text in zip(batch, texts, strict=True)]
+            partial.append(rows)
+            predictions.update({row_id: (text, sec) for row_id, text, sec in rows})
+            bar.update(len(batch))
+    frame = test.assign(prediction=[predictions[i][0] for i in test["id"]],
+                        generation_seconds=[predictions[i][1] for i in test["id"]])
     with atomic_file(out_csv) as tmp:
         # Quote every field: generated text can hold a bare "\r", which unquoted would split a row in two.
         frame[PREDICTION_COLUMNS].to_csv(tmp, index=False, quoting=csv.QUOTE_ALL)
+    partial.remove()
     return len(frame)

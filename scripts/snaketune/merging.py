@@ -6,6 +6,7 @@ chat template and generation config are saved with it, and a logits check agains
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -53,6 +54,20 @@ def link_full_model(trained: Path, out: Path) -> None:
                     shutil.copy2(path, staging / path.name)
 
 
+def copy_remote_code(model_dir: Path, out: Path) -> list[str]:
+    """Copy the Python files a remote-code base needs (its config names them in ``auto_map``) into ``out``,
+    so the folder loads with ``trust_remote_code=True`` like the base did; returns the names copied."""
+    config_path = model_dir / "config.json"
+    if not config_path.is_file() or "auto_map" not in json.loads(config_path.read_text(encoding="utf-8")):
+        return []
+    copied = []
+    for source in sorted(model_dir.glob("*.py")):
+        if not (out / source.name).exists():
+            shutil.copy2(source, out / source.name)
+            copied.append(source.name)
+    return copied
+
+
 def merge(settings: MergeSettings, model_dir: Path, trust_remote_code: bool, adapter_dir: Path, out: Path) -> float:
     """Merge ``adapter_dir`` into the base at ``model_dir`` and save to ``out``; return the logits difference.
 
@@ -78,6 +93,7 @@ def merge(settings: MergeSettings, model_dir: Path, trust_remote_code: bool, ada
     with atomic_dir(out) as staging:
         merged.save_pretrained(staging, max_shard_size=settings.max_shard_size)
         tokenizer.save_pretrained(staging)
+        copy_remote_code(model_dir, staging)
         try:
             GenerationConfig.from_pretrained(model_dir).save_pretrained(staging)
         except OSError:

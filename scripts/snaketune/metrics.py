@@ -1,4 +1,4 @@
-"""Evaluate stage: BLEU-4, ROUGE-1/2/L and exact match on ``predictions.csv``.
+"""Evaluate stage: BLEU-4, ROUGE-1/2/L, exact match and label metrics on ``predictions.csv``.
 
 Chinese has no spaces, so how text is split decides the score: ``char`` splits CJK text into characters and
 keeps other words whole, ``whitespace`` splits on spaces. The choice is written into metrics.json beside the
@@ -11,6 +11,8 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 
+from snaketune.errors import UserError
+
 CJK = r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
 # One CJK character, or a run of letters/digits of any other script; punctuation is not a token.
 CHAR_TOKEN = re.compile(rf"[{CJK}]|[^\W_{CJK}]+")
@@ -20,6 +22,9 @@ CHAR_TOKEN = re.compile(rf"[{CJK}]|[^\W_{CJK}]+")
 class EvalSettings:
     metrics: list[str] = field(default_factory=lambda: ["bleu", "rouge", "exact_match"])
     text_tokenizer: str = "char"
+    labels: dict[str, list[str]] = field(default_factory=dict)  # label -> texts that mean it (the label itself too)
+    benchmarks: list[str] = field(default_factory=list)  # multiple-choice benchmarks (scored by their own rule)
+    shots: int = 0
 
 
 def tokenize(text: str, how: str) -> list[str]:
@@ -77,10 +82,57 @@ def exact_match(references: list[str], predictions: list[str]) -> float:
     return hits / len(references)
 
 
+NO_LABEL = "(none)"
+
+
+def to_label(text: str, labels: dict[str, list[str]]) -> str:
+    """The label a generated text means: the label whose name or alias it starts with (longest first), or
+    ``(none)`` when it names none of them; a model that answers off-script is wrong, not skipped."""
+    answer = normalize_answer(text).lower()
+    candidates = sorted(((alias, label) for label, aliases in labels.items() for alias in [label, *aliases]),
+                        key=lambda pair: -len(pair[0]))
+    return next((label for alias, label in candidates if answer.startswith(normalize_answer(alias).lower())),
+                NO_LABEL)
+
+
+def label_metrics(references: list[str], predictions: list[str], labels: dict[str, list[str]]) -> dict:
+    """Accuracy, macro precision/recall/F1, per-label scores and the confusion table (reference -> predicted)."""
+    if not labels:
+        raise UserError("metric `label` needs `evaluation.labels`: each label and the texts that mean it")
+    gold = [to_label(ref, labels) for ref in references]
+    unknown = sorted({ref for ref, g in zip(references, gold, strict=True) if g == NO_LABEL})
+    if unknown:
+        raise UserError(f"references that are none of the labels {list(labels)}: {unknown[:5]}; add them to "
+                        "`evaluation.labels`")
+    guessed = [to_label(pred, labels) for pred in predictions]
+    names = list(labels)
+    confusion = {g: {p: 0 for p in [*names, NO_LABEL]} for g in names}
+    for g, p in zip(gold, guessed, strict=True):
+        confusion[g][p] += 1
+    per_label = {}
+    for name in names:
+        tp = confusion[name][name]
+        predicted = sum(confusion[g][name] for g in names)
+        actual = sum(confusion[name].values())
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / actual if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_label[name] = {"precision": precision, "recall": recall, "f1": f1, "support": actual}
+    return {
+        "accuracy": sum(g == p for g, p in zip(gold, guessed, strict=True)) / len(gold),
+        "precision": sum(v["precision"] for v in per_label.values()) / len(names),
+        "recall": sum(v["recall"] for v in per_label.values()) / len(names),
+        "f1": sum(v["f1"] for v in per_label.values()) / len(names),
+        "unmatched_predictions": guessed.count(NO_LABEL),
+        "per_label": per_label,
+        "confusion": confusion,
+    }
+
+
 def evaluate(settings: EvalSettings, references: list[str], predictions: list[str]) -> dict:
     """All metrics the run asked for, with the row count and the text tokenizer used."""
     if not references:
-        raise ValueError("no predictions to evaluate")
+        raise UserError("no predictions to evaluate")
     result: dict = {"n": len(references), "text_tokenizer": settings.text_tokenizer}
     if "bleu" in settings.metrics:
         result["bleu-4"] = bleu4(references, predictions, settings.text_tokenizer)
@@ -88,4 +140,6 @@ def evaluate(settings: EvalSettings, references: list[str], predictions: list[st
         result.update(rouge(references, predictions, settings.text_tokenizer))
     if "exact_match" in settings.metrics:
         result["exact_match"] = exact_match(references, predictions)
+    if "label" in settings.metrics:
+        result.update(label_metrics(references, predictions, settings.labels))
     return result

@@ -12,7 +12,9 @@ from typing import Any
 from snaketune.io import atomic_file, write_json
 
 RUN_COLUMNS = ["run", "model", "dataset", "method", "learning_rate", "num_train_epochs", "max_steps"]
-METRIC_COLUMNS = ["n", "exact_match", "bleu-4", "rouge-1", "rouge-2", "rouge-l", "text_tokenizer"]
+METRIC_COLUMNS = ["n", "exact_match", "bleu-4", "rouge-1", "rouge-2", "rouge-l", "text_tokenizer", "accuracy",
+                  "precision", "recall", "f1"]
+SAMPLE_ROWS = 5  # predictions shown beside their references per run
 
 
 def read_log(path: Path) -> list[dict[str, str]]:
@@ -21,14 +23,40 @@ def read_log(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def run_row(run: dict[str, Any], metrics_path: Path, log: list[dict[str, str]]) -> dict[str, Any]:
-    """The leaderboard row of one run: its settings, its training length and final loss, its metrics."""
+def train_seconds(benchmark_tsv: Path | None) -> float | str:
+    """Wall time of the train job, from Snakemake's benchmark file of the train rule."""
+    if benchmark_tsv is None or not Path(benchmark_tsv).exists():
+        return ""
+    with open(benchmark_tsv, newline="") as handle:
+        return round(float(next(csv.DictReader(handle, delimiter="\t"))["s"]), 1)
+
+
+def run_row(run: dict[str, Any], metrics_path: Path, log: list[dict[str, str]],
+            benchmarks: dict[str, Path] | None = None, train_time: Path | None = None) -> dict[str, Any]:
+    """The leaderboard row of one run: its settings, training time and length, final loss, every metric."""
     metrics = json.loads(Path(metrics_path).read_text(encoding="utf-8"))
     row = {key: run.get(key, "") for key in RUN_COLUMNS}
+    row["train_seconds"] = train_seconds(train_time)
     row["train_steps"] = int(log[-1]["step"]) if log else 0
     row["final_loss"] = float(log[-1]["loss"]) if log else ""
     row.update({key: metrics.get(key, "") for key in METRIC_COLUMNS})
+    for name, path in (benchmarks or {}).items():
+        row[f"{name}_accuracy"] = json.loads(Path(path).read_text(encoding="utf-8"))["accuracy"]
     return row
+
+
+def prediction_samples(runs: list[str], predictions: list[Path]) -> str:
+    """HTML: the first few test rows of each run, reference beside prediction."""
+    import pandas as pd
+
+    parts = []
+    for run, path in zip(runs, predictions, strict=True):
+        frame = pd.read_csv(path, keep_default_na=False, dtype=str).head(SAMPLE_ROWS)
+        cells = "".join(f"<tr><td>{html.escape(r['id'])}</td><td class='text'>{html.escape(r['reference'])}</td>"
+                        f"<td class='text'>{html.escape(r['prediction'])}</td></tr>" for _, r in frame.iterrows())
+        parts.append(f"<h3>{html.escape(run)}</h3><table><thead><tr><th>id</th><th>reference</th>"
+                     f"<th>prediction</th></tr></thead><tbody>{cells}</tbody></table>")
+    return "".join(parts)
 
 
 def _cell(value: Any) -> str:
@@ -98,14 +126,25 @@ def write_sweep(name: str, sweep: dict[str, Any], rows: list[dict[str, Any]],
 
 def write_report(runs: list[dict[str, Any]], metrics: list[Path], logs: list[Path], curves: list[Path],
                  leaderboard: Path, page: Path, sweeps: dict[str, Any] | None = None,
-                 sweep_dir: Path = Path("results/sweeps")) -> list[dict[str, Any]]:
+                 sweep_dir: Path = Path("results/sweeps"), predictions: list[Path] | None = None,
+                 train_times: list[Path] | None = None, benchmarks: list[Path] = ()) -> list[dict[str, Any]]:
     """Write ``leaderboard.csv``, ``report.html`` and each sweep's ``runs.csv``/``best.json``.
 
-    ``runs``, ``metrics``, ``logs`` and ``curves`` align, one entry per run.
+    ``runs``, ``metrics``, ``logs``, ``curves``, ``predictions`` and ``train_times`` align, one entry per run;
+    ``benchmarks`` are ``results/runs/{run}/benchmarks/{name}.json`` files, matched to runs by their path.
     """
     parsed_logs = [read_log(path) for path in logs]
-    rows = [run_row(run, m, log) for run, m, log in zip(runs, metrics, parsed_logs, strict=True)]
-    columns = RUN_COLUMNS + ["train_steps", "final_loss"] + METRIC_COLUMNS
+    by_run: dict[str, dict[str, Path]] = {}
+    for path in benchmarks:
+        by_run.setdefault(Path(path).parent.parent.name, {})[Path(path).stem] = Path(path)
+    times = train_times or [None] * len(runs)
+    rows = [run_row(run, m, log, by_run.get(run["run"]), t)
+            for run, m, log, t in zip(runs, metrics, parsed_logs, times, strict=True)]
+    benchmark_columns = sorted({f"{name}_accuracy" for found in by_run.values() for name in found})
+    columns = RUN_COLUMNS + ["train_seconds", "train_steps", "final_loss"] + METRIC_COLUMNS + benchmark_columns
+    for row in rows:
+        for column in benchmark_columns:
+            row.setdefault(column, "")
     with atomic_file(leaderboard) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
@@ -119,17 +158,21 @@ def write_report(runs: list[dict[str, Any]], metrics: list[Path], logs: list[Pat
         f"</figcaption></figure>"
         for r, curve in zip(rows, curves, strict=True)
     )
+    samples = prediction_samples([r["run"] for r in rows], predictions) if predictions else ""
     log_of = {row["run"]: log for row, log in zip(rows, parsed_logs, strict=True)}
     sections = "".join(write_sweep(name, sweep, rows, log_of, sweep_dir / name)
                        for name, sweep in (sweeps or {}).items())
     document = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>snaketune report</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}figure{{display:inline-block;margin:1em}}</style>
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}figure{{display:inline-block;margin:1em}}
+td.text{{text-align:left;white-space:pre-wrap;max-width:40em}}</style>
 </head><body><h1>snaketune report</h1>
-<h2>Leaderboard</h2><p>exact_match is a fraction; BLEU and ROUGE are percentages.</p>
+<h2>Leaderboard</h2><p>exact_match, accuracy, precision, recall, f1 and benchmark accuracies are fractions;
+BLEU and ROUGE are percentages.</p>
 <table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>
 <h2>Training loss</h2>{figures}
+<h2>Predictions beside references (first {SAMPLE_ROWS} test rows)</h2>{samples}
 {sections}
 </body></html>
 """

@@ -12,6 +12,7 @@ from typing import Any
 
 from snaketune.config import WorkflowConfig
 from snaketune.data import DatasetSettings
+from snaketune.errors import UserError
 from snaketune.generation import GenerationSettings
 from snaketune.merging import MergeSettings
 from snaketune.metrics import EvalSettings
@@ -55,8 +56,30 @@ def generation_settings(cfg: WorkflowConfig, run: str) -> str:
     return as_json({**pick(cfg.runs[run]["generation"], GenerationSettings), "seed": cfg.runs[run]["seed"]})
 
 
+def predict_model_inputs(cfg: WorkflowConfig, run: str) -> dict[str, str]:
+    """What predict reads: the merged model, or (predict_from: adapter) the base manifest and the adapter."""
+    if cfg.runs[run]["generation"]["predict_from"] == "adapter":
+        return {"manifest": f"results/models/{cfg.runs[run]['model']}/manifest.json",
+                "adapter": f"results/runs/{train_owner(cfg, run)}/adapter"}
+    return {"model": f"results/runs/{merge_owner(cfg, run)}/merged"}
+
+
+def benchmark_outputs(cfg: WorkflowConfig) -> list[str]:
+    """One result file per (run, benchmark it names), in config order."""
+    return [f"results/runs/{run}/benchmarks/{name}.json" for run, entry in cfg.runs.items()
+            for name in entry["evaluation"]["benchmarks"]]
+
+
+def benchmark_settings(cfg: WorkflowConfig, run: str) -> str:
+    return as_json({"shots": cfg.runs[run]["evaluation"]["shots"],
+                    "batch_size": cfg.runs[run]["generation"]["batch_size"]})
+
+
 def eval_settings(cfg: WorkflowConfig, run: str) -> str:
-    return as_json(pick(cfg.runs[run]["evaluation"], EvalSettings))
+    """Settings of evaluate_predictions; the benchmark keys belong to evaluate_benchmark and are left out, so
+    changing them does not rescore the predictions."""
+    settings = pick(cfg.runs[run]["evaluation"], EvalSettings)
+    return as_json({k: v for k, v in settings.items() if k not in ("benchmarks", "shots")})
 
 
 def report_runs(cfg: WorkflowConfig) -> str:
@@ -111,3 +134,11 @@ def merge_owner(cfg: WorkflowConfig, run: str) -> str:
 def predict_owner(cfg: WorkflowConfig, run: str) -> str:
     """The run whose merged model and predictions this run uses (same training, merge and generation)."""
     return _first_run_like(cfg, run, _predictions)
+
+
+def serve_run(cfg: WorkflowConfig) -> str:
+    """The run `snakemake serve` serves: ``serve_run`` from the config, else the first run."""
+    run = cfg.serve_run or next(iter(cfg.runs))
+    if run not in cfg.runs:
+        raise UserError(f"serve_run: `{run}` is not a run (runs: {', '.join(cfg.runs)})")
+    return run

@@ -26,7 +26,8 @@ def test_default_config_is_valid_and_gets_defaults(default_config):
     run = cfg.runs["identity-lora"]
     assert run["learning_rate"] == 0.01 and run["max_grad_norm"] == 1.0  # run_defaults, then schema default
     assert cfg.runs["matching-lora"]["generation"] == {"max_new_tokens": 8, "batch_size": 16, "do_sample": False,
-                                                       "temperature": 1.0, "top_p": 1.0}
+                                                       "temperature": 1.0, "top_p": 1.0,
+                                                       "predict_from": "merged"}
     assert cfg.datasets["identity"]["system"] is None
 
 

@@ -22,3 +22,130 @@ def test_batched_generation_matches_batch_size_one(tmp_path, tiny_model, tiny_to
     assert list(outputs[1]["prediction"]) == list(outputs[4]["prediction"])
     assert list(outputs[4]["reference"]) == ["a\rb", "", "x,y", '"q"']  # quoting keeps every row whole
     assert list(outputs[4]["id"]) == ["t0", "t1", "t2", "t3"]
+
+
+def make_test_split(tmp_path, tokenizer, n=10):
+    prompts = [render(tokenizer, [{"role": "user", "content": f"问题 {i}: {'很长' * i}"}], add_generation_prompt=True)
+               for i in range(n)]
+    pd.DataFrame({"id": [f"t{i}" for i in range(n)], "prompt": prompts, "reference": ["r"] * n}).to_parquet(
+        tmp_path / "test.parquet")
+    return tmp_path / "test.parquet"
+
+
+def test_a_killed_prediction_resumes_with_only_the_missing_rows(tmp_path, tiny_model, tiny_tokenizer, monkeypatch):
+    import pytest
+
+    from snaketune import generation
+
+    test = make_test_split(tmp_path, tiny_tokenizer)
+    settings = GenerationSettings(max_new_tokens=6, batch_size=3)
+    predict(settings, tiny_model, test, tmp_path / "clean.csv")
+
+    real = generation.generate_batch
+    calls = []
+
+    def dies_on_third_batch(model, tokenizer, prompts, *args):
+        calls.append(len(prompts))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as if the job were killed mid-way
+        return real(model, tokenizer, prompts, *args)
+
+    monkeypatch.setattr(generation, "generate_batch", dies_on_third_batch)
+    out = tmp_path / "predictions.csv"
+    with pytest.raises(KeyboardInterrupt):
+        predict(settings, tiny_model, test, out)
+    assert not out.exists() and (tmp_path / "predictions.partial.csv").exists()
+    with (tmp_path / "predictions.partial.csv").open("a") as handle:
+        handle.write('"t9","cut sho')  # the kill landed mid-row: that row is generated again
+
+    calls.clear()
+    assert predict(settings, tiny_model, test, out) == 10
+    assert sum(calls) == 4  # 6 rows were saved before the kill; only the other 4 are generated
+    resumed, clean = (pd.read_csv(p, keep_default_na=False, dtype=str) for p in (out, tmp_path / "clean.csv"))
+    assert list(resumed["prediction"]) == list(clean["prediction"]) and list(resumed["id"]) == list(clean["id"])
+    assert not (tmp_path / "predictions.partial.csv").exists()
+
+
+def test_saved_rows_of_other_settings_are_not_reused(tmp_path, tiny_model, tiny_tokenizer):
+    test = make_test_split(tmp_path, tiny_tokenizer, n=4)
+    out = tmp_path / "predictions.csv"
+    (tmp_path / "predictions.partial.key").write_text("settings of another run")
+    (tmp_path / "predictions.partial.csv").write_text('"t0","stale answer","0.1"\n')
+    predict(GenerationSettings(max_new_tokens=4, batch_size=2), tiny_model, test, out)
+    assert "stale answer" not in out.read_text()
+
+
+def test_base_plus_adapter_predicts_what_the_merged_model_predicts(tmp_path, tiny_model, tiny_tokenizer):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from snaketune.merging import MergeSettings, merge
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    adapter = tmp_path / "adapter"
+    get_peft_model(base, lora).save_pretrained(adapter)  # a random, non-zero update
+    tiny_tokenizer.save_pretrained(adapter)
+    merge(MergeSettings(dtype="float32"), tiny_model, False, adapter, tmp_path / "merged")
+    test = make_test_split(tmp_path, tiny_tokenizer, n=6)
+    settings = GenerationSettings(max_new_tokens=8, batch_size=3, predict_from="adapter")
+    predict(settings, tiny_model, test, tmp_path / "from_adapter.csv", adapter_dir=adapter)
+    predict(settings, tmp_path / "merged", test, tmp_path / "from_merged.csv")
+    predict(settings, tiny_model, test, tmp_path / "from_base.csv")
+    adapter_out, merged_out, base_out = (pd.read_csv(tmp_path / f"from_{name}.csv", keep_default_na=False)["prediction"]
+                                         for name in ("adapter", "merged", "base"))
+    assert list(adapter_out) == list(merged_out) and list(adapter_out) != list(base_out)
+
+
+def test_remote_code_files_of_the_base_go_into_the_merged_folder(tmp_path):
+    import json
+
+    from snaketune.merging import copy_remote_code
+
+    base, out = tmp_path / "base", tmp_path / "out"
+    base.mkdir(), out.mkdir()
+    (base / "modeling_qwen.py").write_text("# model code")
+    (base / "tokenization_qwen.py").write_text("# tokenizer code")
+    (base / "config.json").write_text(json.dumps({"model_type": "qwen"}))
+    assert copy_remote_code(base, out) == []  # no auto_map: native architecture, nothing to carry
+    auto_map = {"AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"}
+    (base / "config.json").write_text(json.dumps({"auto_map": auto_map}))
+    assert copy_remote_code(base, out) == ["modeling_qwen.py", "tokenization_qwen.py"]
+    assert (out / "modeling_qwen.py").read_text() == "# model code"
+
+
+def test_merged_logits_equal_base_plus_adapter_and_load_in_a_fresh_process(tmp_path, tiny_model, tiny_tokenizer):
+    import json
+    import subprocess
+    import sys
+
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from conftest import workflow_env
+    from snaketune.merging import MergeSettings, merge
+
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
+    adapter = tmp_path / "adapter"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), lora).save_pretrained(adapter)
+    tiny_tokenizer.save_pretrained(adapter)
+    assert merge(MergeSettings(dtype="float32"), tiny_model, False, adapter, tmp_path / "merged") < 1e-4
+
+    text = render(tiny_tokenizer, [{"role": "user", "content": "你好, who are you?"}], add_generation_prompt=True)
+    ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), adapter).eval()
+    with torch.no_grad():
+        expected = adapted(torch.tensor([ids])).logits[0]
+    fresh = subprocess.run([sys.executable, "-c", (
+        "import json, sys, torch\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'merged')!r}).eval()\n"
+        f"AutoTokenizer.from_pretrained({str(tmp_path / 'merged')!r})\n"
+        f"print(json.dumps(model(torch.tensor([{ids}])).logits[0].tolist()))")],
+        capture_output=True, text=True, env=workflow_env(), check=True)
+    merged = torch.tensor(json.loads(fresh.stdout.strip().splitlines()[-1]))
+    assert (merged - expected).abs().max().item() < 1e-4
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    with torch.no_grad():
+        assert (expected - base(torch.tensor([ids])).logits[0]).abs().max() > 1e-2  # the adapter changes things

@@ -38,3 +38,89 @@ def test_rouge_scores_chinese_by_character():
 def test_exact_match_ignores_only_surrounding_space():
     result = evaluate(EvalSettings(metrics=["exact_match"]), ["相同", "不同", "Yes"], [" 相同\n", "相同", "yes"])
     assert result["exact_match"] == pytest.approx(1 / 3)
+
+
+PAIRS = [  # (reference, prediction): Chinese, English, partial overlap, reordering, a short answer
+    ("今天北京天气很好，适合出门散步", "北京今天天气很好，适合散步"),
+    ("The snaketune team built me from a tiny model.", "The snaketune team built me."),
+    ("我由 snaketune 团队开发，是一个小模型助手", "我是 snaketune 团队开发的助手"),
+    ("the cat sat on the mat near the door", "the cat is on the mat by the door"),
+    ("两句话的意思相同因为都在问还款", "两句话意思不同因为一个问还款"),
+]
+
+
+def test_bleu_equals_sacrebleu_on_the_same_tokens():
+    """An independent implementation: sacrebleu's sentence BLEU with floor smoothing 0.1 is nltk's method1."""
+    from sacrebleu.metrics import BLEU
+
+    reference_bleu = BLEU(tokenize="none", smooth_method="floor", smooth_value=0.1, effective_order=False,
+                          lowercase=False)
+    for how in ("char", "whitespace"):
+        # Below 4 tokens there are no 4-grams: nltk smooths the empty order to 0.1/1, sacrebleu scores 0. The
+        # two agree on every hypothesis long enough to have all four orders.
+        pairs = [(ref, pred) for ref, pred in PAIRS if len(tokenize(pred, how)) >= 4]
+        assert len(pairs) >= 2
+        expected = [reference_bleu.sentence_score(" ".join(tokenize(pred, how)), [" ".join(tokenize(ref, how))]).score
+                    for ref, pred in pairs]
+        result = evaluate(EvalSettings(metrics=["bleu"], text_tokenizer=how), *map(list, zip(*pairs, strict=True)))
+        assert result["bleu-4"] == pytest.approx(sum(expected) / len(expected), abs=1e-6)
+
+
+def reference_rouge(ref: list[str], pred: list[str]) -> dict[str, float]:
+    """ROUGE-N and ROUGE-L F1 written out from their definitions (clipped n-gram overlap; LCS by DP)."""
+    from collections import Counter
+
+    def f1(overlap, n_pred, n_ref):
+        if not overlap:
+            return 0.0
+        precision, recall = overlap / n_pred, overlap / n_ref
+        return 2 * precision * recall / (precision + recall)
+
+    scores = {}
+    for n in (1, 2):
+        grams_ref = Counter(tuple(ref[i:i + n]) for i in range(len(ref) - n + 1))
+        grams_pred = Counter(tuple(pred[i:i + n]) for i in range(len(pred) - n + 1))
+        scores[f"rouge-{n}"] = f1(sum((grams_ref & grams_pred).values()), sum(grams_pred.values()),
+                                  sum(grams_ref.values()))
+    table = [[0] * (len(pred) + 1) for _ in range(len(ref) + 1)]
+    for i, a in enumerate(ref):
+        for j, b in enumerate(pred):
+            table[i + 1][j + 1] = table[i][j] + 1 if a == b else max(table[i][j + 1], table[i + 1][j])
+    scores["rouge-l"] = f1(table[-1][-1], len(pred), len(ref))
+    return scores
+
+
+def test_rouge_equals_a_reference_computation_on_the_same_tokens():
+    for how in ("char", "whitespace"):
+        expected = {key: 0.0 for key in ("rouge-1", "rouge-2", "rouge-l")}
+        for ref, pred in PAIRS:
+            for key, value in reference_rouge(tokenize(ref, how), tokenize(pred, how)).items():
+                expected[key] += 100 * value / len(PAIRS)
+        result = evaluate(EvalSettings(metrics=["rouge"], text_tokenizer=how), *map(list, zip(*PAIRS, strict=True)))
+        for key, value in expected.items():
+            assert result[key] == pytest.approx(value, abs=1e-6), (how, key)
+
+
+def test_label_metrics_map_generated_text_to_labels_and_count_off_script_answers_as_wrong():
+    labels = {"相同": ["是", "一样"], "不同": ["否"]}
+    references = ["相同", "相同", "不同", "不同", "相同"]
+    predictions = ["相同。", "一样的", "否", "相同", "我不知道"]
+    result = evaluate(EvalSettings(metrics=["label"], labels=labels), references, predictions)
+    # confusion (reference -> predicted): 相同: 2 相同, 1 none; 不同: 1 不同, 1 相同
+    assert result["confusion"] == {"相同": {"相同": 2, "不同": 0, "(none)": 1},
+                                   "不同": {"相同": 1, "不同": 1, "(none)": 0}}
+    assert result["accuracy"] == pytest.approx(3 / 5) and result["unmatched_predictions"] == 1
+    same = result["per_label"]["相同"]
+    assert (same["precision"], same["recall"]) == (pytest.approx(2 / 3), pytest.approx(2 / 3))
+    different = result["per_label"]["不同"]
+    assert (different["precision"], different["recall"], different["f1"]) == (1.0, 0.5, pytest.approx(2 / 3))
+    assert result["f1"] == pytest.approx((2 / 3 + 2 / 3) / 2)
+
+
+def test_label_metrics_need_labels_and_references_that_are_labels():
+    from snaketune.errors import UserError
+
+    with pytest.raises(UserError, match="needs `evaluation.labels`"):
+        evaluate(EvalSettings(metrics=["label"]), ["a"], ["a"])
+    with pytest.raises(UserError, match=r"references that are none of the labels \['yes', 'no'\]: \['maybe'\]"):
+        evaluate(EvalSettings(metrics=["label"], labels={"yes": [], "no": []}), ["maybe"], ["yes"])

@@ -1,0 +1,205 @@
+"""Multiple-choice benchmarks in the C-Eval / CMMLU layout, scored by log-likelihood (no generation).
+
+A benchmark is a folder with ``test/`` (or ``val/``) and optionally ``dev/``, each holding one CSV per subject
+(``{subject}.csv``, or C-Eval's ``{subject}_test.csv`` / ``_val.csv`` / ``_dev.csv``) with the columns Question, A,
+B, C, D, Answer (any case; other columns are ignored). MMCU converts to it: one CSV per subject, same columns.
+
+Each question is put as C-Eval's answer-only prompt, after ``shots`` solved examples from the subject's dev split,
+and the model's answer is the letter whose token it gives the highest probability right after "答案：". When a
+letter is not one token after the prompt, the letter's whole continuation is scored instead (slower, same rule).
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from snaketune.errors import UserError, located
+
+LETTERS = ("A", "B", "C", "D")
+COLUMNS = ("question", *LETTERS, "answer")
+SPLIT_SUFFIXES = ("_test", "_val", "_dev")
+
+
+@dataclass
+class Question:
+    subject: str
+    question: str
+    options: dict[str, str]
+    answer: str
+    where: str  # file:line
+
+
+@dataclass
+class Benchmark:
+    name: str
+    test: dict[str, list[Question]] = field(default_factory=dict)  # subject -> questions
+    dev: dict[str, list[Question]] = field(default_factory=dict)
+
+
+def subject_of(path: Path) -> str:
+    stem = path.stem
+    for suffix in SPLIT_SUFFIXES:
+        if stem.endswith(suffix):
+            return stem[: -len(suffix)]
+    return stem
+
+
+def read_subject(path: Path) -> list[Question]:
+    """Questions of one subject CSV; a missing column, an answer outside A-D or an empty file is one clear line."""
+    try:
+        handle = path.open(encoding="utf-8-sig", newline="")
+    except OSError as exc:
+        raise UserError(f"{path}: {exc.strerror}") from None
+    with handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if not header:
+            raise located(path, None, "empty file: expected a header Question,A,B,C,D,Answer and questions")
+        index = {name.strip().lower(): i for i, name in enumerate(header)}
+        missing = [name for name in COLUMNS if name.lower() not in index]
+        if missing:
+            pretty = ", ".join(c.capitalize() if len(c) > 1 else c for c in missing)
+            raise located(path, 1, f"column(s) {pretty} missing (has: {', '.join(header)})")
+        questions, start = [], reader.line_num + 1
+        for cells in reader:
+            if not any(cell.strip() for cell in cells):
+                start = reader.line_num + 1
+                continue
+            if len(cells) < len(header):
+                raise located(path, start, f"{len(cells)} cells, the header has {len(header)}")
+            value = {name: cells[i] for name, i in index.items()}
+            answer = value["answer"].strip().upper()
+            if answer not in LETTERS:
+                raise located(path, start, f'field "Answer": `{value["answer"]}` is not one of A, B, C, D')
+            questions.append(Question(subject_of(path), value["question"].strip(),
+                                      {letter: value[letter.lower()].strip() for letter in LETTERS}, answer,
+                                      f"{path}:{start}"))
+            start = reader.line_num + 1
+    if not questions:
+        raise located(path, None, "no questions (only a header)")
+    return questions
+
+
+def load_benchmark(name: str, folder: str | Path) -> Benchmark:
+    folder = Path(folder)
+    test_dir = next((folder / sub for sub in ("test", "val") if (folder / sub).is_dir()), None)
+    if test_dir is None:
+        raise UserError(f"{folder}: no test/ or val/ folder of subject CSVs (C-Eval / CMMLU layout)")
+    benchmark = Benchmark(name)
+    for path in sorted(test_dir.glob("*.csv")):
+        benchmark.test[subject_of(path)] = read_subject(path)
+    if not benchmark.test:
+        raise UserError(f"{test_dir}: no subject CSVs")
+    if (folder / "dev").is_dir():
+        for path in sorted((folder / "dev").glob("*.csv")):
+            benchmark.dev[subject_of(path)] = read_subject(path)
+    return benchmark
+
+
+def benchmark_files(folder: str | Path) -> list[str]:
+    """Every CSV a benchmark reads (the workflow's inputs)."""
+    folder = Path(folder)
+    return sorted(str(p) for sub in ("test", "val", "dev") for p in (folder / sub).glob("*.csv"))
+
+
+def format_question(q: Question, with_answer: bool) -> str:
+    options = "".join(f"\n{letter}. {q.options[letter]}" for letter in LETTERS)
+    return f"{q.question}{options}\n答案：" + (f"{q.answer}\n\n" if with_answer else "")
+
+
+def build_prompt(q: Question, shots: list[Question]) -> str:
+    """C-Eval's answer-only prompt: the instruction, solved dev examples, then the question up to 答案："""
+    head = f"以下是中国关于{q.subject}考试的单项选择题，请选出其中的正确答案。\n\n"
+    return head + "".join(format_question(s, True) for s in shots) + format_question(q, False)
+
+
+def prompts_for(benchmark: Benchmark, shots: int) -> list[tuple[Question, str]]:
+    pairs = []
+    for subject, questions in benchmark.test.items():
+        dev = benchmark.dev.get(subject, [])
+        if shots > len(dev):
+            raise UserError(f"{benchmark.name}: subject `{subject}` has {len(dev)} dev questions, fewer than "
+                            f"shots={shots}")
+        pairs += [(q, build_prompt(q, dev[:shots])) for q in questions]
+    return pairs
+
+
+def letter_scores(model, tokenizer, prompts: list[str], batch_size: int = 8) -> list[dict[str, float]]:
+    """Log-probability of each option letter right after each prompt."""
+    import torch
+
+    device = next(model.parameters()).device
+    single = {}
+    for letter in LETTERS:
+        ids = tokenizer(letter, add_special_tokens=False)["input_ids"]
+        single[letter] = ids[0] if len(ids) == 1 else None
+    scores = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in batch]
+        # the fast path holds when appending a letter adds exactly its single token to the prompt's tokens
+        fast = all(single.values()) and all(
+            tokenizer(p + letter, add_special_tokens=False)["input_ids"] == ids + [single[letter]]
+            for p, ids in zip(batch, prompt_ids, strict=True) for letter in LETTERS)
+        if fast:
+            inputs = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            with torch.no_grad():
+                logits = model(**inputs).logits[:, -1, :].float()
+            logprobs = torch.log_softmax(logits, dim=-1)
+            scores += [{letter: float(row[single[letter]]) for letter in LETTERS} for row in logprobs]
+        else:
+            scores += [{letter: continuation_logprob(model, tokenizer, p, letter) for letter in LETTERS}
+                       for p in batch]
+    return scores
+
+
+def continuation_logprob(model, tokenizer, prompt: str, continuation: str) -> float:
+    """Sum of log-probabilities of the tokens ``continuation`` adds to ``prompt`` (the general, slow path)."""
+    import torch
+
+    device = next(model.parameters()).device
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    full = tokenizer(prompt + continuation, add_special_tokens=False)["input_ids"]
+    common = 0
+    while common < min(len(prompt_ids), len(full)) and prompt_ids[common] == full[common]:
+        common += 1
+    with torch.no_grad():
+        logits = model(torch.tensor([full], device=device)).logits[0].float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    return float(sum(logprobs[i - 1, full[i]] for i in range(max(common, 1), len(full))))
+
+
+def choose(scores: list[dict[str, float]]) -> list[str]:
+    """The letter with the highest score; ties go to the earlier letter."""
+    return [max(LETTERS, key=lambda letter: (row[letter], -LETTERS.index(letter))) for row in scores]
+
+
+def summarize(name: str, shots: int, questions: list[Question], chosen: list[str]) -> dict[str, Any]:
+    """Accuracy per subject, over all questions (micro) and averaged over subjects (macro)."""
+    subjects: dict[str, dict[str, Any]] = {}
+    for q, letter in zip(questions, chosen, strict=True):
+        row = subjects.setdefault(q.subject, {"n": 0, "correct": 0})
+        row["n"] += 1
+        row["correct"] += int(letter == q.answer)
+    for row in subjects.values():
+        row["accuracy"] = row["correct"] / row["n"]
+    total = sum(row["n"] for row in subjects.values())
+    return {"benchmark": name, "shots": shots, "n": total,
+            "accuracy": sum(row["correct"] for row in subjects.values()) / total,
+            "macro_accuracy": sum(row["accuracy"] for row in subjects.values()) / len(subjects),
+            "subjects": subjects}
+
+
+def evaluate_benchmark(model, tokenizer, benchmark: Benchmark, shots: int, batch_size: int = 8) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    pairs = prompts_for(benchmark, shots)
+    scores = []
+    prompts = [prompt for _, prompt in pairs]
+    for start in tqdm(range(0, len(prompts), batch_size), desc=f"score {benchmark.name}", file=sys.stderr):
+        scores += letter_scores(model, tokenizer, prompts[start : start + batch_size], batch_size)
+    return summarize(benchmark.name, shots, [q for q, _ in pairs], choose(scores))
