@@ -21,6 +21,7 @@ include: "rules/merge.smk"
 include: "rules/predict.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
+include: "rules/serve.smk"
 
 
 rule all:
