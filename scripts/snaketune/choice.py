@@ -195,6 +195,8 @@ def summarize(name: str, shots: int, questions: list[Question], chosen: list[str
 
 
 def evaluate_benchmark(model, tokenizer, benchmark: Benchmark, shots: int, batch_size: int = 8) -> dict[str, Any]:
+    """Score every test question; the result says how (prompt, letter token ids, averaging) and what was chosen,
+    so a number can be reproduced and compared."""
     from tqdm import tqdm
 
     pairs = prompts_for(benchmark, shots)
@@ -202,4 +204,17 @@ def evaluate_benchmark(model, tokenizer, benchmark: Benchmark, shots: int, batch
     prompts = [prompt for _, prompt in pairs]
     for start in tqdm(range(0, len(prompts), batch_size), desc=f"score {benchmark.name}", file=sys.stderr):
         scores += letter_scores(model, tokenizer, prompts[start : start + batch_size], batch_size)
-    return summarize(benchmark.name, shots, [q for q, _ in pairs], choose(scores))
+    chosen = choose(scores)
+    questions = [q for q, _ in pairs]
+    result = summarize(benchmark.name, shots, questions, chosen)
+    token_ids = {letter: tokenizer(letter, add_special_tokens=False)["input_ids"] for letter in LETTERS}
+    result["method"] = {
+        "scoring": "log-probability of each option letter right after the prompt (answer-only, no generation)",
+        "letter_token_ids": token_ids,
+        "averaging": "accuracy: over all questions; macro_accuracy: mean of the subjects' accuracies",
+        "first_prompt": prompts[0],
+    }
+    result["questions"] = [{"where": q.where, "answer": q.answer, "chosen": c,
+                            "scores": {k: round(v, 4) for k, v in row.items()}}
+                           for q, c, row in zip(questions, chosen, scores, strict=True)]
+    return result

@@ -127,3 +127,8 @@ def test_the_script_writes_per_subject_json(tmp_path, tiny_model):
     assert (result["benchmark"], result["shots"], result["n"], sorted(result["subjects"])) == (
         "mmcu-sample", 2, 9, ["医学", "法律"])
     assert 0 <= result["accuracy"] <= 1
+    # how the number was made travels with it: the prompt, the letter token ids, the averaging, every choice
+    assert result["method"]["first_prompt"].startswith("以下是中国关于医学考试") and result["method"]["averaging"]
+    assert set(result["method"]["letter_token_ids"]) == {"A", "B", "C", "D"}
+    assert len(result["questions"]) == 9 and result["questions"][0]["where"].endswith("医学.csv:2")
+    assert sum(q["answer"] == q["chosen"] for q in result["questions"]) == round(result["accuracy"] * 9)
