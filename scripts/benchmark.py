@@ -16,13 +16,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from snaketune.cli import settings_argument
+    from snaketune.cli import model_source_arguments, settings_argument
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="merged model folder")
-    source.add_argument("--model-manifest", help="base model's manifest.json (with --adapter)")
-    parser.add_argument("--adapter", help="adapter folder written by the train stage (with --model-manifest)")
+    model_source_arguments(parser)
     parser.add_argument("--benchmark", required=True, help="folder with test/ (or val/) and dev/ subject CSVs")
     parser.add_argument("--name", required=True, help="the benchmark's name in the config")
     parser.add_argument("--out", required=True, help="JSON to write")
@@ -31,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from snaketune.cli import main_guard
+    from snaketune.cli import main_guard, model_source
 
     args = build_parser().parse_args(argv)
 
@@ -43,17 +40,14 @@ def main(argv=None) -> int:
         from snaketune.generation import load_for_generation
         from snaketune.gpus import claim
         from snaketune.io import write_json
-        from snaketune.models import model_path
 
         unknown = set(args.settings) - {"shots", "batch_size"}
         if unknown:
             raise UserError(f"--settings: unknown key(s) {sorted(unknown)}")
         benchmark = load_benchmark(args.name, args.benchmark)  # bad CSVs fail before the model loads
-        if bool(args.model_manifest) != bool(args.adapter):
-            raise UserError("--model-manifest and --adapter go together")
-        folder, trust = model_path(args.model_manifest) if args.adapter else (Path(args.model), False)
+        folder, trust, adapter = model_source(args)
         claim(1)
-        tokenizer, model = load_for_generation(folder, Path(args.adapter) if args.adapter else None, trust)
+        tokenizer, model = load_for_generation(folder, adapter, trust)
         model.to("cuda" if torch.cuda.is_available() else "cpu")
         result = evaluate_benchmark(model, tokenizer, benchmark, args.settings.get("shots", 0),
                                     args.settings.get("batch_size", 8))

@@ -17,13 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from snaketune.cli import settings_argument
+    from snaketune.cli import model_source_arguments, settings_argument
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="merged model folder")
-    source.add_argument("--model-manifest", help="base model's manifest.json (with --adapter)")
-    parser.add_argument("--adapter", help="adapter folder written by the train stage (with --model-manifest)")
+    model_source_arguments(parser)
     parser.add_argument("--test", required=True, help="test.parquet written by the dataset stage")
     parser.add_argument("--out", required=True, help="predictions.csv to write")
     settings_argument(parser)
@@ -31,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from snaketune.cli import main_guard, make_settings
+    from snaketune.cli import main_guard, make_settings, model_source
 
     args = build_parser().parse_args(argv)
 
@@ -40,16 +37,7 @@ def main(argv=None) -> int:
         from snaketune.gpus import claim
 
         claim(1)
-        from snaketune.errors import UserError
-        from snaketune.models import model_path
-
-        if bool(args.model_manifest) != bool(args.adapter):
-            raise UserError("--model-manifest and --adapter go together")
-        if args.adapter:
-            folder, trust = model_path(args.model_manifest)
-            adapter = Path(args.adapter)
-        else:
-            folder, trust, adapter = Path(args.model), False, None
+        folder, trust, adapter = model_source(args)
         rows = predict(make_settings(GenerationSettings, args.settings), folder, Path(args.test), Path(args.out),
                        adapter_dir=adapter, trust_remote_code=trust)
         print(f"predictions: {rows}")

@@ -33,3 +33,26 @@ def main_guard(body: Callable[[], Any]) -> int:
         print(f"\nerror: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def model_source_arguments(parser: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
+    """--model (a model folder), or --model-manifest with --adapter (a base and its adapter)."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="merged (or any Hugging Face) model folder")
+    source.add_argument("--model-manifest", help="base model's manifest.json (with --adapter)")
+    parser.add_argument("--adapter", help="adapter folder written by the train stage (with --model-manifest)")
+    return source
+
+
+def model_source(args: argparse.Namespace):
+    """(model folder, trust_remote_code, adapter folder or None) from model_source_arguments."""
+    from pathlib import Path
+
+    from snaketune.models import model_path
+
+    if args.model_manifest or args.adapter:
+        if not (args.model_manifest and args.adapter):
+            raise UserError("--model-manifest and --adapter go together")
+        folder, trust = model_path(args.model_manifest)
+        return folder, trust, Path(args.adapter)
+    return Path(args.model), False, None

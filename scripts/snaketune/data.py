@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import random
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,25 +27,14 @@ ENCODE_BATCH = 1000  # rows tokenized per call: the fast tokenizer parallelises 
 
 
 @dataclass
-class DatasetSettings:
-    path: str | list[str]
-    format: str
-    system: str | None = None
-    columns: dict[str, str] = field(default_factory=dict)
-    tags: dict[str, str] = field(default_factory=dict)
-    prompt: str | None = None
-    response: str | None = None
-    max_bad_rows: int = 0
-    deduplicate: bool = True
+class DatasetSettings(ReadSettings):
+    """How to read a dataset (ReadSettings) and how to build it: template, length, split."""
+
     template: str = "auto"
     max_seq_length: int = 512
     eval_size: float = 0.1
     test_size: float = 0.1
     seed: int = 0
-
-    def read_settings(self) -> ReadSettings:
-        names = {f.name for f in fields(ReadSettings)}
-        return ReadSettings(**{k: v for k, v in asdict(self).items() if k in names})
 
     @property
     def source(self) -> str:
@@ -143,7 +132,7 @@ def build(settings: DatasetSettings, tokenizer, out_dir: str | Path) -> dict[str
     import pandas as pd
     from tqdm import tqdm
 
-    read = read_records(settings.read_settings())
+    read = read_records(settings)
     text_only = settings.format == "text"
     template = None
     if not text_only:

@@ -241,19 +241,18 @@ def create_app(chat: ChatModel, settings: ServiceSettings):
 
 def add_model_arguments(parser) -> None:
     """--run, or --model, or --model-manifest with --adapter: which model to talk to."""
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", help="a run name: its merged model under --results/runs/<run>/merged")
-    source.add_argument("--model", help="a merged (or any Hugging Face) model folder")
-    source.add_argument("--model-manifest", help="base model's manifest.json (with --adapter)")
-    parser.add_argument("--adapter", help="adapter folder (with --model-manifest)")
+    from snaketune.cli import model_source_arguments
+
+    model_source_arguments(parser).add_argument(
+        "--run", help="a run name: its merged model under --results/runs/<run>/merged")
     parser.add_argument("--results", default="results", help="results folder of the workflow (for --run)")
 
 
 def load_chat_model(args) -> ChatModel:
     """The ChatModel the command line names; a missing model is a UserError saying what to run."""
+    from snaketune.cli import model_source
     from snaketune.errors import UserError
     from snaketune.gpus import claim
-    from snaketune.models import model_path
 
     claim(1)
     if args.run:
@@ -262,11 +261,7 @@ def load_chat_model(args) -> ChatModel:
             raise UserError(f"run `{args.run}` has no merged model at {merged}; build it with "
                             f"`snakemake --profile profiles/local {merged}`, or pass --model-manifest and --adapter")
         return ChatModel(merged, name=args.run)
-    if args.model_manifest or args.adapter:
-        if not (args.model_manifest and args.adapter):
-            raise UserError("--model-manifest and --adapter go together")
-        folder, trust = model_path(args.model_manifest)
-        return ChatModel(folder, Path(args.adapter), trust)
-    if not (Path(args.model) / "config.json").is_file():
-        raise UserError(f"{args.model}: not a model folder (no config.json)")
-    return ChatModel(Path(args.model))
+    folder, trust, adapter = model_source(args)
+    if adapter is None and not (folder / "config.json").is_file():
+        raise UserError(f"{folder}: not a model folder (no config.json)")
+    return ChatModel(folder, adapter, trust)

@@ -149,3 +149,28 @@ def test_merged_logits_equal_base_plus_adapter_and_load_in_a_fresh_process(tmp_p
     base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     with torch.no_grad():
         assert (expected - base(torch.tensor([ids])).logits[0]).abs().max() > 1e-2  # the adapter changes things
+
+
+def test_predict_cli_from_base_manifest_and_adapter(tmp_path, tiny_model, tiny_tokenizer):
+    import json
+    import subprocess
+    import sys
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from conftest import REPO, workflow_env
+
+    adapter = tmp_path / "adapter"
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), lora).save_pretrained(adapter)
+    tiny_tokenizer.save_pretrained(adapter)
+    test = make_test_split(tmp_path, tiny_tokenizer, n=3)
+    command = [sys.executable, str(REPO / "scripts" / "predict.py"), "--test", str(test), "--out",
+               str(tmp_path / "p.csv"), "--settings", json.dumps({"max_new_tokens": 4, "predict_from": "adapter"})]
+    result = subprocess.run(command + ["--model-manifest", str(tiny_model / "manifest.json"), "--adapter",
+                                       str(adapter)], capture_output=True, text=True, env=workflow_env())
+    assert result.returncode == 0 and "predictions: 3" in result.stdout, result.stderr[-2000:]
+    half = subprocess.run(command + ["--model-manifest", str(tiny_model / "manifest.json")], capture_output=True,
+                          text=True, env=workflow_env())
+    assert half.returncode == 1 and "error: --model-manifest and --adapter go together" in half.stderr
