@@ -30,9 +30,9 @@ SOURCE_KEYS = {
         "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "initializer_range",
         "tokenizer_corpus",
     },
-    "local": {"path", "copy"},
-    "modelscope": {"id", "revision", "cache_dir"},
-    "huggingface": {"id", "revision", "cache_dir"},
+    "local": {"path", "copy", "convert"},
+    "modelscope": {"id", "revision", "cache_dir", "convert"},
+    "huggingface": {"id", "revision", "cache_dir", "convert"},
 }
 SOURCE_REQUIRED = {"builtin": {"tokenizer_corpus"}, "local": {"path"}, "modelscope": {"id"}, "huggingface": {"id"}}
 RUN_BLOCKS = ("merge", "generation", "evaluation")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from snaketune.templates import TEMPLATES
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CJK_CHARACTER = "[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af\u3000-\u303f\uff00-\uffef]"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "qwen.tiktoken", "tokenizer_config.json")
 
 
 def file_inventory(folder: Path) -> list[dict[str, Any]]:
@@ -134,6 +135,25 @@ def download_huggingface(settings: dict[str, Any]) -> Path:
                                   cache_dir=settings["cache_dir"]))
 
 
+def convert_if_remote(settings: dict[str, Any], folder: Path, staging: Path) -> dict[str, Any] | None:
+    """Convert a remote-code checkpoint of a known family into ``staging`` (``convert``, on by default); refuse
+    to run any other remote code unless the entry says ``trust_remote_code: true``."""
+    from snaketune.convert import convert, needs_remote_code, remote_architecture
+
+    name = settings.get("name", settings.get("id") or settings.get("path"))
+    architecture = remote_architecture(folder)
+    if architecture and settings.get("convert", True):
+        print(f"converting {architecture} in {folder} to a native architecture (no remote code)", file=sys.stderr)
+        result = convert(folder, staging)
+        return {**result, "from": str(folder), "revision": settings.get("revision")}
+    if (architecture or needs_remote_code(folder)) and not settings["trust_remote_code"]:
+        what = f"`{architecture}` is set to `convert: false`" if architecture else "names code in its auto_map"
+        raise UserError(f"model `{name}`: {folder} ships its own modelling code and {what}; set "
+                        f"`trust_remote_code: true` in that model's entry to run it"
+                        + ("" if architecture else " (only Qwen-1, Baichuan2 and InternLM2 can be converted)"))
+    return None
+
+
 def fetch(settings: dict[str, Any], out: str | Path) -> dict[str, Any]:
     """Make the model available and write ``out/manifest.json``; return the manifest.
 
@@ -157,12 +177,18 @@ def fetch(settings: dict[str, Any], out: str | Path) -> dict[str, Any]:
             folder = download_modelscope(settings) if source == "modelscope" else download_huggingface(settings)
             check_model_folder(folder, f"{source} download of `{settings['id']}`")
             stored = folder
+        converted = None
+        if source != "builtin":
+            converted = convert_if_remote(settings, folder, staging)
+            if converted:
+                folder, stored = staging, out
         manifest = {
             "source": source,
             "id": settings.get("id") or settings.get("path") or f"builtin-{settings.get('architecture')}",
             "revision": settings.get("revision"),
             "path": os.path.relpath(stored) if not Path(stored).is_absolute() else str(stored),
-            "trust_remote_code": settings["trust_remote_code"],
+            "trust_remote_code": settings["trust_remote_code"] and not converted,
+            "converted": converted,
             "snaketune_version": __version__,
             "files": file_inventory(folder),
         }

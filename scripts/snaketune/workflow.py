@@ -30,7 +30,7 @@ def pick(source: dict[str, Any], settings_class) -> dict[str, Any]:
 
 
 def download_settings(cfg: WorkflowConfig, model: str) -> str:
-    return as_json(cfg.models[model])
+    return as_json({**cfg.models[model], "name": model})
 
 
 def dataset_settings(cfg: WorkflowConfig, dataset: str) -> str:
