@@ -317,6 +317,45 @@ def test_download_stage_converts_a_remote_code_checkpoint_and_records_it(tmp_pat
     assert AutoTokenizer.from_pretrained(manifest["path"]).eos_token == "<|im_end|>"
 
 
+def original_folder(family, folder):
+    """A complete tiny checkpoint folder of ``family`` in its original layout, with its original tokenizer."""
+    global VOCAB
+    folder.mkdir(parents=True)
+    if family == "qwen1":
+        write_qwen_tokenizer(folder)
+        vocab = 512
+    else:
+        specials = ["<reserved_106>", "<reserved_107>"] if family == "baichuan2" else ["<|im_start|>", "<|im_end|>"]
+        vocab = write_sentencepiece_tokenizer(folder, family == "internlm2", specials).get_piece_size()
+    make, forward = FAMILIES[family]
+    saved, VOCAB = VOCAB, vocab
+    try:
+        config, state = make()
+    finally:
+        VOCAB = saved
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in state.items()}, folder / "model.safetensors")
+    return config, state, forward
+
+
+@pytest.mark.parametrize("family, native", [("qwen1", "Qwen2ForCausalLM"), ("baichuan2", "LlamaForCausalLM"),
+                                            ("internlm2", "LlamaForCausalLM")])
+def test_each_family_converts_in_the_download_stage_with_its_tokenizer(tmp_path, family, native):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from snaketune.models import fetch
+
+    config, state, forward = original_folder(family, tmp_path / family)
+    manifest = fetch({"source": "local", "path": str(tmp_path / family), "copy": False, "convert": True,
+                      "trust_remote_code": False, "name": family}, tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(manifest["path"]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(manifest["path"])
+    assert type(model).__name__ == native and tokenizer.chat_template and tokenizer.eos_token_id is not None
+    ids = torch.tensor(tokenizer("我是 Snaky, who are you?", add_special_tokens=False)["input_ids"])
+    with torch.no_grad():
+        assert (model(ids[None]).logits[0] - forward(config, state, ids)).abs().max() < 1e-5
+
+
 @pytest.mark.parametrize("convert_setting, message", [
     (False, "`QWenLMHeadModel` is set to `convert: false`; set `trust_remote_code: true` in that model's entry"),
 ])
