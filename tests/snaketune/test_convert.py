@@ -281,18 +281,9 @@ def test_a_tokenizer_the_converter_cannot_reproduce_is_refused(tmp_path):
 
 
 # -- the download stage ---------------------------------------------------------------------------------------
-def qwen1_folder(folder, vocab_size=512):
-    """A complete tiny Qwen-1 checkpoint folder: original config, weights and tokenizer."""
-    global VOCAB
-    folder.mkdir(parents=True)
-    write_qwen_tokenizer(folder)
-    saved, VOCAB = VOCAB, vocab_size
-    try:
-        config, state = qwen1_checkpoint()
-    finally:
-        VOCAB = saved
-    (folder / "config.json").write_text(json.dumps(config))
-    save_file({k: v.contiguous() for k, v in state.items()}, folder / "model.safetensors")
+def qwen1_folder(folder):
+    """A complete tiny Qwen-1 checkpoint folder, with remote code that must never run."""
+    config, state, _ = original_folder("qwen1", folder)
     (folder / "modeling_qwen.py").write_text("raise RuntimeError('remote code must never run')\n")
     return config, state
 
