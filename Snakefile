@@ -20,6 +20,7 @@ include: "rules/train.smk"
 include: "rules/merge.smk"
 include: "rules/predict.smk"
 include: "rules/evaluate.smk"
+include: "rules/exam.smk"
 include: "rules/report.smk"
 include: "rules/serve.smk"
 

@@ -27,8 +27,8 @@ def main() -> int:
     import yaml
     from transformers import AutoTokenizer
 
-    from snaketune.data import DatasetSettings, build
-    from snaketune.models import fetch
+    from snaketune.dataset import DatasetSettings, build
+    from snaketune.download import fetch
 
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text(encoding="utf-8"))
     model = dict(config["models"]["tiny-qwen2"])

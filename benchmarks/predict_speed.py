@@ -6,7 +6,7 @@ same rows one at a time, with the same greedy settings; checks both give the sam
     python benchmarks/predict_speed.py --shape qwen2.5-0.5b --rows 200 --out benchmarks/results/predict_gpu.json
 
 Builds a random-init model of the given shape with the builtin tokenizer, writes a test split of chat prompts of
-varied length, runs snaketune.generation.predict with batch_size B and with batch_size 1, and prints (and with
+varied length, runs snaketune.predict.predict with batch_size B and with batch_size 1, and prints (and with
 --out writes) one JSON object: seconds for each, rows/s, speedup, and how many answers differ.
 Target (issue 5): 500 rows on the 2-core CPU at least 8x faster batched, same greedy outputs.
 """
@@ -42,8 +42,8 @@ def main() -> int:
     import pandas as pd
     import torch
 
-    from snaketune.generation import GenerationSettings, predict
-    from snaketune.models import fetch
+    from snaketune.download import fetch
+    from snaketune.predict import GenerationSettings, predict
     from snaketune.templates import render
 
     corpus = [str(REPO / "data" / "identity.jsonl"), str(REPO / "data" / "text_matching.json")]

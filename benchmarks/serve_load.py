@@ -35,8 +35,8 @@ def main() -> int:
     import uvicorn
     import yaml
 
-    from snaketune.models import fetch
-    from snaketune.serving import ChatModel, ServiceSettings, create_app
+    from snaketune.download import fetch
+    from snaketune.serve import ChatModel, ServiceSettings, create_app
 
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text(encoding="utf-8"))
     model = {**config["models"]["tiny-qwen2"], "trust_remote_code": False, "max_position_embeddings": 1024}

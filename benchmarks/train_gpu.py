@@ -71,7 +71,7 @@ def build_model(shape: str, folder: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-    from snaketune.models import build_tokenizer
+    from snaketune.download import build_tokenizer
 
     manifest = folder / "manifest.json"
     if manifest.is_file():

@@ -7,7 +7,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(workflow.basedir) / "scripts"))
 
 from snaketune import workflow as stages
-from snaketune.choice import benchmark_files
+from snaketune.exam import benchmark_files
 from snaketune.config import load as load_config
 from snaketune.errors import UserError
 

@@ -1,6 +1,6 @@
 # Tokenize a dataset once per model: read any layout, split, render with the chat template, mask, write parquet.
 # Params and inputs are exactly what the build depends on: files, format settings, template, length, seed.
-rule build_dataset:
+rule dataset:
     input:
         manifest=lambda wc: model_manifest(wc.model),
         data=lambda wc: stages.dataset_files(CFG, wc.dataset),

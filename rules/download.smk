@@ -1,5 +1,5 @@
 # Make each base model available (build, validate, or download) and record it in a manifest.
-rule download_model:
+rule download:
     output:
         manifest="results/models/{model}/manifest.json",
     log:

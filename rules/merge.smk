@@ -1,5 +1,5 @@
 # Fold the adapter into the base model: a standalone Hugging Face folder.
-rule merge_adapter:
+rule merge:
     input:
         manifest=run_model_manifest,
         adapter=lambda wc: f"results/runs/{stages.train_owner(CFG, wc.run)}/adapter",

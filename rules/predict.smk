@@ -1,6 +1,6 @@
 # Generate answers for the test split: from the merged model, or from the base with the adapter on top
 # (generation.predict_from). A restarted job resumes from results/runs/{run}/predictions.partial.csv.
-rule predict_test:
+rule predict:
     input:
         unpack(lambda wc: stages.predict_model_inputs(CFG, wc.run)),
         test=run_dataset_file("test.parquet"),

@@ -22,7 +22,7 @@ rule report:
     log:
         "logs/report/report.log",
     conda:
-        "../envs/eval.yaml"
+        "../envs/evaluate.yaml"
     threads: 1
     resources:
         mem_mb=2000,
@@ -50,6 +50,6 @@ rule best:
         "logs/report/best.log",
     localrule: True
     conda:
-        "../envs/eval.yaml"
+        "../envs/evaluate.yaml"
     shell:
         "for best in {input}; do cat $best; done | tee {log}"

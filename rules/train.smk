@@ -1,6 +1,6 @@
 # Fine-tune one run (torchrun with one process per GPU when gpus > 1); a restarted job resumes from
 # results/runs/{run}/checkpoints/.
-rule train_adapter:
+rule train:
     input:
         manifest=run_model_manifest,
         train=run_dataset_file("train.parquet"),

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from snaketune.serving import add_model_arguments
+    from snaketune.serve import add_model_arguments
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
     def body():
-        from snaketune.serving import Conversation, SamplingSettings, load_chat_model
+        from snaketune.serve import Conversation, SamplingSettings, load_chat_model
 
         chat = load_chat_model(args)
         sampling = SamplingSettings(args.max_new_tokens, args.temperature, args.top_p)

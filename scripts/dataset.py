@@ -32,8 +32,8 @@ def main(argv=None) -> int:
     def body():
         from transformers import AutoTokenizer
 
-        from snaketune.data import DatasetSettings, build
-        from snaketune.models import model_path
+        from snaketune.dataset import DatasetSettings, build
+        from snaketune.download import model_path
 
         settings = make_settings(DatasetSettings, args.settings)
         folder, trust = model_path(args.model_manifest)

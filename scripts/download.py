@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from snaketune.cli import main_guard
-    from snaketune.models import fetch
+    from snaketune.download import fetch
 
     args = build_parser().parse_args(argv)
     return main_guard(lambda: print(f"files: {len(fetch(args.settings, args.out)['files'])}"))

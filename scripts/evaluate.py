@@ -32,8 +32,8 @@ def main(argv=None) -> int:
     def body():
         import pandas as pd
 
+        from snaketune.evaluate import EvalSettings, evaluate
         from snaketune.io import write_json
-        from snaketune.metrics import EvalSettings, evaluate
 
         frame = pd.read_csv(args.predictions, keep_default_na=False, dtype=str)
         metrics = evaluate(make_settings(EvalSettings, args.settings), list(frame["reference"]),

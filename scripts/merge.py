@@ -30,8 +30,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
     def body():
-        from snaketune.merging import MergeSettings, merge
-        from snaketune.models import model_path
+        from snaketune.download import model_path
+        from snaketune.merge import MergeSettings, merge
 
         folder, trust = model_path(args.model_manifest)
         merge(make_settings(MergeSettings, args.settings), folder, trust, Path(args.adapter), Path(args.out))

@@ -33,8 +33,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
     def body():
-        from snaketune.generation import GenerationSettings, predict
         from snaketune.gpus import claim
+        from snaketune.predict import GenerationSettings, predict
 
         claim(1)
         folder, trust, adapter = model_source(args)

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
 
     def body():
         from snaketune.errors import UserError
-        from snaketune.reporting import write_report
+        from snaketune.report import write_report
 
         if not len(args.runs) == len(args.metrics) == len(args.logs) == len(args.curves):
             raise UserError("--runs, --metrics, --logs and --curves must name the same number of runs")

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from snaketune.serving import add_model_arguments
+    from snaketune.serve import add_model_arguments
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     def body():
         import uvicorn
 
-        from snaketune.serving import ServiceSettings, create_app, load_chat_model
+        from snaketune.serve import ServiceSettings, create_app, load_chat_model
 
         chat = load_chat_model(args)
         settings = ServiceSettings(api_key=os.environ.get(args.api_key_env) or None,

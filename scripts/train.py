@@ -45,9 +45,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
     def body():
+        from snaketune.download import model_path
         from snaketune.gpus import claim
-        from snaketune.models import model_path
-        from snaketune.training import TrainSettings, prepare_environment, train
+        from snaketune.train import TrainSettings, prepare_environment, train
 
         settings = make_settings(TrainSettings, args.settings)
         if "LOCAL_RANK" not in os.environ:  # torchrun's workers inherit the launcher's GPUs

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
 # The per-run jobs a change to one run's training replans, in the sorted order planned_jobs returns.
-RUN_STAGES = ["evaluate_predictions", "merge_adapter", "predict_test", "train_adapter"]
+RUN_STAGES = ["evaluate", "merge", "predict", "train"]
 
 TINY_MODEL = {
     "source": "builtin", "architecture": "qwen2", "seed": 0, "vocab_size": 2048, "hidden_size": 32,
@@ -89,7 +89,7 @@ def demo(tmp_path_factory, default_config) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny builtin model folder (tokenizer + random weights), built once per session."""
-    from snaketune.models import fetch
+    from snaketune.download import fetch
 
     out = tmp_path_factory.mktemp("models") / "tiny"
     fetch(TINY_MODEL, out)

@@ -107,8 +107,8 @@ def rule_envs() -> dict[str, tuple[str, str]]:
 
 def test_every_rule_has_an_env_holding_what_its_script_imports():
     table = rule_envs()
-    assert set(table) >= {"download_model", "build_dataset", "train_adapter", "merge_adapter", "predict_test",
-                          "evaluate_predictions", "report"}
+    assert set(table) >= {"download", "dataset", "train", "merge", "predict",
+                          "evaluate", "report"}
     distributions = importlib.metadata.packages_distributions()
     for rule, (env, script) in table.items():
         pinned = env_pins(REPO / "envs" / env)

@@ -43,9 +43,9 @@ def test_profile_plans_every_example_config(tmp_path, profile, example):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     jobs = planned_jobs(result)
     rules = {rule for rule, _ in jobs}
-    assert {"download_model", "build_dataset", "train_adapter", "merge_adapter", "predict_test",
-            "evaluate_predictions", "report"} <= rules
-    assert sum(rule == "train_adapter" for rule, _ in jobs) == len(config["runs"])
+    assert {"download", "dataset", "train", "merge", "predict",
+            "evaluate", "report"} <= rules
+    assert sum(rule == "train" for rule, _ in jobs) == len(config["runs"])
 
 
 def test_profiles_say_what_the_issue_asks():
@@ -57,7 +57,7 @@ def test_profiles_say_what_the_issue_asks():
     assert slurm["executor"] == "slurm" and slurm["slurm-status-command"] == "squeue" and slurm["retries"] >= 1
     for key in ("slurm_partition", "runtime", "mem_mb", "cpus_per_task"):
         assert key in slurm["default-resources"]
-    assert slurm["set-resources"]["train_adapter"]["nodes"] == 1
+    assert slurm["set-resources"]["train"]["nodes"] == 1
 
 
 def test_a_train_job_killed_under_the_local_profile_is_rerun_and_resumes(tmp_path, default_config):

@@ -15,12 +15,12 @@ IDENTITY_RUNS = ["identity-lora", "identity-base"]
 def run_jobs(*runs):
     """The per-run jobs; the identity runs of the default config also score the bundled benchmark."""
     jobs = [(rule, f"run={run}") for run in runs for rule in RUN_STAGES]
-    return jobs + [("evaluate_benchmark", f"run={run}, benchmark=mmcu-sample") for run in runs
+    return jobs + [("exam", f"run={run}, benchmark=mmcu-sample") for run in runs
                    if run in IDENTITY_RUNS]
 
 
 def dataset_job(dataset):
-    return [("build_dataset", f"dataset={dataset}, model=tiny-qwen2")]
+    return [("dataset", f"dataset={dataset}, model=tiny-qwen2")]
 
 
 # (row of the README table, config edit, jobs planned besides `report`)
@@ -31,21 +31,21 @@ ROWS = [
      lambda c: c["run_defaults"].update(warmup_steps=5), run_jobs(*RUNS)),
     ("one run's generation setting (max_new_tokens)",
      lambda c: c["runs"]["matching-lora"]["generation"].update(max_new_tokens=6),
-     [("evaluate_predictions", "run=matching-lora"), ("predict_test", "run=matching-lora")]),
+     [("evaluate", "run=matching-lora"), ("predict", "run=matching-lora")]),
     ("one run's evaluation setting",
      lambda c: c["runs"]["matching-lora"]["evaluation"].update(text_tokenizer="whitespace"),
-     [("evaluate_predictions", "run=matching-lora")]),
+     [("evaluate", "run=matching-lora")]),
     ("one run's benchmark setting (shots)",
      lambda c: c["runs"]["identity-lora"]["evaluation"].update(shots=1),
-     [("evaluate_benchmark", "run=identity-lora, benchmark=mmcu-sample")]),
+     [("exam", "run=identity-lora, benchmark=mmcu-sample")]),
     ("one run's predict_from (adapter instead of merged)",
      lambda c: c["runs"]["matching-lora"]["generation"].update(predict_from="adapter"),
-     [("evaluate_predictions", "run=matching-lora"), ("predict_test", "run=matching-lora")]),
+     [("evaluate", "run=matching-lora"), ("predict", "run=matching-lora")]),
     ("a dataset's build setting (max_seq_length)",
      lambda c: c["datasets"]["identity"].update(max_seq_length=96), dataset_job("identity") + run_jobs(*IDENTITY_RUNS)),
     ("the model entry (seed of the builtin model)",
      lambda c: c["models"]["tiny-qwen2"].update(seed=1),
-     [("download_model", "model=tiny-qwen2")] + dataset_job("identity") + dataset_job("text-matching")
+     [("download", "model=tiny-qwen2")] + dataset_job("identity") + dataset_job("text-matching")
      + run_jobs(*RUNS)),
     ("a new run", lambda c: c["runs"].update({"identity-r4": {"model": "tiny-qwen2", "dataset": "identity",
                                                                "lora_rank": 4}}),

@@ -28,10 +28,10 @@ def machine_profile(folder, cluster):
     profile["slurm-init-seconds-before-status-checks"] = 1
     profile["latency-wait"] = 5
     mem_mb = min(4000, cluster.memory_mb // 2)
-    for rule in list(profile["set-resources"]) + ["train_adapter", "predict_test", "evaluate_benchmark"]:
+    for rule in list(profile["set-resources"]) + ["train", "predict", "exam"]:
         resources = profile["set-resources"].setdefault(rule, {})
         resources.update({"mem_mb": mem_mb, "cpus_per_task": 1})
-        if rule in ("train_adapter", "predict_test", "evaluate_benchmark"):
+        if rule in ("train", "predict", "exam"):
             resources["gpu"] = 0  # this machine has none
     profile["default-resources"]["mem_mb"] = mem_mb
     profile["default-resources"]["cpus_per_task"] = 1
@@ -66,8 +66,8 @@ def test_default_dag_runs_as_slurm_jobs_and_matches_the_local_run(tmp_path, demo
     assert cluster.running() == [] and running == ["munged", "slurmctld", "slurmd"]
     assert local_jobs == ["all"]
     ran_rules = set(re.findall(r"^rule (\w+):", output, flags=re.M))
-    assert ran_rules == {"download_model", "build_dataset", "train_adapter", "merge_adapter", "predict_test",
-                         "evaluate_predictions", "evaluate_benchmark", "report"}
+    assert ran_rules == {"download", "dataset", "train", "merge", "predict",
+                         "evaluate", "exam", "report"}
     # 1 download + 2 dataset builds + 3 runs x (train, merge, predict, evaluate) + 2 benchmark scores + 1 report
     assert len(submitted) == 18 and set(states.values()) == {"COMPLETED"}, states
 

@@ -25,7 +25,7 @@ def names(rates):
 def test_grid_shares_common_steps_and_grows_by_only_the_new_runs(tmp_path):
     config = scratch_workflow(tmp_path, sweep_config([0.01, 0.001]))
     plan = planned_jobs(snakemake(tmp_path, "--configfile", str(config), "--dry-run"))
-    assert plan == sorted([("download_model", "model=tiny"), ("build_dataset", "dataset=identity, model=tiny"),
+    assert plan == sorted([("download", "model=tiny"), ("dataset", "dataset=identity, model=tiny"),
                            ("report", "")] + [(rule, f"run={run}") for run in names([0.01, 0.001])
                                               for rule in RUN_STAGES])
 
@@ -56,10 +56,10 @@ def test_runs_differing_only_after_training_share_the_training(tmp_path):
     path = scratch_workflow(tmp_path, config)
     plan = planned_jobs(snakemake(tmp_path, "--configfile", str(path), "--dry-run"))
     assert plan == sorted([  # one train and one merge; a second predict only for other generation settings
-        ("download_model", "model=tiny"), ("build_dataset", "dataset=identity, model=tiny"), ("report", ""),
-        ("train_adapter", "run=a"),
-        ("merge_adapter", "run=a"),
-        ("predict_test", "run=a"), ("predict_test", "run=a-longer"),
-        ("evaluate_predictions", "run=a"), ("evaluate_predictions", "run=a-words"),
-        ("evaluate_predictions", "run=a-longer"),
+        ("download", "model=tiny"), ("dataset", "dataset=identity, model=tiny"), ("report", ""),
+        ("train", "run=a"),
+        ("merge", "run=a"),
+        ("predict", "run=a"), ("predict", "run=a-longer"),
+        ("evaluate", "run=a"), ("evaluate", "run=a-words"),
+        ("evaluate", "run=a-longer"),
     ])

@@ -172,7 +172,7 @@ def test_datasets_from_dataset_info_and_a_csv_build_through_the_workflow(tmp_pat
     info["chat"]["columns"] = {"messages": "conversations"}
     (data / "dataset_info.json").write_text(json.dumps(info))
     jobs = planned_jobs(snakemake(tmp_path, *targets, "--dry-run", "--configfile", str(path)))
-    assert jobs == [("build_dataset", "dataset=chat, model=tiny")]
+    assert jobs == [("dataset", "dataset=chat, model=tiny")]
 
 
 def test_lint_reports_nothing():
@@ -182,7 +182,7 @@ def test_lint_reports_nothing():
     assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("stage", ["download", "dataset", "train", "merge", "predict", "evaluate", "report"])
+@pytest.mark.parametrize("stage", ["download", "dataset", "train", "merge", "predict", "evaluate", "exam", "report"])
 def test_every_stage_script_has_readable_help(stage):
     result = subprocess.run([sys.executable, str(REPO / "scripts" / f"{stage}.py"), "--help"],
                             capture_output=True, text=True)

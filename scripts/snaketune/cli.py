@@ -48,7 +48,7 @@ def model_source(args: argparse.Namespace):
     """(model folder, trust_remote_code, adapter folder or None) from model_source_arguments."""
     from pathlib import Path
 
-    from snaketune.models import model_path
+    from snaketune.download import model_path
 
     if args.model_manifest or args.adapter:
         if not (args.model_manifest and args.adapter):

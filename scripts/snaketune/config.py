@@ -18,7 +18,7 @@ import yaml
 from snaketune.errors import UserError
 from snaketune.formats import from_dataset_info
 from snaketune.sweeps import expand as expand_sweeps
-from snaketune.training import TrainSettings
+from snaketune.train import TrainSettings
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "config" / "schema" / "config.schema.yaml"
 

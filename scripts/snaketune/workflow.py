@@ -11,13 +11,13 @@ from dataclasses import fields
 from typing import Any
 
 from snaketune.config import WorkflowConfig
-from snaketune.data import DatasetSettings
+from snaketune.dataset import DatasetSettings
 from snaketune.errors import UserError
-from snaketune.generation import GenerationSettings
-from snaketune.merging import MergeSettings
-from snaketune.metrics import EvalSettings
-from snaketune.reporting import RUN_COLUMNS
-from snaketune.training import TrainSettings
+from snaketune.evaluate import EvalSettings
+from snaketune.merge import MergeSettings
+from snaketune.predict import GenerationSettings
+from snaketune.report import RUN_COLUMNS
+from snaketune.train import TrainSettings
 
 
 def as_json(settings: dict[str, Any]) -> str:
@@ -76,7 +76,7 @@ def benchmark_settings(cfg: WorkflowConfig, run: str) -> str:
 
 
 def eval_settings(cfg: WorkflowConfig, run: str) -> str:
-    """Settings of evaluate_predictions; the benchmark keys belong to evaluate_benchmark and are left out, so
+    """Settings of evaluate; the benchmark keys belong to exam and are left out, so
     changing them does not rescore the predictions."""
     settings = pick(cfg.runs[run]["evaluation"], EvalSettings)
     return as_json({k: v for k, v in settings.items() if k not in ("benchmarks", "shots")})

@@ -291,7 +291,7 @@ def qwen1_folder(folder):
 def test_download_stage_converts_a_remote_code_checkpoint_and_records_it(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from snaketune.models import fetch
+    from snaketune.download import fetch
 
     config, state = qwen1_folder(tmp_path / "qwen1")
     settings = {"source": "local", "path": str(tmp_path / "qwen1"), "copy": False, "convert": True,
@@ -334,7 +334,7 @@ def original_folder(family, folder):
 def test_each_family_converts_in_the_download_stage_with_its_tokenizer(tmp_path, family, native):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from snaketune.models import fetch
+    from snaketune.download import fetch
 
     config, state, forward = original_folder(family, tmp_path / family)
     manifest = fetch({"source": "local", "path": str(tmp_path / family), "copy": False, "convert": True,
@@ -351,8 +351,8 @@ def test_each_family_converts_in_the_download_stage_with_its_tokenizer(tmp_path,
     (False, "`QWenLMHeadModel` is set to `convert: false`; set `trust_remote_code: true` in that model's entry"),
 ])
 def test_remote_code_without_trust_is_one_clear_error(tmp_path, convert_setting, message):
+    from snaketune.download import fetch
     from snaketune.errors import UserError
-    from snaketune.models import fetch
 
     qwen1_folder(tmp_path / "qwen1")
     settings = {"source": "local", "path": str(tmp_path / "qwen1"), "copy": False, "convert": convert_setting,
@@ -362,8 +362,8 @@ def test_remote_code_without_trust_is_one_clear_error(tmp_path, convert_setting,
 
 
 def test_an_unknown_remote_architecture_needs_trust_remote_code(tmp_path):
+    from snaketune.download import fetch
     from snaketune.errors import UserError
-    from snaketune.models import fetch
 
     folder = tmp_path / "glm"
     folder.mkdir()

@@ -8,7 +8,7 @@ the expected ids are the family's published format written out piece by piece, e
 
 import pytest
 
-from snaketune.data import encode_records
+from snaketune.dataset import encode_records
 from snaketune.errors import UserError
 from snaketune.formats import Record
 from snaketune.templates import IGNORE_INDEX, TEMPLATES, ChatTemplate, TemplateError, encode_conversation, render

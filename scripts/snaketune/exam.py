@@ -194,7 +194,7 @@ def summarize(name: str, shots: int, questions: list[Question], chosen: list[str
             "subjects": subjects}
 
 
-def evaluate_benchmark(model, tokenizer, benchmark: Benchmark, shots: int, batch_size: int = 8) -> dict[str, Any]:
+def score_exam(model, tokenizer, benchmark: Benchmark, shots: int, batch_size: int = 8) -> dict[str, Any]:
     """Score every test question; the result says how (prompt, letter token ids, averaging) and what was chosen,
     so a number can be reproduced and compared."""
     from tqdm import tqdm

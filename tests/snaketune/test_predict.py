@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from snaketune.generation import GenerationSettings, predict
+from snaketune.predict import GenerationSettings, predict
 from snaketune.templates import render
 
 
@@ -35,13 +35,13 @@ def make_test_split(tmp_path, tokenizer, n=10):
 def test_a_killed_prediction_resumes_with_only_the_missing_rows(tmp_path, tiny_model, tiny_tokenizer, monkeypatch):
     import pytest
 
-    from snaketune import generation
+    from snaketune import predict as predict_stage
 
     test = make_test_split(tmp_path, tiny_tokenizer)
     settings = GenerationSettings(max_new_tokens=6, batch_size=3)
     predict(settings, tiny_model, test, tmp_path / "clean.csv")
 
-    real = generation.generate_batch
+    real = predict_stage.generate_batch
     calls = []
 
     def dies_on_third_batch(model, tokenizer, prompts, *args):
@@ -50,7 +50,7 @@ def test_a_killed_prediction_resumes_with_only_the_missing_rows(tmp_path, tiny_m
             raise KeyboardInterrupt  # as if the job were killed mid-way
         return real(model, tokenizer, prompts, *args)
 
-    monkeypatch.setattr(generation, "generate_batch", dies_on_third_batch)
+    monkeypatch.setattr(predict_stage, "generate_batch", dies_on_third_batch)
     out = tmp_path / "predictions.csv"
     with pytest.raises(KeyboardInterrupt):
         predict(settings, tiny_model, test, out)
@@ -79,7 +79,7 @@ def test_base_plus_adapter_predicts_what_the_merged_model_predicts(tmp_path, tin
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from snaketune.merging import MergeSettings, merge
+    from snaketune.merge import MergeSettings, merge
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
@@ -100,7 +100,7 @@ def test_base_plus_adapter_predicts_what_the_merged_model_predicts(tmp_path, tin
 def test_remote_code_files_of_the_base_go_into_the_merged_folder(tmp_path):
     import json
 
-    from snaketune.merging import copy_remote_code
+    from snaketune.merge import copy_remote_code
 
     base, out = tmp_path / "base", tmp_path / "out"
     base.mkdir(), out.mkdir()
@@ -124,7 +124,7 @@ def test_merged_logits_equal_base_plus_adapter_and_load_in_a_fresh_process(tmp_p
     from transformers import AutoModelForCausalLM
 
     from conftest import workflow_env
-    from snaketune.merging import MergeSettings, merge
+    from snaketune.merge import MergeSettings, merge
 
     lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
     adapter = tmp_path / "adapter"

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from conftest import TINY_MODEL
+from snaketune.download import fetch, model_path
 from snaketune.errors import UserError
-from snaketune.models import fetch, model_path
 
 
 def fake_snapshot(folder):

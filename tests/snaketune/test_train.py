@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 
 from conftest import REPO, workflow_env
-from snaketune.data import DatasetSettings, build
+from snaketune.dataset import DatasetSettings, build
 from snaketune.errors import UserError
-from snaketune.training import TrainSettings, complete_checkpoints, fix_cuda_arch_list
+from snaketune.train import TrainSettings, complete_checkpoints, fix_cuda_arch_list
 
 FAST = {"learning_rate": 0.01, "per_device_train_batch_size": 8, "logging_steps": 5, "save_steps": 20,
         "save_total_limit": 2, "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "warmup_steps": 0}
@@ -75,7 +75,7 @@ def test_out_of_memory_ends_with_what_to_change(built, tmp_path, monkeypatch):
     import torch
     from transformers import Trainer
 
-    from snaketune.training import train
+    from snaketune.train import train
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

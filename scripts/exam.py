@@ -3,7 +3,7 @@
 letters; writes accuracy per subject and overall as JSON.
 
 Example:
-    python scripts/benchmark.py --model results/runs/identity-lora/merged --benchmark data/mmcu_sample \\
+    python scripts/exam.py --model results/runs/identity-lora/merged --benchmark data/mmcu_sample \\
         --name mmcu-sample --out results/runs/identity-lora/benchmarks/mmcu-sample.json --settings '{"shots": 2}'
 """
 
@@ -35,11 +35,11 @@ def main(argv=None) -> int:
     def body():
         import torch
 
-        from snaketune.choice import evaluate_benchmark, load_benchmark
         from snaketune.errors import UserError
-        from snaketune.generation import load_for_generation
+        from snaketune.exam import load_benchmark, score_exam
         from snaketune.gpus import claim
         from snaketune.io import write_json
+        from snaketune.predict import load_for_generation
 
         unknown = set(args.settings) - {"shots", "batch_size"}
         if unknown:
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
         claim(1)
         tokenizer, model = load_for_generation(folder, adapter, trust)
         model.to("cuda" if torch.cuda.is_available() else "cpu")
-        result = evaluate_benchmark(model, tokenizer, benchmark, args.settings.get("shots", 0),
+        result = score_exam(model, tokenizer, benchmark, args.settings.get("shots", 0),
                                     args.settings.get("batch_size", 8))
         write_json(args.out, result)
         print(json.dumps({k: v for k, v in result.items() if k != "subjects"}))

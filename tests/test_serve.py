@@ -42,7 +42,7 @@ def start_server(app):
 
 @pytest.fixture(scope="module")
 def chat_model(tiny_model):
-    from snaketune.serving import ChatModel
+    from snaketune.serve import ChatModel
 
     return ChatModel(tiny_model, name="tiny")
 
@@ -50,7 +50,7 @@ def chat_model(tiny_model):
 @pytest.fixture(scope="module")
 def service(chat_model):
     """The service with an API key and a small body limit."""
-    from snaketune.serving import ServiceSettings, create_app
+    from snaketune.serve import ServiceSettings, create_app
 
     server, thread, url = start_server(create_app(chat_model, ServiceSettings(api_key=KEY, max_body_bytes=20_000,
                                                                               max_tokens_limit=64)))
@@ -141,7 +141,7 @@ def test_the_chat_page_streams_an_answer_in_headless_chromium(chat_model):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from snaketune.serving import ServiceSettings, create_app
+    from snaketune.serve import ServiceSettings, create_app
 
     ensure_chromium()
     server, thread, url = start_server(create_app(chat_model, ServiceSettings()))
@@ -159,7 +159,7 @@ def test_the_chat_page_streams_an_answer_in_headless_chromium(chat_model):
             lambda b: next((e for e in b.find_elements(By.CSS_SELECTOR, ".assistant")
                             if e.get_attribute("data-done") == "true"), None))
         expected = chat_model.complete([{"role": "user", "content": "你好"}],
-                                       __import__("snaketune.serving").serving.SamplingSettings(128))
+                                       __import__("snaketune.serve").serving.SamplingSettings(128))
         assert answer.text.strip() == expected and expected
         assert browser.find_element(By.CSS_SELECTOR, ".user").text == "you: 你好"
     finally:
@@ -180,7 +180,7 @@ def test_terminal_chat_streams_keeps_history_and_resets(tiny_model):
 
 
 def test_conversation_history_and_reset(chat_model):
-    from snaketune.serving import Conversation, SamplingSettings
+    from snaketune.serve import Conversation, SamplingSettings
 
     conversation = Conversation("Be brief.")
     "".join(conversation.ask(chat_model, "q1", SamplingSettings(4)))

@@ -7,16 +7,16 @@ import sys
 import pytest
 
 from conftest import REPO, workflow_env
-from snaketune import choice
-from snaketune.choice import (
+from snaketune import exam
+from snaketune.errors import UserError
+from snaketune.exam import (
     LETTERS,
     build_prompt,
     continuation_logprob,
-    evaluate_benchmark,
     load_benchmark,
     prompts_for,
+    score_exam,
 )
-from snaketune.errors import UserError
 
 SAMPLE = REPO / "data" / "mmcu_sample"
 
@@ -29,7 +29,7 @@ def write_subject(path, rows, header="Question,A,B,C,D,Answer"):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model):
-    from snaketune.generation import load_for_generation
+    from snaketune.predict import load_for_generation
 
     return load_for_generation(tiny_model, None)
 
@@ -71,7 +71,7 @@ def test_accuracy_is_one_when_every_answer_is_the_models_own_choice(tmp_path, ti
         (tmp_path / "forced" / "dev").mkdir(exist_ok=True)
         (tmp_path / "forced" / "dev" / f"{subject}.csv").write_text(
             (SAMPLE / "dev" / f"{subject}.csv").read_text(encoding="utf-8"), encoding="utf-8")
-    result = evaluate_benchmark(model, tokenizer, load_benchmark("forced", tmp_path / "forced"), shots=1,
+    result = score_exam(model, tokenizer, load_benchmark("forced", tmp_path / "forced"), shots=1,
                                 batch_size=4)
     assert result["accuracy"] == 1.0 and result["n"] == 9
 
@@ -85,8 +85,8 @@ def test_per_subject_and_overall_accuracy_on_a_crafted_case(tmp_path, tiny, monk
         chosen = [picks[p.rsplit("\nA.", 1)[0].rsplit("\n", 1)[-1]] for p in prompts]
         return [{letter: float(letter == c) for letter in LETTERS} for c in chosen]
 
-    monkeypatch.setattr(choice, "letter_scores", scripted)
-    result = evaluate_benchmark(*reversed(tiny), load_benchmark("crafted", tmp_path / "b"), shots=0)
+    monkeypatch.setattr(exam, "letter_scores", scripted)
+    result = score_exam(*reversed(tiny), load_benchmark("crafted", tmp_path / "b"), shots=0)
     assert result["subjects"] == {"a": {"n": 3, "correct": 2, "accuracy": 2 / 3},
                                   "b": {"n": 2, "correct": 1, "accuracy": 0.5}}
     assert result["accuracy"] == pytest.approx(3 / 5) and result["macro_accuracy"] == pytest.approx((2 / 3 + 0.5) / 2)
@@ -100,7 +100,7 @@ def test_per_subject_and_overall_accuracy_on_a_crafted_case(tmp_path, tiny, monk
 def test_bad_benchmark_csvs_give_one_clear_line(tmp_path, tiny_model, rows, header, message):
     write_subject(tmp_path / "bench" / "test" / "law.csv", rows, **({"header": header} if header else {}))
     result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--model", str(tiny_model), "--benchmark",
+        [sys.executable, str(REPO / "scripts" / "exam.py"), "--model", str(tiny_model), "--benchmark",
          str(tmp_path / "bench"), "--name", "bench", "--out", str(tmp_path / "out.json")],
         capture_output=True, text=True, env=workflow_env())
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -119,7 +119,7 @@ def test_an_empty_file_is_a_clear_error(tmp_path):
 
 def test_the_script_writes_per_subject_json(tmp_path, tiny_model):
     out = tmp_path / "mmcu.json"
-    subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "--model", str(tiny_model),
+    subprocess.run([sys.executable, str(REPO / "scripts" / "exam.py"), "--model", str(tiny_model),
                     "--benchmark", str(SAMPLE), "--name", "mmcu-sample", "--out", str(out),
                     "--settings", json.dumps({"shots": 2, "batch_size": 4})], check=True, env=workflow_env(),
                    capture_output=True)

@@ -3,7 +3,7 @@
 import pytest
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
-from snaketune.metrics import EvalSettings, evaluate, tokenize
+from snaketune.evaluate import EvalSettings, evaluate, tokenize
 
 
 def test_char_tokenizer_splits_cjk_per_character_and_keeps_words():

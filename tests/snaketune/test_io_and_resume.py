@@ -3,7 +3,7 @@
 import pytest
 
 from snaketune.io import atomic_dir, atomic_file
-from snaketune.training import complete_checkpoints, prepare_checkpoints
+from snaketune.train import complete_checkpoints, prepare_checkpoints
 
 
 def test_atomic_file_leaves_nothing_when_the_writer_fails(tmp_path):

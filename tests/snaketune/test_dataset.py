@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-from snaketune.data import DatasetSettings, build, split_records, split_sizes
+from snaketune.dataset import DatasetSettings, build, split_records, split_sizes
 from snaketune.errors import UserError
 from snaketune.formats import Record
 

@@ -33,7 +33,7 @@ class ChatModel:
                  name: str | None = None):
         import torch
 
-        from snaketune.generation import load_for_generation
+        from snaketune.predict import load_for_generation
         from snaketune.templates import ChatTemplate
 
         self.tokenizer, self.model = load_for_generation(model_dir, adapter_dir, trust_remote_code)
