@@ -28,4 +28,4 @@ include: "rules/serve.smk"
 rule all:
     default_target: True
     input:
-        get_final_output(),
+        LAYOUT.final_outputs(),

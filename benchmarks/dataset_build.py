@@ -29,6 +29,7 @@ def main() -> int:
 
     from snaketune.dataset import DatasetSettings, build
     from snaketune.download import fetch
+    from snaketune.layout import dataset_outputs
 
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text(encoding="utf-8"))
     model = dict(config["models"]["tiny-qwen2"])
@@ -45,7 +46,7 @@ def main() -> int:
         settings = DatasetSettings(path=str(data), format="alpaca", max_seq_length=128, eval_size=0.01,
                                    test_size=0.01)
         start = time.perf_counter()
-        stats = build(settings, tokenizer, tmp / "out")
+        stats = build(settings, tokenizer, dataset_outputs(tmp / "out"))
         seconds = time.perf_counter() - start
     kept = sum(split["rows"] for split in stats["splits"].values())
     print(json.dumps({"rows": args.rows, "rows_kept": kept, "seconds": round(seconds, 2),

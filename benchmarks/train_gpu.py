@@ -103,19 +103,22 @@ def build_dataset(folder: Path, rows: int, length: int, vocab: int) -> Path:
     for split, n in (("train", rows), ("eval", 2)):
         ids = [rng.integers(3, vocab, size=length).tolist() for _ in range(n)]
         pd.DataFrame({"input_ids": ids, "labels": ids}).to_parquet(folder / f"{split}.parquet")
+    (folder / "stats.json").write_text("{}")  # no chat template: the rows are random ids
     return folder
 
 
 def train_command(manifest: Path, data: Path, run_dir: Path, settings: dict) -> list[str]:
-    return [sys.executable, str(REPO / "scripts" / "train.py"), "--model-manifest", str(manifest), "--data",
-            str(data), "--run-dir", str(run_dir), "--settings", json.dumps(settings)]
+    from snaketune.layout import train_arguments
+
+    return [sys.executable, str(REPO / "scripts" / "train.py"), "--model-manifest", str(manifest),
+            *train_arguments(data, run_dir), "--settings", json.dumps(settings)]
 
 
 def read_run(run_dir: Path) -> dict:
     import pandas as pd
 
     log = pd.read_csv(run_dir / "train_log.csv")
-    summary = json.loads((run_dir / "adapter" / "train_summary.json").read_text())
+    summary = json.loads((run_dir / "train_summary.json").read_text())
     speeds = log["tokens_per_second"].dropna().tolist()[1:]  # the first interval includes warm-up
     return {
         "steps": int(summary["global_step"]),

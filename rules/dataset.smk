@@ -2,16 +2,16 @@
 # Params and inputs are exactly what the build depends on: files, format settings, template, length, seed.
 rule dataset:
     input:
-        manifest=lambda wc: model_manifest(wc.model),
+        manifest=lambda wc: LAYOUT.model_file("model_manifest", wc.model),
         data=lambda wc: stages.dataset_files(CFG, wc.dataset),
     output:
-        train="results/datasets/{dataset}/{model}/train.parquet",
-        eval="results/datasets/{dataset}/{model}/eval.parquet",
-        test="results/datasets/{dataset}/{model}/test.parquet",
-        stats="results/datasets/{dataset}/{model}/stats.json",
-        lengths="results/datasets/{dataset}/{model}/lengths.png",
+        train=paths.pattern("train_split"),
+        eval=paths.pattern("eval_split"),
+        test=paths.pattern("test_split"),
+        stats=paths.pattern("dataset_stats"),
+        lengths=paths.pattern("dataset_lengths"),
     log:
-        "logs/dataset/{dataset}/{model}.log",
+        paths.log("dataset"),
     conda:
         "../envs/dataset.yaml"
     threads: 1
@@ -19,8 +19,8 @@ rule dataset:
         mem_mb=4000,
         runtime=120,
     params:
-        script=script("dataset"),
         settings=lambda wc: stages.dataset_settings(CFG, wc.dataset),
     shell:
-        "python {params.script} --model-manifest {input.manifest} --out results/datasets/{wildcards.dataset}/{wildcards.model}"
-        " --settings {params.settings:q} > {log} 2>&1"
+        "dataset.py --model-manifest {input.manifest:q} --train {output.train:q}"
+        " --eval {output.eval:q} --test {output.test:q} --stats {output.stats:q} --lengths {output.lengths:q}"
+        " --settings {params.settings:q} > {log:q} 2>&1"

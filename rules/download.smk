@@ -1,9 +1,9 @@
 # Make each base model available (build, validate, or download) and record it in a manifest.
 rule download:
     output:
-        manifest="results/models/{model}/manifest.json",
+        manifest=paths.pattern("model_manifest"),
     log:
-        "logs/download/{model}.log",
+        paths.log("download"),
     conda:
         "../envs/download.yaml"
     threads: 1
@@ -11,7 +11,6 @@ rule download:
         mem_mb=4000,
         runtime=240,
     params:
-        script=script("download"),
         settings=lambda wc: stages.download_settings(CFG, wc.model),
     shell:
-        "python {params.script} --out results/models/{wildcards.model} --settings {params.settings:q} > {log} 2>&1"
+        "download.py --manifest {output.manifest:q} --settings {params.settings:q} > {log:q} 2>&1"

@@ -1,13 +1,13 @@
 # Score the predictions: BLEU-4, ROUGE-1/2/L, exact match, label accuracy/precision/recall/F1.
 rule evaluate:
     input:
-        predictions=lambda wc: f"results/runs/{stages.predict_owner(CFG, wc.run)}/predictions.csv",
+        predictions=lambda wc: LAYOUT.run_file("predictions", wc.run),
     output:
-        metrics="results/runs/{run}/metrics.json",
+        metrics=paths.pattern("metrics"),
     log:
-        "logs/evaluate/{run}.log",
+        paths.log("evaluate"),
     benchmark:
-        "logs/evaluate/{run}.benchmark.tsv"
+        paths.timing("evaluate")
     conda:
         "../envs/evaluate.yaml"
     threads: 1
@@ -15,8 +15,7 @@ rule evaluate:
         mem_mb=2000,
         runtime=30,
     params:
-        script=script("evaluate"),
         settings=lambda wc: stages.eval_settings(CFG, wc.run),
     shell:
-        "python {params.script} --predictions {input.predictions} --out {output.metrics}"
-        " --settings {params.settings:q} > {log} 2>&1"
+        "evaluate.py --predictions {input.predictions:q} --out {output.metrics:q}"
+        " --settings {params.settings:q} > {log:q} 2>&1"

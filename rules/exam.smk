@@ -1,14 +1,14 @@
-# Score a run on a multiple-choice benchmark (C-Eval / CMMLU layout) by the log-likelihood of A/B/C/D.
+# Score a run on a multiple-choice exam (MMCU / C-Eval / CMMLU layout) by the log-likelihood of A/B/C/D.
 rule exam:
     input:
-        unpack(lambda wc: stages.predict_model_inputs(CFG, wc.run)),
-        questions=lambda wc: benchmark_files(CFG.benchmarks[wc.benchmark]["path"]),
+        unpack(lambda wc: LAYOUT.run_model(wc.run)),
+        questions=lambda wc: exam_files(CFG.exams[wc.exam]["path"]),
     output:
-        result="results/runs/{run}/benchmarks/{benchmark}.json",
+        result=paths.pattern("exam_result"),
     log:
-        "logs/exam/{run}/{benchmark}.log",
+        paths.log("exam"),
     benchmark:
-        "logs/exam/{run}/{benchmark}.benchmark.tsv"
+        paths.timing("exam")
     conda:
         "../envs/train.yaml"
     threads: 1
@@ -17,10 +17,9 @@ rule exam:
         mem_mb=8000,
         runtime=240,
     params:
-        script=script("exam"),
-        folder=lambda wc: CFG.benchmarks[wc.benchmark]["path"],
-        settings=lambda wc: stages.benchmark_settings(CFG, wc.run),
-        model_args=model_arguments,
+        folder=lambda wc: CFG.exams[wc.exam]["path"],
+        settings=lambda wc: stages.exam_settings(CFG, wc.run),
+        model_args=run_model_arguments,
     shell:
-        "python {params.script} {params.model_args} --benchmark {params.folder} --name {wildcards.benchmark}"
-        " --out {output.result} --settings {params.settings:q} > {log} 2>&1"
+        "exam.py {params.model_args} --exam {params.folder:q} --name {wildcards.exam:q}"
+        " --out {output.result:q} --settings {params.settings:q} > {log:q} 2>&1"

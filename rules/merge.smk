@@ -2,11 +2,11 @@
 rule merge:
     input:
         manifest=run_model_manifest,
-        adapter=lambda wc: f"results/runs/{stages.train_owner(CFG, wc.run)}/adapter",
+        adapter=lambda wc: LAYOUT.run_file("adapter", wc.run),
     output:
-        merged=directory("results/runs/{run}/merged"),
+        merged=directory(paths.pattern("merged")),
     log:
-        "logs/merge/{run}.log",
+        paths.log("merge"),
     conda:
         "../envs/train.yaml"
     threads: 1
@@ -14,8 +14,7 @@ rule merge:
         mem_mb=8000,
         runtime=120,
     params:
-        script=script("merge"),
         settings=lambda wc: stages.merge_settings(CFG, wc.run),
     shell:
-        "python {params.script} --model-manifest {input.manifest} --adapter {input.adapter} --out {output.merged}"
-        " --settings {params.settings:q} > {log} 2>&1"
+        "merge.py --model-manifest {input.manifest:q} --adapter {input.adapter:q}"
+        " --out {output.merged:q} --settings {params.settings:q} > {log:q} 2>&1"

@@ -1,15 +1,15 @@
 # Generate answers for the test split: from the merged model, or from the base with the adapter on top
-# (generation.predict_from). A restarted job resumes from results/runs/{run}/predictions.partial.csv.
+# (generation.predict_from). A restarted job resumes from its partial predictions file (params).
 rule predict:
     input:
-        unpack(lambda wc: stages.predict_model_inputs(CFG, wc.run)),
-        test=run_dataset_file("test.parquet"),
+        unpack(lambda wc: LAYOUT.run_model(wc.run)),
+        test=run_dataset_file("test_split"),
     output:
-        predictions="results/runs/{run}/predictions.csv",
+        predictions=paths.pattern("predictions"),
     log:
-        "logs/predict/{run}.log",
+        paths.log("predict"),
     benchmark:
-        "logs/predict/{run}.benchmark.tsv"
+        paths.timing("predict")
     conda:
         "../envs/train.yaml"
     threads: 1
@@ -18,9 +18,9 @@ rule predict:
         mem_mb=8000,
         runtime=240,
     params:
-        script=script("predict"),
+        partial=lambda wc: paths.pattern("partial_predictions").format(run=wc.run),
         settings=lambda wc: stages.generation_settings(CFG, wc.run),
-        model_args=model_arguments,
+        model_args=run_model_arguments,
     shell:
-        "python {params.script} {params.model_args} --test {input.test} --out {output.predictions}"
-        " --settings {params.settings:q} > {log} 2>&1"
+        "predict.py {params.model_args} --test {input.test:q} --out {output.predictions:q}"
+        " --partial {params.partial:q} --settings {params.settings:q} > {log:q} 2>&1"

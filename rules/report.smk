@@ -1,26 +1,23 @@
-# One leaderboard row per run and an HTML page with metrics and loss curves.
+# One leaderboard row per run, an HTML page with metrics and loss curves, and each sweep's runs.csv/best.json.
 rule report:
     input:
-        metrics=run_files("metrics.json"),
-        logs=run_files("train_log.csv", owner=stages.train_owner),
-        curves=run_files("loss.png", owner=stages.train_owner),
-        predictions=run_files("predictions.csv", owner=stages.predict_owner),
-        benchmarks=stages.benchmark_outputs(CFG),
+        LAYOUT.report_inputs(),
     output:
         leaderboard=report(
-            "results/leaderboard.csv",
+            paths.pattern("leaderboard"),
             category="Leaderboard",
             caption="report/leaderboard.rst",
         ),
         html=report(
-            "results/report.html",
+            paths.pattern("report_html"),
             category="Leaderboard",
             caption="report/report_html.rst",
         ),
-        sweep_tables=expand("results/sweeps/{sweep}/runs.csv", sweep=CFG.sweeps),
-        sweep_best=expand("results/sweeps/{sweep}/best.json", sweep=CFG.sweeps),
+        sweep_files=[
+            path for name in CFG.sweeps for path in LAYOUT.sweep_files(name).values()
+        ],
     log:
-        "logs/report/report.log",
+        paths.log("report"),
     conda:
         "../envs/evaluate.yaml"
     threads: 1
@@ -28,28 +25,21 @@ rule report:
         mem_mb=2000,
         runtime=10,
     params:
-        script=script("report"),
-        runs=stages.report_runs(CFG),
-        sweeps=stages.sweep_settings(CFG),
-        train_times=[
-            f"logs/train/{stages.train_owner(CFG, run)}.benchmark.tsv"
-            for run in CFG.runs
-        ],
+        runs=stages.report_records(CFG, LAYOUT),
+        sweeps=stages.sweep_settings(CFG, LAYOUT),
     shell:
-        "python {params.script} --runs {params.runs:q} --metrics {input.metrics} --logs {input.logs}"
-        " --curves {input.curves} --predictions {input.predictions} --train-times {params.train_times}"
-        " --benchmarks {input.benchmarks} --leaderboard {output.leaderboard} --html {output.html}"
-        " --sweeps {params.sweeps:q} > {log} 2>&1"
+        "report.py --runs {params.runs:q} --sweeps {params.sweeps:q}"
+        " --leaderboard {output.leaderboard:q} --html {output.html:q} > {log:q} 2>&1"
 
 
-# `snakemake best`: the best run of every sweep, with the path of its merged model (for predict or serve).
+# `snakemake best`: the best run of every sweep, with the model to load for it (for predict, chat or serve).
 rule best:
     input:
-        expand("results/sweeps/{sweep}/best.json", sweep=CFG.sweeps),
+        [LAYOUT.sweep_files(name)["best_json"] for name in CFG.sweeps],
     log:
-        "logs/report/best.log",
+        paths.log("best"),
     localrule: True
     conda:
         "../envs/evaluate.yaml"
     shell:
-        "for best in {input}; do cat $best; done | tee {log}"
+        "for best in {input:q}; do cat $best; done | tee {log:q}"

@@ -1,34 +1,39 @@
-# Fine-tune one run (torchrun with one process per GPU when gpus > 1); a restarted job resumes from
-# results/runs/{run}/checkpoints/.
+# Fine-tune one run (torchrun with one process per GPU when gpus > 1); a restarted job resumes from its
+# checkpoints folder (params: the job's own resumable state, kept outside its outputs so Snakemake never wipes it).
 rule train:
     input:
         manifest=run_model_manifest,
-        train=run_dataset_file("train.parquet"),
-        eval=run_dataset_file("eval.parquet"),
-        stats=run_dataset_file("stats.json"),
+        train=run_dataset_file("train_split"),
+        eval=run_dataset_file("eval_split"),
+        stats=run_dataset_file("dataset_stats"),
     output:
-        adapter=directory("results/runs/{run}/adapter"),
-        log_csv="results/runs/{run}/train_log.csv",
+        adapter=directory(paths.pattern("adapter")),
+        train_log=paths.pattern("train_log"),
+        summary=paths.pattern("train_summary"),
         curve=report(
-            "results/runs/{run}/loss.png",
+            paths.pattern("loss_curve"),
             category="Loss curves",
             subcategory="{run}",
             caption="report/loss.rst",
         ),
     log:
-        "logs/train/{run}.log",
+        paths.log("train"),
     benchmark:
-        "logs/train/{run}.benchmark.tsv"
+        paths.timing("train")
     conda:
         "../envs/train.yaml"
     threads: 2
     resources:
-        gpu=lambda wc: CFG.runs[wc.run]["gpus"],
+        gpu=lambda wc: CFG.runs[wc.run].train.gpus,
         mem_mb=8000,
         runtime=1440,
     params:
-        script=script("train"),
+        checkpoints=lambda wc: paths.pattern("checkpoints").format(run=wc.run),
+        tensorboard=lambda wc: paths.pattern("tensorboard").format(run=wc.run),
         settings=lambda wc: stages.train_settings(CFG, wc.run),
     shell:
-        "python {params.script} --model-manifest {input.manifest} --data $(dirname {input.train})"
-        " --run-dir results/runs/{wildcards.run} --settings {params.settings:q} > {log} 2>&1"
+        "train.py --model-manifest {input.manifest:q} --train {input.train:q} --eval {input.eval:q}"
+        " --stats {input.stats:q} --adapter {output.adapter:q} --train-log {output.train_log:q}"
+        " --summary {output.summary:q} --curve {output.curve:q} --checkpoints {params.checkpoints:q}"
+        " --tensorboard {params.tensorboard:q} --name {wildcards.run:q} --settings {params.settings:q}"
+        " > {log:q} 2>&1"

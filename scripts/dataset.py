@@ -2,8 +2,10 @@
 """Build a tokenized dataset: read, split, render with the model's chat template, mask, write parquet.
 
 Example:
-    python scripts/dataset.py --model-manifest results/models/tiny/manifest.json \\
-        --out results/datasets/identity/tiny --settings '{"path": "data/identity.jsonl", "format": "messages"}'
+    d=results/datasets/identity/tiny
+    python scripts/dataset.py --model-manifest results/models/tiny/manifest.json --train $d/train.parquet \\
+        --eval $d/eval.parquet --test $d/test.parquet --stats $d/stats.json --lengths $d/lengths.png \\
+        --settings '{"path": "data/identity.jsonl", "format": "messages"}'
 """
 
 import argparse
@@ -19,7 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-manifest", required=True, help="manifest.json written by the download stage")
-    parser.add_argument("--out", required=True, help="folder for train/eval/test.parquet and stats.json")
+    for split in ("train", "eval", "test"):
+        parser.add_argument(f"--{split}", required=True, help=f"{split} split to write (parquet)")
+    parser.add_argument("--stats", required=True, help="stats.json to write: rows, tokens, dropped and bad rows")
+    parser.add_argument("--lengths", required=True, help="lengths.png to write: the token length histogram")
     settings_argument(parser)
     return parser
 
@@ -32,13 +37,13 @@ def main(argv=None) -> int:
     def body():
         from transformers import AutoTokenizer
 
-        from snaketune.dataset import DatasetSettings, build
+        from snaketune.dataset import OUTPUTS, DatasetSettings, build
         from snaketune.download import model_path
 
         settings = make_settings(DatasetSettings, args.settings)
         folder, trust = model_path(args.model_manifest)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust)
-        print(json.dumps(build(settings, tokenizer, args.out)["splits"]))
+        print(json.dumps(build(settings, tokenizer, {name: getattr(args, name) for name in OUTPUTS})["splits"]))
 
     return main_guard(body)
 

@@ -2,7 +2,7 @@
 """Make a base model available and write its manifest.
 
 Example:
-    python scripts/download.py --out results/models/tiny \\
+    python scripts/download.py --manifest results/models/tiny/manifest.json \\
         --settings '{"source": "builtin", "tokenizer_corpus": ["data/identity.jsonl"], ...}'
 """
 
@@ -17,7 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
     from snaketune.cli import settings_argument
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="model folder to write; manifest.json goes inside")
+    parser.add_argument("--manifest", required=True,
+                        help="manifest.json to write; the folder that holds it is where a built or converted model "
+                             "is written (local and hub models stay where they are)")
     settings_argument(parser)
     return parser
 
@@ -27,7 +29,7 @@ def main(argv=None) -> int:
     from snaketune.download import fetch
 
     args = build_parser().parse_args(argv)
-    return main_guard(lambda: print(f"files: {len(fetch(args.settings, args.out)['files'])}"))
+    return main_guard(lambda: print(f"files: {len(fetch(args.settings, Path(args.manifest).parent)['files'])}"))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     model_source_arguments(parser)
     parser.add_argument("--test", required=True, help="test.parquet written by the dataset stage")
     parser.add_argument("--out", required=True, help="predictions.csv to write")
+    parser.add_argument("--partial", required=True,
+                        help="rows generated so far (kept after a kill, so a rerun generates only the rest)")
     settings_argument(parser)
     return parser
 
@@ -38,8 +40,9 @@ def main(argv=None) -> int:
 
         claim(1)
         folder, trust, adapter = model_source(args)
-        rows = predict(make_settings(GenerationSettings, args.settings), folder, Path(args.test), Path(args.out),
-                       adapter_dir=adapter, trust_remote_code=trust)
+        settings = make_settings(GenerationSettings, args.settings)
+        rows = predict(settings, folder, Path(args.test), Path(args.out), Path(args.partial), adapter_dir=adapter,
+                       trust_remote_code=trust)
         print(f"predictions: {rows}")
 
     return main_guard(body)

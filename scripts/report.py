@@ -1,9 +1,11 @@
 #!/usr/bin/env python
-"""Collect every run's metrics and loss curve into results/leaderboard.csv and results/report.html.
+"""Collect every run's metrics and loss curve into a leaderboard CSV and an HTML report, and write each sweep's
+runs.csv and best.json.
 
 Example:
-    python scripts/report.py --runs '[{"run": "a", ...}]' --metrics results/runs/a/metrics.json \\
-        --logs results/runs/a/train_log.csv --curves results/runs/a/loss.png \\
+    python scripts/report.py --runs '[{"run": "a", "model": "tiny", ..., "files": {"metrics": "...", "train_log":
+        "...", "train_summary": "...", "loss_curve": "...", "predictions": "...", "train_timing": "..."},
+        "exams": {}, "serve": {"model": "results/runs/a/merged"}}]' \\
         --leaderboard results/leaderboard.csv --html results/report.html
 """
 
@@ -17,19 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=json.loads, required=True, help="JSON list of run descriptions")
-    parser.add_argument("--metrics", nargs="+", required=True, help="metrics.json per run, in --runs order")
-    parser.add_argument("--logs", nargs="+", required=True, help="train_log.csv per run, in --runs order")
-    parser.add_argument("--curves", nargs="+", required=True, help="loss.png per run, in --runs order")
-    parser.add_argument("--predictions", nargs="*", default=None, help="predictions.csv per run, in --runs order")
-    parser.add_argument("--train-times", nargs="*", default=None,
-                        help="Snakemake benchmark .tsv of each run's train job, in --runs order")
-    parser.add_argument("--benchmarks", nargs="*", default=[],
-                        help="results/runs/{run}/benchmarks/{name}.json files (multiple-choice scores)")
+    parser.add_argument("--runs", type=json.loads, required=True,
+                        help="JSON list, one record per run: its columns, the files to read, exams, what to load")
     parser.add_argument("--leaderboard", required=True, help="leaderboard.csv to write")
     parser.add_argument("--html", required=True, help="report.html to write")
-    parser.add_argument("--sweeps", type=json.loads, default={}, help="JSON: sweep name -> its runs and select_by")
-    parser.add_argument("--sweep-dir", default="results/sweeps", help="where each sweep's runs.csv/best.json go")
+    parser.add_argument("--sweeps", type=json.loads, default={},
+                        help="JSON: sweep name -> its runs, select_by/select_mode and the files to write")
     return parser
 
 
@@ -39,17 +34,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
     def body():
-        from snaketune.errors import UserError
         from snaketune.report import write_report
 
-        if not len(args.runs) == len(args.metrics) == len(args.logs) == len(args.curves):
-            raise UserError("--runs, --metrics, --logs and --curves must name the same number of runs")
-        rows = write_report(args.runs, [Path(p) for p in args.metrics], [Path(p) for p in args.logs],
-                            [Path(p) for p in args.curves], Path(args.leaderboard), Path(args.html),
-                            args.sweeps, Path(args.sweep_dir),
-                            predictions=[Path(p) for p in args.predictions] if args.predictions else None,
-                            train_times=[Path(p) for p in args.train_times] if args.train_times else None,
-                            benchmarks=[Path(p) for p in args.benchmarks])
+        rows = write_report(args.runs, Path(args.leaderboard), Path(args.html), args.sweeps)
         for row in rows:
             print(json.dumps(row, ensure_ascii=False))
 

@@ -6,8 +6,10 @@ Runs as one process, or relaunches itself under torchrun with one process per GP
 <run-dir>/checkpoints/.
 
 Example:
-    python scripts/train.py --model-manifest results/models/tiny/manifest.json \\
-        --data results/datasets/identity/tiny --run-dir results/runs/identity-lora \\
+    d=results/datasets/identity/tiny r=results/runs/identity-lora
+    python scripts/train.py --model-manifest results/models/tiny/manifest.json --train $d/train.parquet \\
+        --eval $d/eval.parquet --stats $d/stats.json --adapter $r/adapter --train-log $r/train_log.csv \\
+        --summary $r/train_summary.json --curve $r/loss.png --checkpoints $r/checkpoints \\
         --settings '{"method": "lora", "learning_rate": 0.005, "num_train_epochs": 10}'
 """
 
@@ -25,9 +27,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-manifest", required=True, help="manifest.json written by the download stage")
-    parser.add_argument("--data", required=True, help="folder with train.parquet and eval.parquet")
-    parser.add_argument("--run-dir", required=True,
-                        help="run folder: adapter/, train_log.csv, loss.png and checkpoints/ go here")
+    parser.add_argument("--train", required=True, help="train split (parquet) written by the dataset stage")
+    parser.add_argument("--eval", required=True, help="eval split (parquet) written by the dataset stage")
+    parser.add_argument("--stats", help="the dataset build's stats.json (its chat template goes into the tokenizer)")
+    parser.add_argument("--adapter", required=True, help="folder to write: the adapter (or full weights)")
+    parser.add_argument("--train-log", required=True, help="train_log.csv to write")
+    parser.add_argument("--summary", required=True, help="train_summary.json to write")
+    parser.add_argument("--curve", required=True, help="loss.png to write")
+    parser.add_argument("--checkpoints", required=True,
+                        help="folder of resumable checkpoints (kept after a kill, removed after success)")
+    parser.add_argument("--tensorboard", help="folder for TensorBoard events (with tensorboard: true)")
+    parser.add_argument("--name", default="run", help="the run's name (the loss curve's title)")
     settings_argument(parser)
     return parser
 
@@ -47,7 +57,7 @@ def main(argv=None) -> int:
     def body():
         from snaketune.download import model_path
         from snaketune.gpus import claim
-        from snaketune.train import TrainSettings, prepare_environment, train
+        from snaketune.train import TrainFiles, TrainSettings, prepare_environment, train
 
         settings = make_settings(TrainSettings, args.settings)
         if "LOCAL_RANK" not in os.environ:  # torchrun's workers inherit the launcher's GPUs
@@ -58,9 +68,12 @@ def main(argv=None) -> int:
             sys.stdout.flush()
             os.execv(sys.executable, relaunch_command(settings.gpus, argv))
         folder, trust = model_path(args.model_manifest)
-        data, run_dir = Path(args.data), Path(args.run_dir)
-        summary = train(settings, folder, trust, data / "train.parquet", data / "eval.parquet", run_dir,
-                        run_name=run_dir.name)
+        files = TrainFiles(
+            train=Path(args.train), eval=Path(args.eval), stats=Path(args.stats) if args.stats else None,
+            adapter=Path(args.adapter), train_log=Path(args.train_log), summary=Path(args.summary),
+            curve=Path(args.curve), checkpoints=Path(args.checkpoints),
+            tensorboard=Path(args.tensorboard) if args.tensorboard else None)
+        summary = train(settings, folder, trust, files, run_name=args.name)
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps({k: v for k, v in summary.items() if k != "settings"}))
 

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from conftest import REPO, workflow_env
+from snaketune.layout import dataset_outputs
 
 CHAT = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
 CASES = {
@@ -34,7 +35,8 @@ def test_malformed_data_gives_one_line_and_writes_nothing(tmp_path, tiny_model, 
     settings = {"path": str(data), "format": layout, "eval_size": 0, "test_size": 0, **extra}
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "dataset.py"), "--model-manifest", str(tiny_model / "manifest.json"),
-         "--out", str(out), "--settings", json.dumps(settings)],
+         *[item for name, path in dataset_outputs(out).items() for item in (f"--{name}", str(path))],
+         "--settings", json.dumps(settings)],
         capture_output=True, text=True, env=workflow_env())
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 1 and "Traceback" not in result.stderr

@@ -99,7 +99,7 @@ def rule_envs() -> dict[str, tuple[str, str]]:
         for block in re.split(r"\n(?=rule )", rules.read_text()):
             rule = re.match(r"rule (\w+):", block)
             env = re.search(r'conda:\s*\n\s*"\.\./envs/([\w.]+)"', block)
-            script = re.search(r'script\("(\w+)"\)', block)
+            script = re.search(r'shell:\s*\n\s*"(\w+)\.py ', block)  # scripts are on PATH: `train.py ...`
             if rule and env and script:
                 table[rule.group(1)] = (env.group(1), script.group(1))
     return table

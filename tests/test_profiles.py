@@ -86,7 +86,8 @@ def test_a_train_job_killed_under_the_local_profile_is_rerun_and_resumes(tmp_pat
     # Snakemake's own record of outputs whose job started and never finished (outputs are written atomically
     # at the end, so none of them exists yet: nothing half-written can be mistaken for a result)
     markers = {base64.b64decode(p.name).decode() for p in (workdir / ".snakemake" / "incomplete").iterdir()}
-    assert markers == {"results/runs/long/adapter", "results/runs/long/train_log.csv", "results/runs/long/loss.png"}
+    assert markers == {"results/runs/long/adapter", "results/runs/long/train_log.csv", "results/runs/long/loss.png",
+                       "results/runs/long/train_summary.json"}
     assert not (workdir / "results/runs/long/adapter").exists()
 
     # a kill -9 leaves Snakemake's lock behind, as a power loss would: the README's recovery is --unlock, then rerun

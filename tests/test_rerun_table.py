@@ -13,9 +13,9 @@ IDENTITY_RUNS = ["identity-lora", "identity-base"]
 
 
 def run_jobs(*runs):
-    """The per-run jobs; the identity runs of the default config also score the bundled benchmark."""
+    """The per-run jobs; the identity runs of the default config also take the bundled exam."""
     jobs = [(rule, f"run={run}") for run in runs for rule in RUN_STAGES]
-    return jobs + [("exam", f"run={run}, benchmark=mmcu-sample") for run in runs
+    return jobs + [("exam", f"run={run}, exam=mmcu-sample") for run in runs
                    if run in IDENTITY_RUNS]
 
 
@@ -35,9 +35,9 @@ ROWS = [
     ("one run's evaluation setting",
      lambda c: c["runs"]["matching-lora"]["evaluation"].update(text_tokenizer="whitespace"),
      [("evaluate", "run=matching-lora")]),
-    ("one run's benchmark setting (shots)",
+    ("one run's exam setting (shots)",
      lambda c: c["runs"]["identity-lora"]["evaluation"].update(shots=1),
-     [("exam", "run=identity-lora, benchmark=mmcu-sample")]),
+     [("exam", "run=identity-lora, exam=mmcu-sample")]),
     ("one run's predict_from (adapter instead of merged)",
      lambda c: c["runs"]["matching-lora"]["generation"].update(predict_from="adapter"),
      [("evaluate", "run=matching-lora"), ("predict", "run=matching-lora")]),

@@ -159,7 +159,7 @@ def test_the_chat_page_streams_an_answer_in_headless_chromium(chat_model):
             lambda b: next((e for e in b.find_elements(By.CSS_SELECTOR, ".assistant")
                             if e.get_attribute("data-done") == "true"), None))
         expected = chat_model.complete([{"role": "user", "content": "你好"}],
-                                       __import__("snaketune.serve").serving.SamplingSettings(128))
+                                       __import__("snaketune.serve").serve.SamplingSettings(128))
         assert answer.text.strip() == expected and expected
         assert browser.find_element(By.CSS_SELECTOR, ".user").text == "you: 你好"
     finally:
@@ -190,11 +190,17 @@ def test_conversation_history_and_reset(chat_model):
     assert conversation.messages == [{"role": "system", "content": "Be brief."}]
 
 
-def test_a_run_without_a_merged_model_is_one_clear_error(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "chat.py"), "--run", "nope", "--results",
-                             str(tmp_path)], capture_output=True, text=True, env=workflow_env(), input="")
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "error: run `nope` has no merged model" in result.stderr
+def test_a_run_not_built_or_not_in_the_config_is_one_clear_error(tmp_path):
+    shutil.copytree(REPO / "data", tmp_path / "data")
+    shutil.copy(REPO / "config" / "config.yaml", tmp_path / "config.yaml")
+    for run, message in (("identity-lora", "error: run `identity-lora` is not built yet "
+                                           "(results/runs/identity-lora/merged missing); build it with "),
+                         ("nope", "error: --run: `nope` is not a run of config.yaml (runs: identity-lora, ")):
+        result = subprocess.run([sys.executable, str(REPO / "scripts" / "chat.py"), "--run", run, "--configfile",
+                                 "config.yaml"], capture_output=True, text=True, env=workflow_env(), input="",
+                                cwd=tmp_path)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert message in result.stderr
 
 
 def test_snakemake_serve_target_needs_only_the_runs_merged_model(demo):
@@ -204,7 +210,8 @@ def test_snakemake_serve_target_needs_only_the_runs_merged_model(demo):
                        "--config", "serve_run=matching-lora")
     assert result.returncode == 0, result.stderr[-2000:]
     assert planned_jobs(result) == [("serve", "")]
-    assert "--model results/runs/matching-lora/merged --host 127.0.0.1 --port 8000" in result.stdout
+    assert "--model results/runs/matching-lora/merged --name matching-lora --host 127.0.0.1 --port 8000" \
+        in result.stdout
     wrong = snakemake(demo, "serve", "--dry-run", "--configfile", str(demo / "config.yaml"),
                       "--config", "serve_run=nope")
     assert wrong.returncode != 0 and "serve_run: `nope` is not a run" in wrong.stderr

@@ -35,10 +35,10 @@ def test_grid_shares_common_steps_and_grows_by_only_the_new_runs(tmp_path):
                                                                                    "lora_rank", "rouge-l"]
     best = json.loads((tmp_path / "results" / "sweeps" / "grid" / "best.json").read_text())
     assert best["run"] in names([0.01, 0.001]) and best["value"] == table["rouge-l"].max()
-    assert best["merged"] == f"results/runs/{best['run']}/merged"
+    assert best["load"] == {"model": f"results/runs/{best['run']}/merged"}  # each point trains its own adapter
     assert "Sweep grid" in (tmp_path / "results" / "report.html").read_text()
     shown = snakemake(tmp_path, "best", "--configfile", str(config), check=True)
-    assert f'"merged": "results/runs/{best["run"]}/merged"' in shown.stdout + shown.stderr
+    assert f'"model": "results/runs/{best["run"]}/merged"' in shown.stdout + shown.stderr
 
     grown = scratch_workflow(tmp_path, sweep_config([0.01, 0.001, 0.1]))
     plan = planned_jobs(snakemake(tmp_path, "--configfile", str(grown), "--dry-run"))

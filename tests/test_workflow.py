@@ -36,10 +36,10 @@ def test_demo_writes_every_stage_output(demo):
     assert log["loss"].iloc[-1] < log["loss"].iloc[0] / 10
     page = (results / "report.html").read_text()
     assert "identity-lora" in page and "Predictions beside references" in page
-    benchmark = json.loads((results / "runs/identity-lora/benchmarks/mmcu-sample.json").read_text())
-    assert (benchmark["n"], benchmark["shots"], sorted(benchmark["subjects"])) == (9, 2, ["医学", "法律"])
+    exam = json.loads((results / "runs/identity-lora/exams/mmcu-sample.json").read_text())
+    assert (exam["n"], exam["shots"], sorted(exam["subjects"])) == (9, 2, ["医学", "法律"])
     board = pd.read_csv(results / "leaderboard.csv").set_index("run")
-    assert board.loc["identity-lora", "mmcu-sample_accuracy"] == benchmark["accuracy"]
+    assert board.loc["identity-lora", "mmcu-sample_accuracy"] == exam["accuracy"]
     assert board.loc["identity-lora", "train_seconds"] > 0
     matching = json.loads((results / "runs/matching-lora/metrics.json").read_text())
     assert set(matching["confusion"]) == {"相同", "不同"} and 0 <= matching["f1"] <= 1

@@ -55,4 +55,7 @@ def model_source(args: argparse.Namespace):
             raise UserError("--model-manifest and --adapter go together")
         folder, trust = model_path(args.model_manifest)
         return folder, trust, Path(args.adapter)
-    return Path(args.model), False, None
+    folder = Path(args.model).absolute()  # a folder on disk, never a hub name
+    if not (folder / "config.json").is_file():
+        raise UserError(f"--model: `{args.model}` is not a model folder (no config.json)")
+    return folder, False, None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,13 @@ from typing import Any
 import jsonschema
 import yaml
 
+from snaketune.dataset import DatasetSettings
 from snaketune.errors import UserError
+from snaketune.evaluate import EvalSettings
+from snaketune.exam import ExamSettings
 from snaketune.formats import from_dataset_info
+from snaketune.merge import MergeSettings
+from snaketune.predict import GenerationSettings
 from snaketune.sweeps import expand as expand_sweeps
 from snaketune.train import TrainSettings
 
@@ -35,7 +41,6 @@ SOURCE_KEYS = {
     "huggingface": {"id", "revision", "cache_dir", "convert"},
 }
 SOURCE_REQUIRED = {"builtin": {"tokenizer_corpus"}, "local": {"path"}, "modelscope": {"id"}, "huggingface": {"id"}}
-RUN_BLOCKS = ("merge", "generation", "evaluation")
 
 
 def load_schema() -> dict[str, Any]:
@@ -73,16 +78,69 @@ class YamlLocator:
 
 
 @dataclass
+class RunConfig:
+    """One run: which model and dataset, and the settings of each stage after the dataset build."""
+
+    name: str
+    model: str
+    dataset: str
+    train: TrainSettings
+    merge: MergeSettings
+    generation: GenerationSettings
+    evaluation: EvalSettings
+    exam: ExamSettings
+
+
+@dataclass
 class WorkflowConfig:
     """The validated config with every default filled in."""
 
     models: dict[str, dict[str, Any]]
-    datasets: dict[str, dict[str, Any]]
-    runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    datasets: dict[str, DatasetSettings]
+    runs: dict[str, RunConfig] = field(default_factory=dict)
     sweeps: dict[str, dict[str, Any]] = field(default_factory=dict)  # sweep name -> its runs' swept settings
-    benchmarks: dict[str, dict[str, Any]] = field(default_factory=dict)  # multiple-choice benchmarks by name
+    exams: dict[str, dict[str, Any]] = field(default_factory=dict)  # multiple-choice exams by name
     serve_run: str | None = None  # the run `snakemake serve` serves
     cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)  # lookups derived from runs
+
+
+# Where each key of a run's settings goes: the train stage takes the top-level keys it has fields for, each
+# block goes to its stage's dataclass. Defaults come from the dataclasses alone; test_config checks that the
+# schema documents the same keys and defaults.
+RUN_KEYS = {"model", "dataset"}
+SWEEP_KEYS = {"sweep", "select_by", "select_mode"}  # consumed by sweeps.expand
+BLOCKS = {"merge": MergeSettings, "generation": GenerationSettings, "evaluation": EvalSettings}
+DERIVED = {("generation", "seed"): "seed"}  # block field -> the run setting it is copied from
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def build_run(name: str, run: dict[str, Any]) -> RunConfig:
+    """The typed settings of one run; a key no dataclass takes is a bug here, never silently dropped."""
+    top = {f.name for f in fields(TrainSettings)}
+    unplaced = set(run) - top - RUN_KEYS - SWEEP_KEYS - set(BLOCKS)
+    if unplaced:
+        raise KeyError(f"run settings {sorted(unplaced)} have no stage dataclass")
+    train = TrainSettings(**{key: run[key] for key in top if key in run})
+    blocks = {}
+    for block, cls in BLOCKS.items():
+        values = dict(run.get(block) or {})
+        for (owner, key), source in DERIVED.items():
+            if owner == block:
+                values[key] = getattr(train, source)
+        blocks[block] = cls(**values)
+    exam = ExamSettings(shots=blocks["evaluation"].shots, batch_size=blocks["generation"].batch_size)
+    return RunConfig(name=name, model=run["model"], dataset=run["dataset"], train=train, exam=exam, **blocks)
+
+
+def check_file(report, keys: tuple, path: str, kind: str = "file") -> None:
+    """Report a data path that does not exist, or is a folder where a file is needed (or the other way)."""
+    found = Path(path)
+    if not found.exists():
+        report(keys, f"{kind} `{path}` not found (paths are relative to {Path.cwd()})")
+    elif kind == "file" and not found.is_file():
+        report(keys, f"`{path}` is a folder; name the data file inside it")
+    elif kind == "folder" and not found.is_dir():
+        report(keys, f"`{path}` is a file; name the folder")
 
 
 def _defaults(props: dict[str, Any]) -> dict[str, Any]:
@@ -108,13 +166,21 @@ def load(raw: dict[str, Any], files: list[str | Path] = ()) -> WorkflowConfig:
 
     sweeps: dict[str, dict[str, Any]] = {}
     if isinstance(raw.get("runs"), dict):
-        settings = set(schema["$defs"]["run_settings"]["properties"])
+        props = schema["$defs"]["run_settings"]["properties"]
+        settings = set(props) | {f"{block}.{key}" for block in BLOCKS for key in props[block]["properties"]}
         runs, sweeps = expand_sweeps(raw["runs"], settings, report)
         raw = {**raw, "runs": runs}
 
+    for section in ("models", "datasets", "runs", "exams"):  # full matches: the schema's `$` allows a final \n
+        for name in raw.get(section) if isinstance(raw.get(section), dict) else ():
+            if not NAME.fullmatch(str(name)):
+                report((section, name), f"name {str(name)!r} may hold only letters, digits, '.', '_' and '-' and "
+                                        "must start with a letter or digit")
     validator = jsonschema.Draft202012Validator(schema)
     for error in sorted(validator.iter_errors(raw), key=lambda e: [str(p) for p in e.absolute_path]):
         keys = tuple(error.absolute_path)
+        if error.validator == "pattern" and error.validator_value == schema["$defs"]["name"]["pattern"]:
+            continue  # a name: reported above, with what a name may hold
         if error.validator == "additionalProperties" and error.validator_value is False:
             known = set(error.schema.get("properties", {}))
             for key in sorted(set(error.instance) - known):
@@ -141,13 +207,20 @@ def load(raw: dict[str, Any], files: list[str | Path] = ()) -> WorkflowConfig:
         models[name] = {**_defaults(props), **entry}
         if "cache_dir" in allowed and models[name]["cache_dir"] is None:
             models[name]["cache_dir"] = raw.get("model_cache_dir")
+        if source == "local" and "path" in entry:
+            check_file(report, ("models", name, "path"), entry["path"], kind="folder")
+        for index, corpus in enumerate(entry.get("tokenizer_corpus") or []):
+            check_file(report, ("models", name, "tokenizer_corpus", index), corpus)
 
     datasets = {}
     for name, entry in raw["datasets"].items():
-        datasets[name] = dataset = {**_defaults(defs["dataset"]["properties"]), **entry}
+        dataset = {key: value for key, value in entry.items() if key not in ("dataset_info", "name")}
         if "dataset_info" in entry:
             if "name" not in entry:
                 report(("datasets", name, "dataset_info"), "`dataset_info` needs `name`: which dataset in it")
+                continue
+            if not Path(entry["dataset_info"]).is_file():
+                check_file(report, ("datasets", name, "dataset_info"), entry["dataset_info"])
                 continue
             try:
                 found = from_dataset_info(entry["dataset_info"], entry["name"])
@@ -156,41 +229,48 @@ def load(raw: dict[str, Any], files: list[str | Path] = ()) -> WorkflowConfig:
                 continue
             for key in ("columns", "tags"):
                 dataset[key] = {**found[key], **entry.get(key, {})}
-            dataset["path"], dataset["format"] = entry.get("path", found["path"]), entry.get("format", found["format"])
-        for key in ("path", "format"):
-            if key not in dataset:
-                report(("datasets", name), f"`{key}` is required (or `dataset_info` and `name`)")
+            dataset.setdefault("path", found["path"])
+            dataset.setdefault("format", found["format"])
+        missing = [key for key in ("path", "format") if key not in dataset]
+        for key in missing:
+            report(("datasets", name), f"`{key}` is required (or `dataset_info` and `name`)")
+        if missing:
+            continue
+        where = ("datasets", name, "dataset_info" if "path" not in entry and "dataset_info" in entry else "path")
+        paths = [dataset["path"]] if isinstance(dataset["path"], str) else dataset["path"]
+        for index, path in enumerate(paths):
+            check_file(report, where if isinstance(dataset["path"], str) else where + (index,), path)
         if dataset.get("format") == "columns":
             for key in ("prompt", "response"):
-                if not dataset[key]:
+                if not dataset.get(key):
                     report(("datasets", name), f"format `columns` needs `{key}`: a template over the file's columns")
+        datasets[name] = DatasetSettings(**dataset)
 
-    run_props = defs["run_settings"]["properties"]
-    base = {**_defaults(run_props), **copy.deepcopy(raw.get("run_defaults", {}))}
+    exams = raw.get("exams") or {}
+    for name, entry in exams.items():
+        check_file(report, ("exams", name, "path"), entry["path"], kind="folder")
+
+    base = copy.deepcopy(raw.get("run_defaults") or {})
     runs = {}
     for name, entry in raw["runs"].items():
         run = {**base, **copy.deepcopy(entry)}
-        for block in RUN_BLOCKS:
-            block_defaults = _defaults(run_props[block]["properties"])
-            run[block] = {**block_defaults, **base.get(block, {}), **entry.get(block, {})}
-        for key, table in (("model", models), ("dataset", datasets)):
+        for block in BLOCKS:
+            run[block] = {**base.get(block, {}), **entry.get(block, {})}
+        for key, table in (("model", models), ("dataset", raw["datasets"])):
             if run[key] not in table:
                 known = ", ".join(sorted(table))
                 report(("runs", name, key), f"names undefined {key} `{run[key]}` (defined: {known})")
-        benchmarks = raw.get("benchmarks", {})
-        for benchmark in run["evaluation"]["benchmarks"]:
-            if benchmark not in benchmarks:
-                known = ", ".join(sorted(benchmarks)) or "none; add a top-level `benchmarks:` entry"
-                report(("runs", name, "evaluation", "benchmarks"),
-                       f"names undefined benchmark `{benchmark}` (defined: {known})")
-        try:  # the train stage's own cross-field rules (qlora with ZeRO-3, LoRA+ with DeepSpeed ...)
-            TrainSettings(**{f.name: run[f.name] for f in fields(TrainSettings)})
+        for exam in run["evaluation"].get("exams", []):
+            if exam not in exams:
+                known = ", ".join(sorted(exams)) or "none; add a top-level `exams:` entry"
+                report(("runs", name, "evaluation", "exams"), f"names undefined exam `{exam}` (defined: {known})")
+        try:  # the stages' own cross-field rules (qlora with ZeRO-3, LoRA+ with DeepSpeed ...)
+            runs[name] = build_run(name, run)
         except UserError as problem:
             report(("runs", name), str(problem))
-        runs[name] = run
     if raw.get("serve_run") and raw["serve_run"] not in runs:
-        report(("serve_run",), f"`{raw['serve_run']}` is not a run (runs: {', '.join(runs)})")
+        report(("serve_run",), f"`{raw['serve_run']}` is not a run (runs: {', '.join(raw['runs'])})")
     if problems:
         raise UserError("\n".join(problems))
-    return WorkflowConfig(models=models, datasets=datasets, runs=runs, sweeps=sweeps,
-                          benchmarks=raw.get("benchmarks", {}), serve_run=raw.get("serve_run"))
+    return WorkflowConfig(models=models, datasets=datasets, runs=runs, sweeps=sweeps, exams=exams,
+                          serve_run=raw.get("serve_run"))

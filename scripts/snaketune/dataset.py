@@ -16,7 +16,7 @@ from typing import Any
 
 from snaketune.errors import UserError, located
 from snaketune.formats import ReadSettings, Record, read_records
-from snaketune.io import atomic_file, write_json
+from snaketune.io import atomic_file, save_png, write_json
 from snaketune.templates import ChatTemplate, TemplateError, encode_text, template_sha256, with_system
 
 SPLITS = ("train", "eval", "test")
@@ -121,14 +121,16 @@ def plot_lengths(lengths: dict[str, list[int]], max_length: int, title: str, pat
     axes.axvline(max_length, color="black", linestyle="--", linewidth=1, label=f"max_seq_length {max_length}")
     axes.set(xlabel="tokens per row (before truncation)", ylabel="rows", title=title)
     axes.legend(fontsize=8)
-    figure.tight_layout()
-    with atomic_file(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=100)
-    plt.close(figure)
+    save_png(figure, path)
 
 
-def build(settings: DatasetSettings, tokenizer, out_dir: str | Path) -> dict[str, Any]:
-    """Read, split, tokenize; write ``{train,eval,test}.parquet``, ``stats.json`` and ``lengths.png``."""
+OUTPUTS = ("train", "eval", "test", "stats", "lengths")
+MOST_ROWS_DROPPED = 0.5  # a build that keeps less than this share of the rows it read says so
+
+
+def build(settings: DatasetSettings, tokenizer, outputs: dict[str, str | Path]) -> dict[str, Any]:
+    """Read, split, tokenize; write the ``train``, ``eval`` and ``test`` parquet files, ``stats`` (JSON) and
+    ``lengths`` (PNG) to the paths ``outputs`` names."""
     import pandas as pd
     from tqdm import tqdm
 
@@ -141,7 +143,7 @@ def build(settings: DatasetSettings, tokenizer, out_dir: str | Path) -> dict[str
         except TemplateError as exc:
             raise UserError(f"{settings.source}: {exc}") from None
     splits = split_records(read.records, settings)
-    out_dir = Path(out_dir)
+    outputs = {name: Path(outputs[name]) for name in OUTPUTS}
     stats: dict[str, Any] = {
         "source": settings.path, "format": settings.format, "template": None if text_only else settings.template,
         "chat_template": None if text_only else template.source,
@@ -178,9 +180,16 @@ def build(settings: DatasetSettings, tokenizer, out_dir: str | Path) -> dict[str
             "dropped_no_target": len(dropped),
             "max_tokens": int(max(token_counts, default=0)),
         }
+    kept = sum(split["rows"] for split in stats["splits"].values())
+    if read.rows_read and kept < read.rows_read * MOST_ROWS_DROPPED:
+        warning = (f"{settings.source}: kept {kept} of {read.rows_read} rows ({len(read.bad_rows)} bad, "
+                   f"{read.duplicates} duplicates, {read.rows_read - kept - len(read.bad_rows) - read.duplicates} "
+                   "without a trainable token): more than half of the data is gone")
+        print(f"warning: {warning}", file=sys.stderr)
+        stats["warnings"] = [warning]
     for name, frame in frames.items():
-        with atomic_file(out_dir / f"{name}.parquet") as tmp:
+        with atomic_file(outputs[name]) as tmp:
             frame.to_parquet(tmp, index=False)
-    plot_lengths(lengths, settings.max_seq_length, Path(out_dir).parent.name, out_dir / "lengths.png")
-    write_json(out_dir / "stats.json", stats)
+    plot_lengths(lengths, settings.max_seq_length, settings.source, outputs["lengths"])
+    write_json(outputs["stats"], stats)
     return stats

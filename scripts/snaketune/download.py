@@ -16,7 +16,7 @@ from typing import Any
 
 from snaketune import __version__
 from snaketune.errors import UserError
-from snaketune.io import atomic_dir, sha256_file
+from snaketune.io import atomic_dir, safetensors_problem, sha256_file
 from snaketune.templates import TEMPLATES
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -36,13 +36,17 @@ def file_inventory(folder: Path) -> list[dict[str, Any]]:
 
 
 def check_model_folder(folder: Path, what: str) -> None:
-    """A usable Hugging Face model folder has a config.json and tokenizer files."""
+    """A usable Hugging Face model folder has a config.json, tokenizer files and whole safetensors files."""
     if not folder.is_dir():
         raise UserError(f"{what}: `{folder}` is not a folder")
     if not (folder / "config.json").is_file():
         raise UserError(f"{what}: `{folder}` has no config.json; is it a Hugging Face model folder?")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise UserError(f"{what}: `{folder}` has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    for shard in sorted(folder.rglob("*.safetensors")):
+        problem = safetensors_problem(shard)
+        if problem:
+            raise UserError(f"{what}: {shard}: {problem}; download it again")
 
 
 def corpus_texts(paths: list[str]) -> Iterator[str]:
@@ -65,10 +69,10 @@ def corpus_texts(paths: list[str]) -> Iterator[str]:
             raise UserError(f"tokenizer_corpus: `{path}` not found")
         text = path.read_text(encoding="utf-8")
         if path.suffix in (".json", ".jsonl"):
-            lines = [text] if path.suffix == ".json" else [x for x in text.splitlines() if x.strip()]
+            lines = [text] if path.suffix == ".json" else [x for x in text.split("\n") if x.strip()]
             yield from strings([json.loads(line) for line in lines])
         else:
-            yield from text.splitlines()
+            yield from text.split("\n")
 
 
 def build_tokenizer(corpus: list[str], vocab_size: int):
@@ -197,6 +201,14 @@ def fetch(settings: dict[str, Any], out: str | Path) -> dict[str, Any]:
 
 
 def model_path(manifest_path: str | Path) -> tuple[Path, bool]:
-    """Read a manifest and return (model folder, trust_remote_code)."""
+    """Read a manifest and return (model folder, trust_remote_code).
+
+    The folder is always a folder on disk, returned as an absolute path: a folder that vanished is an error here,
+    never a name that transformers would go and look up on a model hub.
+    """
     manifest = json.loads(Path(manifest_path).read_text(encoding="utf-8"))
-    return Path(manifest["path"]), bool(manifest["trust_remote_code"])
+    folder = Path(manifest["path"]).absolute()
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{manifest_path}: the model folder it names, {manifest['path']}, is gone (or has no "
+                        "config.json); restore it, or rebuild the manifest with `snakemake --forcerun download`")
+    return folder, bool(manifest["trust_remote_code"])

@@ -23,7 +23,7 @@ class EvalSettings:
     metrics: list[str] = field(default_factory=lambda: ["bleu", "rouge", "exact_match"])
     text_tokenizer: str = "char"
     labels: dict[str, list[str]] = field(default_factory=dict)  # label -> texts that mean it (the label itself too)
-    benchmarks: list[str] = field(default_factory=list)  # multiple-choice benchmarks (scored by their own rule)
+    exams: list[str] = field(default_factory=list)  # multiple-choice exams (scored by the exam rule)
     shots: int = 0
 
 

@@ -1,6 +1,6 @@
-"""Multiple-choice benchmarks in the C-Eval / CMMLU layout, scored by log-likelihood (no generation).
+"""Multiple-choice exams (MMCU, C-Eval, CMMLU) in the C-Eval / CMMLU layout, scored by log-likelihood (no generation).
 
-A benchmark is a folder with ``test/`` (or ``val/``) and optionally ``dev/``, each holding one CSV per subject
+A exam is a folder with ``test/`` (or ``val/``) and optionally ``dev/``, each holding one CSV per subject
 (``{subject}.csv``, or C-Eval's ``{subject}_test.csv`` / ``_val.csv`` / ``_dev.csv``) with the columns Question, A,
 B, C, D, Answer (any case; other columns are ignored). MMCU converts to it: one CSV per subject, same columns.
 
@@ -34,7 +34,13 @@ class Question:
 
 
 @dataclass
-class Benchmark:
+class ExamSettings:
+    shots: int = 0  # solved dev questions put before each test question
+    batch_size: int = 8  # prompts scored together
+
+
+@dataclass
+class Exam:
     name: str
     test: dict[str, list[Question]] = field(default_factory=dict)  # subject -> questions
     dev: dict[str, list[Question]] = field(default_factory=dict)
@@ -84,24 +90,24 @@ def read_subject(path: Path) -> list[Question]:
     return questions
 
 
-def load_benchmark(name: str, folder: str | Path) -> Benchmark:
+def load_exam(name: str, folder: str | Path) -> Exam:
     folder = Path(folder)
     test_dir = next((folder / sub for sub in ("test", "val") if (folder / sub).is_dir()), None)
     if test_dir is None:
         raise UserError(f"{folder}: no test/ or val/ folder of subject CSVs (C-Eval / CMMLU layout)")
-    benchmark = Benchmark(name)
+    exam = Exam(name)
     for path in sorted(test_dir.glob("*.csv")):
-        benchmark.test[subject_of(path)] = read_subject(path)
-    if not benchmark.test:
+        exam.test[subject_of(path)] = read_subject(path)
+    if not exam.test:
         raise UserError(f"{test_dir}: no subject CSVs")
     if (folder / "dev").is_dir():
         for path in sorted((folder / "dev").glob("*.csv")):
-            benchmark.dev[subject_of(path)] = read_subject(path)
-    return benchmark
+            exam.dev[subject_of(path)] = read_subject(path)
+    return exam
 
 
-def benchmark_files(folder: str | Path) -> list[str]:
-    """Every CSV a benchmark reads (the workflow's inputs)."""
+def exam_files(folder: str | Path) -> list[str]:
+    """Every CSV a exam reads (the workflow's inputs)."""
     folder = Path(folder)
     return sorted(str(p) for sub in ("test", "val", "dev") for p in (folder / sub).glob("*.csv"))
 
@@ -117,12 +123,12 @@ def build_prompt(q: Question, shots: list[Question]) -> str:
     return head + "".join(format_question(s, True) for s in shots) + format_question(q, False)
 
 
-def prompts_for(benchmark: Benchmark, shots: int) -> list[tuple[Question, str]]:
+def prompts_for(exam: Exam, shots: int) -> list[tuple[Question, str]]:
     pairs = []
-    for subject, questions in benchmark.test.items():
-        dev = benchmark.dev.get(subject, [])
+    for subject, questions in exam.test.items():
+        dev = exam.dev.get(subject, [])
         if shots > len(dev):
-            raise UserError(f"{benchmark.name}: subject `{subject}` has {len(dev)} dev questions, fewer than "
+            raise UserError(f"{exam.name}: subject `{subject}` has {len(dev)} dev questions, fewer than "
                             f"shots={shots}")
         pairs += [(q, build_prompt(q, dev[:shots])) for q in questions]
     return pairs
@@ -188,25 +194,25 @@ def summarize(name: str, shots: int, questions: list[Question], chosen: list[str
     for row in subjects.values():
         row["accuracy"] = row["correct"] / row["n"]
     total = sum(row["n"] for row in subjects.values())
-    return {"benchmark": name, "shots": shots, "n": total,
+    return {"exam": name, "shots": shots, "n": total,
             "accuracy": sum(row["correct"] for row in subjects.values()) / total,
             "macro_accuracy": sum(row["accuracy"] for row in subjects.values()) / len(subjects),
             "subjects": subjects}
 
 
-def score_exam(model, tokenizer, benchmark: Benchmark, shots: int, batch_size: int = 8) -> dict[str, Any]:
+def score_exam(model, tokenizer, exam: Exam, shots: int, batch_size: int = 8) -> dict[str, Any]:
     """Score every test question; the result says how (prompt, letter token ids, averaging) and what was chosen,
     so a number can be reproduced and compared."""
     from tqdm import tqdm
 
-    pairs = prompts_for(benchmark, shots)
+    pairs = prompts_for(exam, shots)
     scores = []
     prompts = [prompt for _, prompt in pairs]
-    for start in tqdm(range(0, len(prompts), batch_size), desc=f"score {benchmark.name}", file=sys.stderr):
+    for start in tqdm(range(0, len(prompts), batch_size), desc=f"score {exam.name}", file=sys.stderr):
         scores += letter_scores(model, tokenizer, prompts[start : start + batch_size], batch_size)
     chosen = choose(scores)
     questions = [q for q, _ in pairs]
-    result = summarize(benchmark.name, shots, questions, chosen)
+    result = summarize(exam.name, shots, questions, chosen)
     token_ids = {letter: tokenizer(letter, add_special_tokens=False)["input_ids"] for letter in LETTERS}
     result["method"] = {
         "scoring": "log-probability of each option letter right after the prompt (answer-only, no generation)",

@@ -135,7 +135,9 @@ def iter_json_rows(path: Path) -> Iterator[tuple[int, Any]]:
     if text.lstrip().startswith("["):
         yield from _iter_json_array(path, text)
         return
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at \n only: JSON strings may hold U+2028, U+2029 and U+0085 unescaped, and str.splitlines would
+    # break a row there. A \r before the \n (CRLF) is whitespace to the JSON parser.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -434,7 +436,10 @@ def read_records(settings: ReadSettings) -> ReadResult:
             seen_content.add(key)
             records.append(record)
     if not records:
-        raise UserError(f"{', '.join(map(str, settings.paths))}: no usable rows")
+        reasons = "".join(f"\n{row}" for row in bad_rows[:5])
+        why = (f"all {rows_read} rows are bad (first reasons below)" if bad_rows and len(bad_rows) == rows_read
+               else f"no usable rows ({rows_read} read, {len(bad_rows)} bad, {duplicates} duplicates)")
+        raise UserError(f"{', '.join(map(str, settings.paths))}: {why}{reasons}")
     return ReadResult(records, bad_rows, duplicates, rows_read)
 
 

@@ -59,14 +59,15 @@ def generate_batch(model, tokenizer, prompts: list[str], settings: GenerationSet
 
 
 class PartialPredictions:
-    """Rows already generated, appended batch by batch beside the output, so a killed job resumes.
+    """Rows already generated, appended batch by batch to ``rows_path``, so a killed job resumes.
 
-    The rows are kept only if they came from the same model, test split and settings (a fingerprint file says so).
+    The rows are kept only if they came from the same model, test split and settings (a fingerprint file beside
+    them, ``<rows_path>.key``, says so).
     """
 
-    def __init__(self, out_csv: Path, fingerprint: str):
-        self.rows_path = out_csv.with_name(out_csv.stem + ".partial.csv")
-        self.key_path = out_csv.with_name(out_csv.stem + ".partial.key")
+    def __init__(self, rows_path: Path, fingerprint: str):
+        self.rows_path = Path(rows_path)
+        self.key_path = self.rows_path.with_name(self.rows_path.name + ".key")
         if not (self.key_path.exists() and self.key_path.read_text() == fingerprint):
             self.rows_path.unlink(missing_ok=True)
             self.key_path.write_text(fingerprint)
@@ -95,11 +96,11 @@ class PartialPredictions:
         self.key_path.unlink(missing_ok=True)
 
 
-def predict(settings: GenerationSettings, model_dir: Path, test_path: Path, out_csv: Path,
+def predict(settings: GenerationSettings, model_dir: Path, test_path: Path, out_csv: Path, partial_csv: Path,
             adapter_dir: Path | None = None, trust_remote_code: bool = False) -> int:
     """Generate an answer for every test row and write ``out_csv`` atomically; return the row count.
 
-    Rows are generated shortest first in batches; each finished batch is appended to a partial file, so a
+    Rows are generated shortest first in batches; each finished batch is appended to ``partial_csv``, so a
     restarted job generates only the rows that are missing.
     """
     import hashlib
@@ -121,7 +122,7 @@ def predict(settings: GenerationSettings, model_dir: Path, test_path: Path, out_
     fingerprint = hashlib.sha256(json.dumps(
         [vars(settings), str(model_dir.resolve()), str(adapter_dir.resolve()) if adapter_dir else None,
          sha256_file(test_path)], sort_keys=True).encode()).hexdigest()
-    partial = PartialPredictions(out_csv, fingerprint)
+    partial = PartialPredictions(partial_csv, fingerprint)
     predictions = {k: v for k, v in partial.done().items() if k in set(test["id"])}
     if predictions:
         print(f"resuming: {len(predictions)} of {len(test)} rows already generated", file=sys.stderr)

@@ -12,6 +12,7 @@ from typing import Any
 from snaketune.io import atomic_file, write_json
 
 RUN_COLUMNS = ["run", "model", "dataset", "method", "learning_rate", "num_train_epochs", "max_steps"]
+TRAIN_COLUMNS = ["train_seconds", "train_steps", "final_loss", "tokens_per_second"]
 METRIC_COLUMNS = ["n", "exact_match", "bleu-4", "rouge-1", "rouge-2", "rouge-l", "text_tokenizer", "accuracy",
                   "precision", "recall", "f1"]
 SAMPLE_ROWS = 5  # predictions shown beside their references per run
@@ -31,17 +32,24 @@ def train_seconds(benchmark_tsv: Path | None) -> float | str:
         return round(float(next(csv.DictReader(handle, delimiter="\t"))["s"]), 1)
 
 
-def run_row(run: dict[str, Any], metrics_path: Path, log: list[dict[str, str]],
-            benchmarks: dict[str, Path] | None = None, train_time: Path | None = None) -> dict[str, Any]:
-    """The leaderboard row of one run: its settings, training time and length, final loss, every metric."""
-    metrics = json.loads(Path(metrics_path).read_text(encoding="utf-8"))
-    row = {key: run.get(key, "") for key in RUN_COLUMNS}
-    row["train_seconds"] = train_seconds(train_time)
-    row["train_steps"] = int(log[-1]["step"]) if log else 0
-    row["final_loss"] = float(log[-1]["loss"]) if log else ""
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def run_row(record: dict[str, Any]) -> dict[str, Any]:
+    """The leaderboard row of one run: its settings, what its training recorded for the whole run (steps,
+    final loss, tokens/s) and the job's wall time, every metric and exam accuracy."""
+    files = record["files"]
+    summary = read_json(files["train_summary"])
+    metrics = read_json(files["metrics"])
+    row = {key: record.get(key, "") for key in RUN_COLUMNS}
+    row["train_seconds"] = train_seconds(files.get("train_timing"))
+    row["train_steps"] = summary.get("global_step", 0)
+    row["final_loss"] = summary.get("final_loss") if summary.get("final_loss") is not None else ""
+    row["tokens_per_second"] = summary.get("tokens_per_second") or ""
     row.update({key: metrics.get(key, "") for key in METRIC_COLUMNS})
-    for name, path in (benchmarks or {}).items():
-        row[f"{name}_accuracy"] = json.loads(Path(path).read_text(encoding="utf-8"))["accuracy"]
+    for name, path in record.get("exams", {}).items():
+        row[f"{name}_accuracy"] = read_json(path)["accuracy"]
     return row
 
 
@@ -79,8 +87,12 @@ def figure_png(fig) -> str:
 
 
 def write_sweep(name: str, sweep: dict[str, Any], rows: list[dict[str, Any]],
-                logs: dict[str, list[dict[str, str]]], folder: Path) -> str:
-    """Write ``runs.csv`` and ``best.json`` of one sweep; return its HTML section (metric plots, loss curves)."""
+                logs: dict[str, list[dict[str, str]]], serve: dict[str, dict[str, str]]) -> str:
+    """Write the sweep's ``runs_csv`` and ``best_json`` (``sweep["files"]``); return its HTML section.
+
+    ``best.json`` names what to load for the best run (``serve``: its merged folder, or base manifest + adapter),
+    which the report's inputs guarantee is built.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,15 +104,15 @@ def write_sweep(name: str, sweep: dict[str, Any], rows: list[dict[str, Any]],
     members = [by_run[run] for run in sweep["runs"]]
     settings = sorted({key for point in sweep["runs"].values() for key in point})
     metric, mode = sweep["select_by"], sweep["select_mode"]
-    with atomic_file(folder / "runs.csv") as tmp, open(tmp, "w", newline="") as handle:
+    with atomic_file(sweep["files"]["runs_csv"]) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["run", *settings, metric])
         writer.writeheader()
         writer.writerows({"run": run, **point, metric: by_run[run].get(metric, "")}
                          for run, point in sweep["runs"].items())
     best = select_best(members, metric, mode)
-    write_json(folder / "best.json", {
+    write_json(sweep["files"]["best_json"], {
         "sweep": name, "select_by": metric, "select_mode": mode, "run": best["run"], "value": best[metric],
-        "settings": sweep["runs"][best["run"]], "merged": f"results/runs/{best['run']}/merged",
+        "settings": sweep["runs"][best["run"]], "load": serve[best["run"]],
         "metrics": {key: best[key] for key in METRIC_COLUMNS if best.get(key, "") != ""},
     })
 
@@ -124,26 +136,18 @@ def write_sweep(name: str, sweep: dict[str, Any], rows: list[dict[str, Any]],
             f"<img alt='loss curves of sweep {html.escape(name)}' src='data:image/png;base64,{curves}'>")
 
 
-def write_report(runs: list[dict[str, Any]], metrics: list[Path], logs: list[Path], curves: list[Path],
-                 leaderboard: Path, page: Path, sweeps: dict[str, Any] | None = None,
-                 sweep_dir: Path = Path("results/sweeps"), predictions: list[Path] | None = None,
-                 train_times: list[Path] | None = None, benchmarks: list[Path] = ()) -> list[dict[str, Any]]:
+def write_report(records: list[dict[str, Any]], leaderboard: Path, page: Path,
+                 sweeps: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Write ``leaderboard.csv``, ``report.html`` and each sweep's ``runs.csv``/``best.json``.
 
-    ``runs``, ``metrics``, ``logs``, ``curves``, ``predictions`` and ``train_times`` align, one entry per run;
-    ``benchmarks`` are ``results/runs/{run}/benchmarks/{name}.json`` files, matched to runs by their path.
+    ``records`` holds one entry per run (``layout.Layout.report_record``): its columns and the files to read.
     """
-    parsed_logs = [read_log(path) for path in logs]
-    by_run: dict[str, dict[str, Path]] = {}
-    for path in benchmarks:
-        by_run.setdefault(Path(path).parent.parent.name, {})[Path(path).stem] = Path(path)
-    times = train_times or [None] * len(runs)
-    rows = [run_row(run, m, log, by_run.get(run["run"]), t)
-            for run, m, log, t in zip(runs, metrics, parsed_logs, times, strict=True)]
-    benchmark_columns = sorted({f"{name}_accuracy" for found in by_run.values() for name in found})
-    columns = RUN_COLUMNS + ["train_seconds", "train_steps", "final_loss"] + METRIC_COLUMNS + benchmark_columns
+    parsed_logs = [read_log(record["files"]["train_log"]) for record in records]
+    rows = [run_row(record) for record in records]
+    exam_columns = sorted({f"{name}_accuracy" for record in records for name in record.get("exams", {})})
+    columns = RUN_COLUMNS + TRAIN_COLUMNS + METRIC_COLUMNS + exam_columns
     for row in rows:
-        for column in benchmark_columns:
+        for column in exam_columns:
             row.setdefault(column, "")
     with atomic_file(leaderboard) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
@@ -156,12 +160,12 @@ def write_report(runs: list[dict[str, Any]], metrics: list[Path], logs: list[Pat
         f"<figure><img alt='loss curve of {html.escape(r['run'])}' src='data:image/png;base64,"
         f"{base64.b64encode(Path(curve).read_bytes()).decode()}'><figcaption>{html.escape(r['run'])}"
         f"</figcaption></figure>"
-        for r, curve in zip(rows, curves, strict=True)
+        for r, curve in zip(rows, [record["files"]["loss_curve"] for record in records], strict=True)
     )
-    samples = prediction_samples([r["run"] for r in rows], predictions) if predictions else ""
+    samples = prediction_samples([r["run"] for r in rows], [record["files"]["predictions"] for record in records])
     log_of = {row["run"]: log for row, log in zip(rows, parsed_logs, strict=True)}
-    sections = "".join(write_sweep(name, sweep, rows, log_of, sweep_dir / name)
-                       for name, sweep in (sweeps or {}).items())
+    serve = {record["run"]: record["serve"] for record in records}
+    sections = "".join(write_sweep(name, sweep, rows, log_of, serve) for name, sweep in (sweeps or {}).items())
     document = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>snaketune report</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}

@@ -240,28 +240,54 @@ def create_app(chat: ChatModel, settings: ServiceSettings):
 
 
 def add_model_arguments(parser) -> None:
-    """--run, or --model, or --model-manifest with --adapter: which model to talk to."""
+    """--run (with --configfile), or --model, or --model-manifest with --adapter: which model to talk to."""
     from snaketune.cli import model_source_arguments
 
     model_source_arguments(parser).add_argument(
-        "--run", help="a run name: its merged model under --results/runs/<run>/merged")
-    parser.add_argument("--results", default="results", help="results folder of the workflow (for --run)")
+        "--run", help="a run of the workflow's config: the model its predictions came from (shared jobs included)")
+    parser.add_argument("--configfile", default="config/config.yaml",
+                        help="the workflow config --run is looked up in (as given to snakemake); paths are "
+                             "relative to the working directory, as in the workflow")
+    parser.add_argument("--name", help="the model name the service reports (default: the run or folder name)")
+
+
+def run_model(run: str, configfile: str | Path) -> dict[str, Path]:
+    """What the workflow built for ``run`` to predict with (layout.Layout.run_model), checked to exist."""
+    import yaml
+
+    from snaketune.config import load
+    from snaketune.errors import UserError
+    from snaketune.layout import Layout
+
+    configfile = Path(configfile)
+    if not configfile.is_file():
+        raise UserError(f"--configfile: `{configfile}` not found (--run looks the run up in the workflow's config)")
+    cfg = load(yaml.safe_load(configfile.read_text(encoding="utf-8")) or {}, [configfile])
+    if run not in cfg.runs:
+        raise UserError(f"--run: `{run}` is not a run of {configfile} (runs: {', '.join(cfg.runs)})")
+    found = {key: Path(path) for key, path in Layout(cfg).run_model(run).items()}
+    missing = [str(path) for path in found.values() if not path.exists()]
+    if missing:
+        raise UserError(f"run `{run}` is not built yet ({', '.join(missing)} missing); build it with "
+                        f"`snakemake --profile profiles/local --configfile {configfile} {' '.join(missing)}`")
+    return found
 
 
 def load_chat_model(args) -> ChatModel:
     """The ChatModel the command line names; a missing model is a UserError saying what to run."""
     from snaketune.cli import model_source
+    from snaketune.download import model_path
     from snaketune.errors import UserError
     from snaketune.gpus import claim
 
     claim(1)
     if args.run:
-        merged = Path(args.results) / "runs" / args.run / "merged"
-        if not (merged / "config.json").is_file():
-            raise UserError(f"run `{args.run}` has no merged model at {merged}; build it with "
-                            f"`snakemake --profile profiles/local {merged}`, or pass --model-manifest and --adapter")
-        return ChatModel(merged, name=args.run)
+        found = run_model(args.run, args.configfile)
+        if "model" in found:
+            return ChatModel(found["model"], name=args.name or args.run)
+        folder, trust = model_path(found["manifest"])
+        return ChatModel(folder, found["adapter"], trust, name=args.name or args.run)
     folder, trust, adapter = model_source(args)
     if adapter is None and not (folder / "config.json").is_file():
         raise UserError(f"{folder}: not a model folder (no config.json)")
-    return ChatModel(folder, adapter, trust)
+    return ChatModel(folder, adapter, trust, name=args.name)

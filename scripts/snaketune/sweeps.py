@@ -1,6 +1,7 @@
 """Sweeps: a run with ``sweep:`` becomes ordinary runs, one per point, with stable readable names.
 
 Grid:   ``sweep: {learning_rate: [0.01, 0.005], lora_rank: [8, 16]}``            -> 4 runs
+        ``sweep: {generation.max_new_tokens: [16, 64]}`` (a key of a block, dotted)   -> 2 runs
 Random: ``sweep: {mode: random, samples: 6, seed: 0, space: {learning_rate: {loguniform: [1e-4, 1e-2]},
                                                               lora_rank: [8, 16]}}``  -> 6 runs
 A point's name is the run's name followed by each swept setting and its value, in the order written:
@@ -99,6 +100,18 @@ def check(run: str, sweep: Any, settings: set[str], report: Callable[[tuple, str
     return ok
 
 
+def with_point(base: dict[str, Any], point: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with a point's values set; ``generation.max_new_tokens`` sets one key of the generation block."""
+    run = {key: dict(value) if isinstance(value, dict) else value for key, value in base.items()}
+    for key, value in point.items():
+        block, _, inner = key.partition(".")
+        if inner:
+            run[block] = {**run.get(block, {}), inner: value}
+        else:
+            run[key] = value
+    return run
+
+
 def expand(runs: dict[str, dict[str, Any]], settings: set[str], report: Callable[[tuple, str], None]
            ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     """Replace every run that has ``sweep:`` by its points; return (runs, sweeps).
@@ -124,7 +137,7 @@ def expand(runs: dict[str, dict[str, Any]], settings: set[str], report: Callable
                 report(("runs", name, "sweep"), f"two runs expand to one name `{run}` (also from `{origin[run]}`)")
                 continue
             origin[run] = name
-            expanded[run] = {**base, **point}
+            expanded[run] = with_point(base, point)
             sweep["runs"][run] = point
         sweeps[name] = sweep
     return expanded, sweeps

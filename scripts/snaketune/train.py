@@ -3,9 +3,10 @@
 Read top to bottom: settings -> training arguments (these set up DeepSpeed before the model loads, so ZeRO-3
 can shard it while loading) -> checkpoints to resume from -> model -> trainer -> train -> save.
 
-Checkpoints live in ``results/runs/{run}/checkpoints/``, beside the adapter folder and not in it, because
-Snakemake deletes a job's declared outputs before starting it again. They carry a fingerprint of the settings
-and data, so a rerun after a config change starts over instead of resuming someone else's optimizer state.
+Checkpoints live in a folder of their own (``results/runs/{run}/checkpoints/``), beside the adapter folder and
+not in it, because Snakemake deletes a job's declared outputs before starting it again. They carry a fingerprint
+of the settings and data, so a rerun after a config change starts over instead of resuming someone else's
+optimizer state.
 """
 
 from __future__ import annotations
@@ -25,12 +26,27 @@ from pathlib import Path
 from typing import Any
 
 from snaketune.errors import UserError
-from snaketune.io import atomic_file, sha256_file, write_json
+from snaketune.io import atomic_file, save_png, sha256_file, write_json
 
 SUPPORTED_METHODS = ("lora", "qlora", "full")
 DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[2] / "config" / "deepspeed"
 LOG_COLUMNS = ["step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_second"]
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainFiles:
+    """What the train stage reads and writes, each path given by the caller (the workflow's layout)."""
+
+    train: Path  # train split (parquet)
+    eval: Path  # eval split (parquet)
+    stats: Path | None  # the build's stats.json: the chat template the data was rendered with
+    adapter: Path  # the adapter (or full weights) folder to write, with the tokenizer
+    train_log: Path  # train_log.csv to write: one row per logged step, the last step always among them
+    summary: Path  # train_summary.json to write: steps, final loss, tokens/s of the whole run
+    curve: Path  # loss.png to write
+    checkpoints: Path  # resumable state (kept between attempts, removed after success)
+    tensorboard: Path | None = None  # TensorBoard events, when settings.tensorboard
 
 
 @dataclass
@@ -169,24 +185,63 @@ class TokenDataset:
         return self.rows[index]
 
 
-def complete_checkpoints(folder: Path) -> list[Path]:
-    """Checkpoints that finished writing (the Trainer writes trainer_state.json last), oldest first."""
+WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json",
+                "pytorch_model.bin", "latest")  # one of them: the weights (``latest``: a DeepSpeed checkpoint)
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from, or None when every file the resume reads is there and readable.
+
+    The Trainer writes trainer_state.json last, but a kill during a later copy, a full disk or a bad sync can
+    still leave a truncated file behind; each file is checked the way the resume will read it.
+    """
+    from snaketune.io import file_problem
+
+    state = checkpoint / "trainer_state.json"
+    if not state.is_file():
+        return "no trainer_state.json (it was still being written)"
+    if not any((checkpoint / name).exists() for name in WEIGHT_FILES):
+        return f"no weights ({', '.join(WEIGHT_FILES)})"
+    if (checkpoint / "latest").is_file():  # DeepSpeed: `latest` names the folder of the sharded states
+        tag = (checkpoint / "latest").read_text().strip()
+        if not (checkpoint / tag).is_dir():
+            return f"`latest` names {tag}, which is missing"
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
+        problem = file_problem(path)
+        if problem:
+            return f"{path.relative_to(checkpoint)}: {problem}"
+    return None
+
+
+def complete_checkpoints(folder: Path, warn: bool = False) -> list[Path]:
+    """Checkpoints a resume can read, oldest first; with ``warn``, one line for each one skipped."""
     if not folder.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found) if (p / "trainer_state.json").is_file()]
+    usable = []
+    for _, checkpoint in sorted(found):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            usable.append(checkpoint)
+        elif warn:
+            print(f"warning: skipping checkpoint {checkpoint}: {problem}", file=sys.stderr)
+    return usable
 
 
 def prepare_checkpoints(folder: Path, fingerprint: str) -> Path | None:
-    """Return the checkpoint to resume from, or None; checkpoints of other settings or data are discarded."""
+    """Return the checkpoint to resume from, or None; checkpoints of other settings or data are discarded, and
+    unreadable ones removed (with a warning) so the resume takes the newest readable one."""
     stamp = folder / "fingerprint.txt"
     if folder.exists() and (not stamp.is_file() or stamp.read_text().strip() != fingerprint):
         print(f"checkpoints in {folder} belong to other settings or data: starting over", file=sys.stderr)
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     stamp.write_text(fingerprint + "\n")
-    checkpoints = complete_checkpoints(folder)
-    return checkpoints[-1] if checkpoints else None
+    usable = complete_checkpoints(folder, warn=True)
+    for checkpoint in folder.iterdir():
+        if CHECKPOINT_RE.match(checkpoint.name) and checkpoint.is_dir() and checkpoint not in usable:
+            shutil.rmtree(checkpoint)
+    return usable[-1] if usable else None
 
 
 def write_log_csv(history: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
@@ -211,10 +266,7 @@ def plot_loss(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.text(0.5, 0.5, "no training steps", ha="center", va="center", transform=ax.transAxes)
     ax.set(xlabel="step", ylabel="training loss", title=title)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -252,13 +304,27 @@ def make_callbacks():
                 control.should_training_stop = True
                 self.stopped = True
 
+    class EndOfRun(TrainerCallback):
+        """The last step is always logged, so train_log.csv and the leaderboard end where the run ended; and no
+        resume checkpoint (optimizer state: several times the model) is written there, since the final weights
+        are saved next. Runs after StopOnSignal, whose checkpoint on a signal it keeps."""
+
+        def __init__(self, on_signal):
+            self.on_signal = on_signal
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_log = True
+                control.should_save = self.on_signal.stopped
+
     class StopOnNonFiniteLoss(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             loss = (logs or {}).get("loss")
             if loss is not None and not math.isfinite(loss):
                 raise NonFiniteLoss(f"loss became {loss} at step {state.global_step}")
 
-    return StopOnSignal(), StopOnNonFiniteLoss()
+    on_signal = StopOnSignal()
+    return on_signal, StopOnNonFiniteLoss(), EndOfRun(on_signal)
 
 
 def make_trainer_class():
@@ -310,14 +376,16 @@ def load_model(settings: TrainSettings, model_dir: Path, trust_remote_code: bool
     return get_peft_model(model, lora)
 
 
-def training_arguments(settings: TrainSettings, checkpoints: Path, run_dir: Path, precision: str, run_name: str):
+def training_arguments(settings: TrainSettings, files: TrainFiles, precision: str, run_name: str):
     import torch
     from transformers import TrainingArguments
 
     if settings.tensorboard:  # transformers 5 takes the TensorBoard folder from the environment only
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
+        if files.tensorboard is None:
+            raise UserError("tensorboard: true needs a TensorBoard folder (--tensorboard)")
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(files.tensorboard)
     return TrainingArguments(
-        output_dir=str(checkpoints), run_name=run_name, seed=settings.seed, data_seed=settings.seed,
+        output_dir=str(files.checkpoints), run_name=run_name, seed=settings.seed, data_seed=settings.seed,
         learning_rate=settings.learning_rate, num_train_epochs=settings.num_train_epochs,
         max_steps=settings.max_steps, per_device_train_batch_size=settings.per_device_train_batch_size,
         gradient_accumulation_steps=settings.gradient_accumulation_steps,
@@ -352,9 +420,32 @@ def fail_with_advice(settings: TrainSettings, exc: BaseException, step: int) -> 
     )
 
 
-def train(settings: TrainSettings, model_dir: Path, trust_remote_code: bool, train_path: Path, eval_path: Path,
-          run_dir: Path, run_name: str = "run") -> dict:
-    """Fine-tune and write ``run_dir/{adapter/, train_log.csv, loss.png}``; return a summary.
+def run_summary(trainer, result, log_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Steps, losses and speed of the whole run (not of the last logging window)."""
+    seconds = result.metrics.get("train_runtime") or 0.0
+    tokens = int(trainer.state.num_input_tokens_seen)
+    return {"global_step": trainer.state.global_step, "train_loss": result.training_loss,
+            "final_loss": log_rows[-1]["loss"] if log_rows else None, "tokens_seen": tokens,
+            "train_seconds": round(seconds, 3),
+            "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None}
+
+
+def finish_process_group() -> None:
+    """Leave the process group cleanly: every rank waits for rank 0's writes, then the group is destroyed.
+
+    Exiting with the group alive lets the interpreter tear down gloo/NCCL threads that are still joinable, which
+    aborts the process (``terminate called without an active exception``, SIGABRT) after a finished run.
+    """
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def train(settings: TrainSettings, model_dir: Path, trust_remote_code: bool, files: TrainFiles,
+          run_name: str = "run") -> dict:
+    """Fine-tune and write the adapter, train log, summary and loss curve ``files`` names; return the summary.
 
     Raises:
         UserError: out of memory or a non-finite loss, with what to change; Interrupted on SIGTERM after a
@@ -367,13 +458,13 @@ def train(settings: TrainSettings, model_dir: Path, trust_remote_code: bool, tra
     prepare_environment(settings)
     set_seed(settings.seed)
     precision = resolve_precision(settings.precision)
-    checkpoints, adapter_out = run_dir / "checkpoints", run_dir / "adapter"
-    args = training_arguments(settings, checkpoints, run_dir, precision, run_name)
+    checkpoints = files.checkpoints
+    args = training_arguments(settings, files, precision, run_name)
     start_process_group(settings)
     resume_from = None
     if settings.max_steps != 0:
         fingerprint = hashlib.sha256(
-            json.dumps([asdict(settings), sha256_file(train_path), str(model_dir)], sort_keys=True).encode()
+            json.dumps([asdict(settings), sha256_file(files.train), str(model_dir)], sort_keys=True).encode()
         ).hexdigest()
         if int(os.environ.get("RANK", "0")) == 0:  # one process cleans up; the others wait, then read
             prepare_checkpoints(checkpoints, fingerprint)
@@ -382,13 +473,12 @@ def train(settings: TrainSettings, model_dir: Path, trust_remote_code: bool, tra
         resume_from = (complete_checkpoints(checkpoints) or [None])[-1]
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    stats_path = Path(train_path).parent / "stats.json"
-    if stats_path.exists():  # the template the data was rendered with goes into the saved tokenizer
-        template = json.loads(stats_path.read_text(encoding="utf-8")).get("chat_template")
+    if files.stats is not None:  # the template the data was rendered with goes into the saved tokenizer
+        template = json.loads(Path(files.stats).read_text(encoding="utf-8")).get("chat_template")
         if template:
             tokenizer.chat_template = template
     model = load_model(settings, model_dir, trust_remote_code, precision)
-    train_data, eval_data = TokenDataset(train_path), TokenDataset(eval_path)
+    train_data, eval_data = TokenDataset(files.train), TokenDataset(files.eval)
     optimizers = (None, None)
     if settings.loraplus_lr_ratio:
         from peft.optimizers import create_loraplus_optimizer
@@ -396,9 +486,10 @@ def train(settings: TrainSettings, model_dir: Path, trust_remote_code: bool, tra
         optimizers = (create_loraplus_optimizer(model=model, optimizer_cls=torch.optim.AdamW,
                                                 lr=settings.learning_rate, weight_decay=settings.weight_decay,
                                                 loraplus_lr_ratio=settings.loraplus_lr_ratio), None)
-    on_signal, on_nan = make_callbacks()
+    callbacks = make_callbacks()
+    on_signal = callbacks[0]
     trainer = make_trainer_class()(
-        model=model, args=args, train_dataset=train_data, optimizers=optimizers, callbacks=[on_signal, on_nan],
+        model=model, args=args, train_dataset=train_data, optimizers=optimizers, callbacks=list(callbacks),
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
     )
     rank0 = trainer.is_world_process_zero()
@@ -417,8 +508,6 @@ def train(settings: TrainSettings, model_dir: Path, trust_remote_code: bool, tra
         if on_signal.stopped:
             raise Interrupted(f"stopped by a signal at step {trainer.state.global_step}; the checkpoint is saved "
                               f"in {checkpoints}: run again to resume")
-        summary.update(global_step=trainer.state.global_step, train_loss=result.training_loss,
-                       tokens_seen=int(trainer.state.num_input_tokens_seen))
         if len(eval_data):
             summary["eval_loss"] = trainer.evaluate(eval_dataset=eval_data)["eval_loss"]
     if torch.cuda.is_available():
@@ -432,18 +521,21 @@ def train(settings: TrainSettings, model_dir: Path, trust_remote_code: bool, tra
         summary["peak_memory_gib"] = max(summary["peak_memory_gib_per_process"])
 
     # Every process takes part in the save (ZeRO-3 gathers the shards); only rank 0 writes files.
-    staging = run_dir / ".adapter.partial"
+    adapter_out = Path(files.adapter)
+    staging = adapter_out.with_name(f".{adapter_out.name}.partial")
     if rank0 and staging.exists():
         shutil.rmtree(staging)
     trainer.save_model(str(staging))
-    if not rank0:
-        return summary
-    tokenizer.save_pretrained(staging)
-    write_json(staging / "train_summary.json", summary)
-    if adapter_out.exists():
-        shutil.rmtree(adapter_out)
-    os.replace(staging, adapter_out)
-    rows = write_log_csv(trainer.state.log_history, run_dir / "train_log.csv")
-    plot_loss(rows, run_dir / "loss.png", title=run_name)
-    shutil.rmtree(checkpoints, ignore_errors=True)
+    if rank0:
+        tokenizer.save_pretrained(staging)
+        if adapter_out.exists():
+            shutil.rmtree(adapter_out)
+        os.replace(staging, adapter_out)
+        rows = write_log_csv(trainer.state.log_history, files.train_log)
+        if settings.max_steps != 0:
+            summary.update(run_summary(trainer, result, rows))
+        write_json(files.summary, summary)
+        plot_loss(rows, files.curve, title=run_name)
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    finish_process_group()
     return summary

@@ -2,12 +2,17 @@
 
 import copy
 import json
+import os
 
 import pytest
 import yaml
 
-from snaketune.config import load
+from snaketune.config import BLOCKS, DERIVED, RUN_KEYS, SWEEP_KEYS, load, load_schema
+from snaketune.dataset import DatasetSettings
 from snaketune.errors import UserError
+from snaketune.exam import ExamSettings
+from snaketune.predict import GenerationSettings
+from snaketune.train import TrainSettings
 
 
 def write(tmp_path, config):
@@ -24,11 +29,10 @@ def test_default_config_is_valid_and_gets_defaults(default_config):
     cfg = load(default_config)
     assert set(cfg.runs) == {"identity-lora", "identity-base", "matching-lora"}
     run = cfg.runs["identity-lora"]
-    assert run["learning_rate"] == 0.01 and run["max_grad_norm"] == 1.0  # run_defaults, then schema default
-    assert cfg.runs["matching-lora"]["generation"] == {"max_new_tokens": 8, "batch_size": 16, "do_sample": False,
-                                                       "temperature": 1.0, "top_p": 1.0,
-                                                       "predict_from": "merged"}
-    assert cfg.datasets["identity"]["system"] is None
+    assert run.train.learning_rate == 0.01 and run.train.max_grad_norm == 1.0  # run_defaults, then the default
+    assert cfg.runs["matching-lora"].generation == GenerationSettings(max_new_tokens=8, batch_size=16, seed=42)
+    assert run.exam == ExamSettings(shots=2, batch_size=16)
+    assert cfg.datasets["identity"].system is None
 
 
 def test_unknown_key_names_file_line_and_suggests_the_known_one(tmp_path, default_config):
@@ -109,8 +113,8 @@ def test_a_dataset_from_llama_factory_dataset_info(tmp_path, default_config):
     config = copy.deepcopy(default_config)
     config["datasets"]["identity"] = {"dataset_info": str(info), "name": "qa", "max_seq_length": 64}
     dataset = load(config).datasets["identity"]
-    assert (dataset["path"], dataset["format"], dataset["columns"]) == (str(tmp_path / "qa.json"), "alpaca",
-                                                                         {"instruction": "q", "output": "a"})
+    assert (dataset.path, dataset.format, dataset.columns) == (str(tmp_path / "qa.json"), "alpaca",
+                                                               {"instruction": "q", "output": "a"})
     config["datasets"]["identity"]["name"] = "qb"
     path = write(tmp_path, config)
     with pytest.raises(UserError) as caught:
@@ -121,8 +125,10 @@ def test_a_dataset_from_llama_factory_dataset_info(tmp_path, default_config):
 
 def test_dataset_needs_path_and_format_and_columns_needs_its_templates(tmp_path, default_config):
     config = copy.deepcopy(default_config)
-    config["datasets"]["identity"] = {"format": "columns", "path": "m.csv", "prompt": "{s1}"}
-    config["datasets"]["text-matching"] = {"path": "x.jsonl"}
+    (tmp_path / "m.csv").write_text("s1,s2\na,b\n")
+    (tmp_path / "x.jsonl").write_text("{}\n")
+    config["datasets"]["identity"] = {"format": "columns", "path": str(tmp_path / "m.csv"), "prompt": "{s1}"}
+    config["datasets"]["text-matching"] = {"path": str(tmp_path / "x.jsonl")}
     path = write(tmp_path, config)
     with pytest.raises(UserError) as caught:
         load(config, [path])
@@ -132,3 +138,90 @@ def test_dataset_needs_path_and_format_and_columns_needs_its_templates(tmp_path,
         f"{path}:{line_of(path, 'text-matching:')}: datasets.text-matching: `format` is required (or "
         "`dataset_info` and `name`)",
     ]
+
+
+def dataclass_defaults(cls) -> dict:
+    from dataclasses import MISSING, fields
+
+    return {f.name: (f.default if f.default is not MISSING else
+                     f.default_factory() if f.default_factory is not MISSING else MISSING) for f in fields(cls)}
+
+
+def schema_defaults(properties: dict) -> dict:
+    return {key: spec.get("default", "no default") for key, spec in properties.items()}
+
+
+def test_schema_and_stage_dataclasses_agree_on_every_key_and_default():
+    """The loader takes defaults from the dataclasses alone; the schema documents them. A key the schema accepts
+    but no dataclass takes would be silently dropped; this fails first."""
+    schema = load_schema()["$defs"]
+    run = schema["run_settings"]["properties"]
+    train = dataclass_defaults(TrainSettings)
+    top = {key: spec for key, spec in run.items() if key not in RUN_KEYS | SWEEP_KEYS | set(BLOCKS)}
+    assert set(top) == set(train)
+    assert {key: spec.get("default") for key, spec in top.items()} == train
+    for block, cls in BLOCKS.items():
+        derived = {key for owner, key in DERIVED if owner == block}
+        ours = {key: value for key, value in dataclass_defaults(cls).items() if key not in derived}
+        theirs = schema_defaults(run[block]["properties"])
+        assert theirs == ours, block
+    dataset = {key: spec for key, spec in schema["dataset"]["properties"].items()
+               if key not in ("dataset_info", "name")}
+    ours = dataclass_defaults(DatasetSettings)
+    assert set(dataset) == set(ours)
+    assert {k: v.get("default") for k, v in dataset.items() if "default" in v} == \
+        {k: v for k, v in ours.items() if k not in ("path", "format")}
+
+
+def test_missing_data_paths_name_file_line_key_and_path(tmp_path, default_config):
+    config = copy.deepcopy(default_config)
+    config["datasets"]["identity"]["path"] = "data/identty.jsonl"  # a typo
+    config["datasets"]["text-matching"]["path"] = "data"  # a folder
+    config["exams"]["mmcu-sample"]["path"] = "data/mmcu"
+    config["datasets"]["new"] = {"path": ["data/identity.jsonl", "data/more.jsonl"], "format": "messages"}
+    path = write(tmp_path, config)
+    with pytest.raises(UserError) as caught:
+        load(config, [path])
+    assert str(caught.value).splitlines() == [
+        f"{path}:{line_of(path, 'identty')}: datasets.identity.path: file `data/identty.jsonl` not found "
+        f"(paths are relative to {os.getcwd()})",
+        f"{path}:{path.read_text().splitlines().index('    path: data') + 1}: datasets.text-matching.path: `data` is "
+        "a folder; name the data file inside it",
+        f"{path}:{line_of(path, 'new:') + 1}: datasets.new.path.1: file `data/more.jsonl` not found (paths are "
+        f"relative to {os.getcwd()})",
+        f"{path}:{line_of(path, 'path: data/mmcu')}: exams.mmcu-sample.path: folder `data/mmcu` not found (paths "
+        f"are relative to {os.getcwd()})",
+    ]
+
+
+def test_a_dataset_info_whose_file_is_missing_is_an_error(tmp_path, default_config):
+    info = tmp_path / "dataset_info.json"
+    info.write_text(json.dumps({"qa": {"file_name": "qa.json"}}))
+    config = copy.deepcopy(default_config)
+    config["datasets"]["identity"] = {"dataset_info": str(info), "name": "qa"}
+    path = write(tmp_path, config)
+    with pytest.raises(UserError) as caught:
+        load(config, [path])
+    assert str(caught.value) == (f"{path}:{line_of(path, 'dataset_info')}: datasets.identity.dataset_info: file "
+                                 f"`{tmp_path / 'qa.json'}` not found (paths are relative to {os.getcwd()})")
+
+
+@pytest.mark.parametrize("name", ["abc\n", "-x", "a b"])
+def test_names_must_match_the_pattern_in_full(default_config, name):
+    config = copy.deepcopy(default_config)
+    config["runs"][name] = {"model": "tiny-qwen2", "dataset": "identity"}
+    with pytest.raises(UserError, match="may hold only letters, digits"):
+        load(config)
+
+
+def test_a_sweep_can_set_one_key_of_a_stage_block(default_config):
+    config = copy.deepcopy(default_config)
+    config["runs"]["gen"] = {"model": "tiny-qwen2", "dataset": "identity", "generation": {"batch_size": 4},
+                             "sweep": {"generation.max_new_tokens": [1, 40]}}
+    cfg = load(config)
+    points = [cfg.runs[name].generation for name in ("gen-generation.max_new_tokens1",
+                                                     "gen-generation.max_new_tokens40")]
+    assert [(g.max_new_tokens, g.batch_size) for g in points] == [(1, 4), (40, 4)]
+    config["runs"]["gen"]["sweep"] = {"generation.max_new_tokenz": [1]}
+    with pytest.raises(UserError, match="`generation.max_new_tokenz` is not a run setting that can be swept"):
+        load(config)

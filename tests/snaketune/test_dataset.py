@@ -8,6 +8,7 @@ import pytest
 from snaketune.dataset import DatasetSettings, build, split_records, split_sizes
 from snaketune.errors import UserError
 from snaketune.formats import Record
+from snaketune.layout import dataset_outputs
 
 
 def records(n):
@@ -43,7 +44,7 @@ def test_build_writes_parquet_and_stats_and_reports_truncation(tmp_path, tiny_to
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps({"id": i, **r}) for i, r in enumerate(rows)) + "\n")
     settings = DatasetSettings(path=str(data), format="messages", max_seq_length=64, eval_size=0, test_size=1)
-    stats = build(settings, tiny_tokenizer, tmp_path / "out")
+    stats = build(settings, tiny_tokenizer, dataset_outputs(tmp_path / "out"))
     total = {k: sum(s[k] for s in stats["splits"].values()) for k in ("rows", "dropped_no_target")}
     assert total == {"rows": 8, "dropped_no_target": 1}  # the long row lost its answer: counted, not hidden
     test = pd.read_parquet(tmp_path / "out" / "test.parquet")
@@ -95,7 +96,7 @@ def test_each_format_builds_with_loss_on_exactly_the_assistant_tokens(tmp_path, 
     data = tmp_path / name
     data.write_text(text + "\n", encoding="utf-8")
     settings = DatasetSettings(path=str(data), format=layout, max_seq_length=128, eval_size=0, test_size=0, **extra)
-    stats = build(settings, tiny_tokenizer, tmp_path / "out")
+    stats = build(settings, tiny_tokenizer, dataset_outputs(tmp_path / "out"))
     (row,) = pd.read_parquet(tmp_path / "out" / "train.parquet").to_dict("records")
     assert supervised_text(tiny_tokenizer, row) == TRAINED[layout]
     assert stats["splits"]["train"]["rows"] == 1 and stats["rows_read"] == 1
@@ -111,7 +112,7 @@ def test_stats_count_duplicates_bad_rows_truncation_and_lengths(tmp_path, tiny_t
     data.write_text("\n".join(rows) + "\n", encoding="utf-8")
     settings = DatasetSettings(path=str(data), format="messages", max_seq_length=64, eval_size=0, test_size=0,
                                max_bad_rows=1)
-    stats = build(settings, tiny_tokenizer, tmp_path / "out")
+    stats = build(settings, tiny_tokenizer, dataset_outputs(tmp_path / "out"))
     train = stats["splits"]["train"]
     assert (stats["rows_read"], stats["duplicates_removed"], stats["bad_rows_skipped"]) == (14, 1, 1)
     assert stats["bad_rows"] == [f"{data}:12: not valid JSON: Expecting property name enclosed in double quotes "
@@ -120,3 +121,18 @@ def test_stats_count_duplicates_bad_rows_truncation_and_lengths(tmp_path, tiny_t
     assert (train["rows"], train["dropped_no_target"], train["truncated"], train["turns"]) == (11, 1, 1, 22)
     assert train["tokens_per_row_before_truncation"]["max"] > 300 > train["tokens_per_row_before_truncation"]["p50"]
     assert train["max_tokens"] == 64
+    assert "warnings" not in stats  # 11 of 14 kept
+
+
+def test_a_build_that_keeps_less_than_half_its_rows_says_so(tmp_path, tiny_tokenizer, capsys):
+    """An XTuner-style set with most rows repeated: the duplicates are dropped, and the terminal and stats say so."""
+    rows = [json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]})
+            for i in range(5)] * 20
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    settings = DatasetSettings(path=str(data), format="messages", max_seq_length=64, eval_size=0, test_size=0)
+    stats = build(settings, tiny_tokenizer, dataset_outputs(tmp_path / "out"))
+    message = f"{data}: kept 5 of 100 rows (0 bad, 95 duplicates, 0 without a trainable token): more than half of " \
+              "the data is gone"
+    assert stats["warnings"] == [message]
+    assert f"warning: {message}" in capsys.readouterr().err

@@ -10,11 +10,19 @@ from snaketune.download import fetch, model_path
 from snaketune.errors import UserError
 
 
+def safetensors_bytes(n):
+    import torch
+    from safetensors.torch import save
+
+    return save({"w": torch.zeros(n)})
+
+
 def fake_snapshot(folder):
     """A downloaded model folder as a hub would leave it."""
     folder.mkdir(parents=True)
     files = {"config.json": b'{"model_type": "qwen2"}', "tokenizer.json": b"{}",
-             "model-00001-of-00002.safetensors": b"\x00" * 1000, "model-00002-of-00002.safetensors": b"\x01" * 10}
+             "model-00001-of-00002.safetensors": safetensors_bytes(250), "model-00002-of-00002.safetensors":
+             safetensors_bytes(3)}
     for name, content in files.items():
         (folder / name).write_bytes(content)
     return files
@@ -107,3 +115,29 @@ def test_builtin_model_is_deterministic_and_loads_with_auto_classes(tmp_path, ti
     assert tokenizer.eos_token == "<|im_end|>" and "<|im_start|>" in tokenizer.get_vocab()
     assert tokenizer.decode(tokenizer("你好，world")["input_ids"]) == "你好，world"
     assert model.generation_config.eos_token_id == tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+
+
+def test_a_truncated_safetensors_file_is_refused_at_download(tmp_path, tiny_model):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(UserError, match=r"model.safetensors: .*truncated.*; download it again"):
+        fetch({"source": "local", "path": str(broken), "copy": False, "trust_remote_code": False}, tmp_path / "out")
+
+
+def test_a_model_folder_that_vanished_is_an_error_never_a_hub_lookup(tmp_path, tiny_model, monkeypatch):
+    import shutil
+
+    here = tmp_path / "here"
+    shutil.copytree(tiny_model, here)
+    monkeypatch.chdir(tmp_path)
+    manifest = fetch({"source": "local", "path": "here", "copy": False, "trust_remote_code": False}, "out")
+    assert manifest["path"] == "here"
+    folder, _ = model_path("out/manifest.json")
+    assert folder == tmp_path / "here"  # absolute: transformers can only read it from disk
+    shutil.rmtree(here)
+    with pytest.raises(UserError, match=r"out/manifest.json: the model folder it names, here, is gone"):
+        model_path("out/manifest.json")

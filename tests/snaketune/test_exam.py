@@ -1,4 +1,4 @@
-"""Multiple-choice benchmarks: C-Eval/CMMLU CSVs in, accuracy per subject and overall out, by letter likelihood."""
+"""Multiple-choice exams: C-Eval/CMMLU CSVs in, accuracy per subject and overall out, by letter likelihood."""
 
 import json
 import subprocess
@@ -13,7 +13,7 @@ from snaketune.exam import (
     LETTERS,
     build_prompt,
     continuation_logprob,
-    load_benchmark,
+    load_exam,
     prompts_for,
     score_exam,
 )
@@ -35,33 +35,33 @@ def tiny(tiny_model):
 
 
 def test_the_bundled_sample_loads_with_subjects_and_dev_splits():
-    benchmark = load_benchmark("mmcu-sample", SAMPLE)
-    assert sorted(benchmark.test) == sorted(benchmark.dev) == ["医学", "法律"]
-    assert [len(benchmark.test[s]) for s in ("医学", "法律")] == [5, 4]
-    first = benchmark.test["医学"][0]
+    exam = load_exam("mmcu-sample", SAMPLE)
+    assert sorted(exam.test) == sorted(exam.dev) == ["医学", "法律"]
+    assert [len(exam.test[s]) for s in ("医学", "法律")] == [5, 4]
+    first = exam.test["医学"][0]
     assert (first.question, first.options["B"], first.answer) == ("人体最大的器官是", "皮肤", "B")
 
 
 def test_k_shot_prompts_put_solved_dev_questions_of_the_same_subject_first():
-    benchmark = load_benchmark("mmcu-sample", SAMPLE)
-    question = benchmark.test["法律"][0]
-    prompt = build_prompt(question, benchmark.dev["法律"][:2])
+    exam = load_exam("mmcu-sample", SAMPLE)
+    question = exam.test["法律"][0]
+    prompt = build_prompt(question, exam.dev["法律"][:2])
     assert prompt.startswith("以下是中国关于法律考试的单项选择题，请选出其中的正确答案。\n\n"
                              "公民的基本权利和义务规定在\nA. 宪法")
     assert prompt.count("答案：") == 3 and "答案：A\n\n审理案件的机关是" in prompt
     assert prompt.endswith("我国的根本大法是\nA. 刑法\nB. 民法典\nC. 宪法\nD. 行政法\n答案：")
     with pytest.raises(UserError, match="subject `医学` has 2 dev questions, fewer than shots=3"):
-        prompts_for(benchmark, 3)
+        prompts_for(exam, 3)
 
 
 def test_accuracy_is_one_when_every_answer_is_the_models_own_choice(tmp_path, tiny):
     """Answers set to the letter the model prefers, found by a separate path (each letter's continuation
-    scored on its own sequence); the benchmark's batched one-pass scoring must then get every question right."""
+    scored on its own sequence); the exam's batched one-pass scoring must then get every question right."""
     tokenizer, model = tiny
-    benchmark = load_benchmark("mmcu-sample", SAMPLE)
-    for subject in benchmark.test:
+    exam = load_exam("mmcu-sample", SAMPLE)
+    for subject in exam.test:
         rows = []
-        for question, prompt in prompts_for(benchmark, 1):
+        for question, prompt in prompts_for(exam, 1):
             if question.subject != subject:
                 continue
             scores = {letter: continuation_logprob(model, tokenizer, prompt, letter) for letter in LETTERS}
@@ -71,7 +71,7 @@ def test_accuracy_is_one_when_every_answer_is_the_models_own_choice(tmp_path, ti
         (tmp_path / "forced" / "dev").mkdir(exist_ok=True)
         (tmp_path / "forced" / "dev" / f"{subject}.csv").write_text(
             (SAMPLE / "dev" / f"{subject}.csv").read_text(encoding="utf-8"), encoding="utf-8")
-    result = score_exam(model, tokenizer, load_benchmark("forced", tmp_path / "forced"), shots=1,
+    result = score_exam(model, tokenizer, load_exam("forced", tmp_path / "forced"), shots=1,
                                 batch_size=4)
     assert result["accuracy"] == 1.0 and result["n"] == 9
 
@@ -86,7 +86,7 @@ def test_per_subject_and_overall_accuracy_on_a_crafted_case(tmp_path, tiny, monk
         return [{letter: float(letter == c) for letter in LETTERS} for c in chosen]
 
     monkeypatch.setattr(exam, "letter_scores", scripted)
-    result = score_exam(*reversed(tiny), load_benchmark("crafted", tmp_path / "b"), shots=0)
+    result = score_exam(*reversed(tiny), load_exam("crafted", tmp_path / "b"), shots=0)
     assert result["subjects"] == {"a": {"n": 3, "correct": 2, "accuracy": 2 / 3},
                                   "b": {"n": 2, "correct": 1, "accuracy": 0.5}}
     assert result["accuracy"] == pytest.approx(3 / 5) and result["macro_accuracy"] == pytest.approx((2 / 3 + 0.5) / 2)
@@ -97,10 +97,10 @@ def test_per_subject_and_overall_accuracy_on_a_crafted_case(tmp_path, tiny, monk
     (["q,w,x,y,z,A", "q2,w,x,y,z,E"], None, 'law.csv:3: field "Answer": `E` is not one of A, B, C, D'),
     ([], None, "law.csv: no questions (only a header)"),
 ])
-def test_bad_benchmark_csvs_give_one_clear_line(tmp_path, tiny_model, rows, header, message):
+def test_bad_exam_csvs_give_one_clear_line(tmp_path, tiny_model, rows, header, message):
     write_subject(tmp_path / "bench" / "test" / "law.csv", rows, **({"header": header} if header else {}))
     result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "exam.py"), "--model", str(tiny_model), "--benchmark",
+        [sys.executable, str(REPO / "scripts" / "exam.py"), "--model", str(tiny_model), "--exam",
          str(tmp_path / "bench"), "--name", "bench", "--out", str(tmp_path / "out.json")],
         capture_output=True, text=True, env=workflow_env())
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -112,19 +112,19 @@ def test_an_empty_file_is_a_clear_error(tmp_path):
     (tmp_path / "bench" / "test").mkdir(parents=True)
     (tmp_path / "bench" / "test" / "x.csv").write_text("")
     with pytest.raises(UserError, match=r"x\.csv: empty file"):
-        load_benchmark("bench", tmp_path / "bench")
+        load_exam("bench", tmp_path / "bench")
     with pytest.raises(UserError, match="no test/ or val/ folder"):
-        load_benchmark("bench", tmp_path)
+        load_exam("bench", tmp_path)
 
 
 def test_the_script_writes_per_subject_json(tmp_path, tiny_model):
     out = tmp_path / "mmcu.json"
     subprocess.run([sys.executable, str(REPO / "scripts" / "exam.py"), "--model", str(tiny_model),
-                    "--benchmark", str(SAMPLE), "--name", "mmcu-sample", "--out", str(out),
+                    "--exam", str(SAMPLE), "--name", "mmcu-sample", "--out", str(out),
                     "--settings", json.dumps({"shots": 2, "batch_size": 4})], check=True, env=workflow_env(),
                    capture_output=True)
     result = json.loads(out.read_text())
-    assert (result["benchmark"], result["shots"], result["n"], sorted(result["subjects"])) == (
+    assert (result["exam"], result["shots"], result["n"], sorted(result["subjects"])) == (
         "mmcu-sample", 2, 9, ["医学", "法律"])
     assert 0 <= result["accuracy"] <= 1
     # how the number was made travels with it: the prompt, the letter token ids, the averaging, every choice

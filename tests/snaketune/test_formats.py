@@ -239,3 +239,23 @@ def test_rows_of_a_one_line_json_array_get_distinct_ids(tmp_path):
     path = tmp_path / "one.json"
     path.write_text(json.dumps([{"instruction": f"q{i}", "output": "a"} for i in range(3)]), encoding="utf-8")
     assert [r.id for r in read(path, "alpaca").records] == ["one-1", "one-2", "one-3"]
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\u0085"])
+def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path, separator):
+    """JSON allows U+2028/U+2029/U+0085 unescaped (json.dumps(ensure_ascii=False) writes them); only \\n ends a row."""
+    path = tmp_path / "d.jsonl"
+    path.write_text("\r\n".join([chat(f"one{separator}two"), chat(), '{"messages": [}', chat("last")]) + "\r\n",
+                    encoding="utf-8")
+    result = read(path, "messages", max_bad_rows=1)
+    assert [(r.line, turns(r)[0][1]) for r in result.records] == [(1, f"one{separator}two"), (2, "hi"), (4, "last")]
+    assert result.rows_read == 4 and len(result.bad_rows) == 1 and result.bad_rows[0].startswith(f"{path}:3: ")
+
+
+def test_a_file_of_only_bad_rows_keeps_their_reasons(tmp_path):
+    path = write_lines(tmp_path / "d.jsonl", ['{"messages": []}', '{"text": 1}', "not json"])
+    with pytest.raises(UserError) as caught:
+        read(path, "messages", max_bad_rows=10)
+    lines = str(caught.value).splitlines()
+    assert lines[0] == f"{path}: all 3 rows are bad (first reasons below)"
+    assert [line.split(": ")[0] for line in lines[1:]] == [f"{path}:1", f"{path}:2", f"{path}:3"]

@@ -16,12 +16,17 @@ def test_batched_generation_matches_batch_size_one(tmp_path, tiny_model, tiny_to
     for batch_size in (1, 4):
         out = tmp_path / f"p{batch_size}.csv"
         assert predict(GenerationSettings(max_new_tokens=12, batch_size=batch_size), tiny_model,
-                       tmp_path / "test.parquet", out) == 4
+                       tmp_path / "test.parquet", out, partial(out)) == 4
         outputs[batch_size] = pd.read_csv(out, keep_default_na=False, dtype=str)
     assert list(outputs[4].columns) == ["id", "prompt", "reference", "prediction", "generation_seconds"]
     assert list(outputs[1]["prediction"]) == list(outputs[4]["prediction"])
     assert list(outputs[4]["reference"]) == ["a\rb", "", "x,y", '"q"']  # quoting keeps every row whole
     assert list(outputs[4]["id"]) == ["t0", "t1", "t2", "t3"]
+
+
+def partial(out):
+    """The partial predictions file beside ``out``, where the workflow keeps it."""
+    return out.with_name(out.stem + ".partial.csv")
 
 
 def make_test_split(tmp_path, tokenizer, n=10):
@@ -39,7 +44,7 @@ def test_a_killed_prediction_resumes_with_only_the_missing_rows(tmp_path, tiny_m
 
     test = make_test_split(tmp_path, tiny_tokenizer)
     settings = GenerationSettings(max_new_tokens=6, batch_size=3)
-    predict(settings, tiny_model, test, tmp_path / "clean.csv")
+    predict(settings, tiny_model, test, tmp_path / "clean.csv", partial(tmp_path / "clean.csv"))
 
     real = predict_stage.generate_batch
     calls = []
@@ -53,13 +58,13 @@ def test_a_killed_prediction_resumes_with_only_the_missing_rows(tmp_path, tiny_m
     monkeypatch.setattr(predict_stage, "generate_batch", dies_on_third_batch)
     out = tmp_path / "predictions.csv"
     with pytest.raises(KeyboardInterrupt):
-        predict(settings, tiny_model, test, out)
+        predict(settings, tiny_model, test, out, partial(out))
     assert not out.exists() and (tmp_path / "predictions.partial.csv").exists()
     with (tmp_path / "predictions.partial.csv").open("a") as handle:
         handle.write('"t9","cut sho')  # the kill landed mid-row: that row is generated again
 
     calls.clear()
-    assert predict(settings, tiny_model, test, out) == 10
+    assert predict(settings, tiny_model, test, out, partial(out)) == 10
     assert sum(calls) == 4  # 6 rows were saved before the kill; only the other 4 are generated
     resumed, clean = (pd.read_csv(p, keep_default_na=False, dtype=str) for p in (out, tmp_path / "clean.csv"))
     assert list(resumed["prediction"]) == list(clean["prediction"]) and list(resumed["id"]) == list(clean["id"])
@@ -69,9 +74,9 @@ def test_a_killed_prediction_resumes_with_only_the_missing_rows(tmp_path, tiny_m
 def test_saved_rows_of_other_settings_are_not_reused(tmp_path, tiny_model, tiny_tokenizer):
     test = make_test_split(tmp_path, tiny_tokenizer, n=4)
     out = tmp_path / "predictions.csv"
-    (tmp_path / "predictions.partial.key").write_text("settings of another run")
+    (tmp_path / "predictions.partial.csv.key").write_text("settings of another run")
     (tmp_path / "predictions.partial.csv").write_text('"t0","stale answer","0.1"\n')
-    predict(GenerationSettings(max_new_tokens=4, batch_size=2), tiny_model, test, out)
+    predict(GenerationSettings(max_new_tokens=4, batch_size=2), tiny_model, test, out, partial(out))
     assert "stale answer" not in out.read_text()
 
 
@@ -89,9 +94,10 @@ def test_base_plus_adapter_predicts_what_the_merged_model_predicts(tmp_path, tin
     merge(MergeSettings(dtype="float32"), tiny_model, False, adapter, tmp_path / "merged")
     test = make_test_split(tmp_path, tiny_tokenizer, n=6)
     settings = GenerationSettings(max_new_tokens=8, batch_size=3, predict_from="adapter")
-    predict(settings, tiny_model, test, tmp_path / "from_adapter.csv", adapter_dir=adapter)
-    predict(settings, tmp_path / "merged", test, tmp_path / "from_merged.csv")
-    predict(settings, tiny_model, test, tmp_path / "from_base.csv")
+    for name, model, adapter_dir in (("from_adapter", tiny_model, adapter), ("from_merged", tmp_path / "merged", None),
+                                     ("from_base", tiny_model, None)):
+        out = tmp_path / f"{name}.csv"
+        predict(settings, model, test, out, partial(out), adapter_dir=adapter_dir)
     adapter_out, merged_out, base_out = (pd.read_csv(tmp_path / f"from_{name}.csv", keep_default_na=False)["prediction"]
                                          for name in ("adapter", "merged", "base"))
     assert list(adapter_out) == list(merged_out) and list(adapter_out) != list(base_out)
@@ -167,7 +173,8 @@ def test_predict_cli_from_base_manifest_and_adapter(tmp_path, tiny_model, tiny_t
     tiny_tokenizer.save_pretrained(adapter)
     test = make_test_split(tmp_path, tiny_tokenizer, n=3)
     command = [sys.executable, str(REPO / "scripts" / "predict.py"), "--test", str(test), "--out",
-               str(tmp_path / "p.csv"), "--settings", json.dumps({"max_new_tokens": 4, "predict_from": "adapter"})]
+               str(tmp_path / "p.csv"), "--partial", str(tmp_path / "p.partial.csv"), "--settings",
+               json.dumps({"max_new_tokens": 4, "predict_from": "adapter"})]
     result = subprocess.run(command + ["--model-manifest", str(tiny_model / "manifest.json"), "--adapter",
                                        str(adapter)], capture_output=True, text=True, env=workflow_env())
     assert result.returncode == 0 and "predictions: 3" in result.stdout, result.stderr[-2000:]

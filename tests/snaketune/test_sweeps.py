@@ -21,9 +21,9 @@ def test_grid_expands_to_every_combination_with_readable_names(default_config):
     names = [n for n in cfg.runs if n.startswith("identity-lora")]
     assert names == ["identity-lora-learning_rate0.01-lora_rank8", "identity-lora-learning_rate0.01-lora_rank16",
                      "identity-lora-learning_rate1e-05-lora_rank8", "identity-lora-learning_rate1e-05-lora_rank16"]
-    assert cfg.runs[names[3]]["learning_rate"] == 1e-05 and cfg.runs[names[3]]["lora_rank"] == 16
-    assert cfg.runs[names[3]]["num_train_epochs"] == 20  # everything else as the run had it
-    assert "sweep" not in cfg.runs[names[0]] and "identity-base" in cfg.runs
+    assert cfg.runs[names[3]].train.learning_rate == 1e-05 and cfg.runs[names[3]].train.lora_rank == 16
+    assert cfg.runs[names[3]].train.num_train_epochs == 20  # everything else as the run had it
+    assert "identity-base" in cfg.runs
     assert cfg.sweeps["identity-lora"]["select_by"] == "bleu-4" and cfg.sweeps["identity-lora"]["select_mode"] == "min"
 
 

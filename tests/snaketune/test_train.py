@@ -14,7 +14,8 @@ import pytest
 from conftest import REPO, workflow_env
 from snaketune.dataset import DatasetSettings, build
 from snaketune.errors import UserError
-from snaketune.train import TrainSettings, complete_checkpoints, fix_cuda_arch_list
+from snaketune.layout import dataset_outputs, run_outputs, train_arguments
+from snaketune.train import TrainFiles, TrainSettings, complete_checkpoints, fix_cuda_arch_list
 
 FAST = {"learning_rate": 0.01, "per_device_train_batch_size": 8, "logging_steps": 5, "save_steps": 20,
         "save_total_limit": 2, "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "warmup_steps": 0}
@@ -25,14 +26,14 @@ def built(tmp_path_factory, tiny_model, tiny_tokenizer):
     """The identity dataset tokenized for the tiny model, and its manifest."""
     out = tmp_path_factory.mktemp("identity")
     build(DatasetSettings(path=str(REPO / "data" / "identity.jsonl"), format="messages", max_seq_length=64,
-                          eval_size=8, test_size=8), tiny_tokenizer, out)
+                          eval_size=8, test_size=8), tiny_tokenizer, dataset_outputs(out))
     return tiny_model / "manifest.json", out
 
 
 def train_command(built, run_dir, settings):
     manifest, data = built
     return [sys.executable, str(REPO / "scripts" / "train.py"), "--model-manifest", str(manifest),
-            "--data", str(data), "--run-dir", str(run_dir), "--settings", json.dumps(settings)]
+            *train_arguments(data, run_dir), "--settings", json.dumps(settings)]
 
 
 def run_train(built, run_dir, settings):
@@ -51,7 +52,7 @@ def test_each_method_trains_and_its_loss_falls(built, tmp_path, method):
     run_train(built, tmp_path, {**FAST, "method": method, "max_steps": 30, "gradient_checkpointing": True})
     log = losses(tmp_path)
     assert log["step"].iloc[-1] == 30 and log["loss"].iloc[-1] < 0.8 * log["loss"].iloc[0]
-    summary = json.loads((tmp_path / "adapter" / "train_summary.json").read_text())
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
     assert summary["global_step"] == 30 and summary["settings"]["method"] == method
     if method == "full":
         assert (tmp_path / "adapter" / "model.safetensors").is_file()
@@ -84,8 +85,11 @@ def test_out_of_memory_ends_with_what_to_change(built, tmp_path, monkeypatch):
     manifest, data = built
     with pytest.raises(UserError, match=r"out of GPU memory at step 0: lower per_device_train_batch_size \(now 8\)"
                                         r".*gradient_checkpointing: true \(now False\)"):
-        train(TrainSettings(**{**FAST, "max_steps": 5}), manifest.parent, False, data / "train.parquet",
-              data / "eval.parquet", tmp_path)
+        files = {**dataset_outputs(data), **run_outputs(tmp_path)}
+        train(TrainSettings(**{**FAST, "max_steps": 5}), manifest.parent, False, TrainFiles(
+            train=files["train"], eval=files["eval"], stats=files["stats"], adapter=files["adapter"],
+            train_log=files["train_log"], summary=files["train_summary"], curve=files["loss_curve"],
+            checkpoints=files["checkpoints"]))
     assert not (tmp_path / "adapter").exists()
 
 

@@ -1,0 +1,216 @@
+"""Where every file of the workflow lives: the one place a path is spelled.
+
+Rules take their output patterns from ``PATTERNS`` and their inputs from a ``Layout``; the report, ``best.json``,
+chat and serve ask the same ``Layout``. Runs that differ only after training share the upstream jobs: a run's
+adapter is the one of the first run with the same model, data and train settings (its *train owner*), its merged
+model the one of the first run that also merges alike, its predictions those of the first run that also generates
+alike. ``Layout.run_file`` applies that sharing, so no caller ever names a folder that is not built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from snaketune.config import WorkflowConfig
+
+# Every file pattern, by the name the code uses for it. {run}, {model}, {dataset}, {exam}, {sweep} are wildcards.
+PATTERNS = {
+    # download
+    "model_dir": "results/models/{model}",
+    "model_manifest": "results/models/{model}/manifest.json",
+    # dataset
+    "dataset_dir": "results/datasets/{dataset}/{model}",
+    "train_split": "results/datasets/{dataset}/{model}/train.parquet",
+    "eval_split": "results/datasets/{dataset}/{model}/eval.parquet",
+    "test_split": "results/datasets/{dataset}/{model}/test.parquet",
+    "dataset_stats": "results/datasets/{dataset}/{model}/stats.json",
+    "dataset_lengths": "results/datasets/{dataset}/{model}/lengths.png",
+    # train (checkpoints and tensorboard are the train job's own resumable state, not outputs)
+    "adapter": "results/runs/{run}/adapter",
+    "checkpoints": "results/runs/{run}/checkpoints",
+    "tensorboard": "results/runs/{run}/tensorboard",
+    "train_log": "results/runs/{run}/train_log.csv",
+    "loss_curve": "results/runs/{run}/loss.png",
+    "train_summary": "results/runs/{run}/train_summary.json",
+    # merge, predict, evaluate, exam
+    "merged": "results/runs/{run}/merged",
+    "predictions": "results/runs/{run}/predictions.csv",
+    "partial_predictions": "results/runs/{run}/predictions.partial.csv",
+    "metrics": "results/runs/{run}/metrics.json",
+    "exam_result": "results/runs/{run}/exams/{exam}.json",
+    # report
+    "leaderboard": "results/leaderboard.csv",
+    "report_html": "results/report.html",
+    "sweep_runs": "results/sweeps/{sweep}/runs.csv",
+    "sweep_best": "results/sweeps/{sweep}/best.json",
+}
+
+# The stage whose job writes each per-run file: the sharing of that stage's jobs applies to it.
+STAGE_OF = {
+    "adapter": "train", "checkpoints": "train", "tensorboard": "train", "train_log": "train", "loss_curve": "train",
+    "train_summary": "train", "merged": "merge", "predictions": "predict", "partial_predictions": "predict",
+    "metrics": "evaluate", "exam_result": "exam",
+}
+
+# Logs and Snakemake's timing files, by stage.
+LOGS = {
+    "download": "logs/download/{model}",
+    "dataset": "logs/dataset/{dataset}/{model}",
+    "train": "logs/train/{run}",
+    "merge": "logs/merge/{run}",
+    "predict": "logs/predict/{run}",
+    "evaluate": "logs/evaluate/{run}",
+    "exam": "logs/exam/{run}/{exam}",
+    "report": "logs/report/report",
+    "best": "logs/report/best",
+    "serve": "logs/serve/serve",
+}
+
+
+# The dataset build's outputs (scripts/dataset.py's options) -> their patterns.
+DATASET_OUTPUTS = {"train": "train_split", "eval": "eval_split", "test": "test_split", "stats": "dataset_stats",
+                   "lengths": "dataset_lengths"}
+
+
+def dataset_outputs(folder: str | Path) -> dict[str, Path]:
+    """The dataset build's files laid out in ``folder`` as the workflow lays them out (for tests and benchmarks)."""
+    base = PATTERNS["dataset_dir"]
+    return {out: Path(folder) / Path(PATTERNS[key]).relative_to(base) for out, key in DATASET_OUTPUTS.items()}
+
+
+def run_outputs(folder: str | Path) -> dict[str, Path]:
+    """A run's files laid out in ``folder`` as the workflow lays out ``results/runs/{run}``, by pattern name."""
+    base = "results/runs/{run}"
+    return {name: Path(folder) / Path(path).relative_to(base) for name, path in PATTERNS.items()
+            if path.startswith(base + "/") and "{exam}" not in path}
+
+
+TRAIN_OPTIONS = {"--train": "train", "--eval": "eval", "--stats": "stats"}  # scripts/train.py <- dataset outputs
+TRAIN_RUN_OPTIONS = {"--adapter": "adapter", "--train-log": "train_log", "--summary": "train_summary",
+                     "--curve": "loss_curve", "--checkpoints": "checkpoints", "--tensorboard": "tensorboard"}
+
+
+def train_arguments(dataset_folder: str | Path, run_folder: str | Path) -> list[str]:
+    """scripts/train.py's file options for a dataset built in ``dataset_folder`` and a run in ``run_folder``
+    (for tests and benchmarks; the workflow's train rule passes the same options from its inputs/outputs)."""
+    data, run = dataset_outputs(dataset_folder), run_outputs(run_folder)
+    return ([item for option, key in TRAIN_OPTIONS.items() for item in (option, str(data[key]))]
+            + [item for option, key in TRAIN_RUN_OPTIONS.items() for item in (option, str(run[key]))])
+
+
+def pattern(name: str) -> str:
+    """The path pattern of a file, wildcards left in (for rule outputs)."""
+    return PATTERNS[name]
+
+
+def log(stage: str) -> str:
+    """The log file pattern of a stage's jobs."""
+    return LOGS[stage] + ".log"
+
+
+def timing(stage: str) -> str:
+    """The Snakemake benchmark (timing) file pattern of a stage's jobs."""
+    return LOGS[stage] + ".benchmark.tsv"
+
+
+def _json(settings: Any) -> str:
+    import json
+    from dataclasses import asdict
+
+    return json.dumps(asdict(settings), sort_keys=True, ensure_ascii=False)
+
+
+class Layout:
+    """Every path of one config's runs, with the sharing of upstream jobs applied."""
+
+    def __init__(self, cfg: WorkflowConfig):
+        self.cfg = cfg
+        self._owners: dict[str, dict[str, str]] = {}
+
+    # -- which run's job builds a stage's files ------------------------------------------------------------
+    def _identity(self, stage: str) -> Callable[[str], tuple]:
+        runs = self.cfg.runs
+
+        def training(run: str) -> tuple:
+            return runs[run].model, runs[run].dataset, _json(runs[run].train)
+
+        def merging(run: str) -> tuple:
+            return training(run) + (_json(runs[run].merge),)
+
+        def predicting(run: str) -> tuple:
+            return merging(run) + (_json(runs[run].generation),)
+
+        return {"train": training, "merge": merging, "predict": predicting}[stage]
+
+    def owner(self, stage: str, run: str) -> str:
+        """The run whose ``stage`` job this run uses: the first run, in config order, that needs the same job."""
+        if stage not in ("train", "merge", "predict"):
+            return run
+        if stage not in self._owners:
+            identity, firsts = self._identity(stage), {}
+            for name in self.cfg.runs:
+                firsts.setdefault(identity(name), name)
+            self._owners[stage] = {name: firsts[identity(name)] for name in self.cfg.runs}
+        return self._owners[stage][run]
+
+    # -- paths ---------------------------------------------------------------------------------------------
+    def run_file(self, name: str, run: str, **wildcards: str) -> str:
+        """A per-run file of ``run``, in the folder of the run whose job builds it."""
+        return PATTERNS[name].format(run=self.owner(STAGE_OF[name], run), **wildcards)
+
+    def model_file(self, name: str, model: str) -> str:
+        return PATTERNS[name].format(model=model)
+
+    def dataset_file(self, name: str, run: str) -> str:
+        """A file of the dataset build ``run`` trains on (its dataset, tokenized for its model)."""
+        spec = self.cfg.runs[run]
+        return PATTERNS[name].format(dataset=spec.dataset, model=spec.model)
+
+    def run_model(self, run: str) -> dict[str, str]:
+        """What predict, exam, chat and serve load for ``run``: its merged model, or (predict_from: adapter) the
+        base model's manifest and the adapter."""
+        if self.cfg.runs[run].generation.predict_from == "adapter":
+            return {"manifest": self.model_file("model_manifest", self.cfg.runs[run].model),
+                    "adapter": self.run_file("adapter", run)}
+        return {"model": self.run_file("merged", run)}
+
+    def exam_results(self, run: str) -> dict[str, str]:
+        return {exam: self.run_file("exam_result", run, exam=exam) for exam in self.cfg.runs[run].evaluation.exams}
+
+    def sweep_files(self, name: str) -> dict[str, str]:
+        return {"runs_csv": PATTERNS["sweep_runs"].format(sweep=name),
+                "best_json": PATTERNS["sweep_best"].format(sweep=name)}
+
+    def report_record(self, run: str) -> dict[str, Any]:
+        """What the report reads of one run: its settings columns and the path of each file it shows."""
+        spec = self.cfg.runs[run]
+        return {
+            "run": run, "model": spec.model, "dataset": spec.dataset, "method": spec.train.method,
+            "learning_rate": spec.train.learning_rate, "num_train_epochs": spec.train.num_train_epochs,
+            "max_steps": spec.train.max_steps,
+            "files": {
+                "metrics": self.run_file("metrics", run),
+                "train_log": self.run_file("train_log", run),
+                "train_summary": self.run_file("train_summary", run),
+                "loss_curve": self.run_file("loss_curve", run),
+                "predictions": self.run_file("predictions", run),
+                "train_timing": timing("train").format(run=self.owner("train", run)),
+            },
+            "exams": self.exam_results(run),
+            "serve": self.run_model(run),
+        }
+
+    def report_inputs(self) -> list[str]:
+        """Every file the report reads, for the rule's input."""
+        files = []
+        for run in self.cfg.runs:
+            record = self.report_record(run)
+            files += list(record["files"].values()) + list(record["exams"].values()) + list(record["serve"].values())
+        return list(dict.fromkeys(files))
+
+    def final_outputs(self) -> list[str]:
+        """What the default target builds: the leaderboard, the report page and every sweep's files."""
+        sweeps = [path for name in self.cfg.sweeps for path in self.sweep_files(name).values()]
+        return [PATTERNS["leaderboard"], PATTERNS["report_html"], *sweeps]
