@@ -65,3 +65,16 @@ def quote(value):
     import shlex
 
     return shlex.quote(str(value))
+
+
+onstart:
+    # A run that spans several nodes needs Slurm: refuse it on a single machine before any job starts.
+    executor = workflow.executor_plugin.name if workflow.executor_plugin else ""
+    spanning = [name for name, run in CFG.runs.items() if run.train.nodes > 1]
+    if spanning and "slurm" not in executor:
+        nodes = CFG.runs[spanning[0]].train.nodes
+        sys.stderr.write(
+            f"error: runs.{spanning[0]}.nodes: {nodes} nodes need a Slurm cluster (--profile profiles/slurm); "
+            "on one machine set nodes: 1 and gpus: <its GPUs>\n"
+        )
+        sys.exit(1)

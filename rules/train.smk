@@ -24,7 +24,17 @@ rule train:
         "../envs/train.yaml"
     threads: 2
     resources:
-        gpu=lambda wc: CFG.runs[wc.run].train.gpus,
+        # one node: `gpu` GPUs (the local profiles schedule them; Slurm: --gpus). Several nodes (Slurm only):
+        # `nodes` nodes with `gpus` GPUs each (--gres=gpu:N is per node); train.py starts one torchrun per node.
+        gpu=lambda wc: (
+            CFG.runs[wc.run].train.gpus if CFG.runs[wc.run].train.nodes == 1 else 0
+        ),
+        nodes=lambda wc: CFG.runs[wc.run].train.nodes,
+        gres=lambda wc: (
+            f"gpu:{CFG.runs[wc.run].train.gpus}"
+            if CFG.runs[wc.run].train.nodes > 1
+            else ""
+        ),
         mem_mb=8000,
         runtime=1440,
     params:

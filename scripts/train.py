@@ -42,12 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def relaunch_command(processes: int, argv: list[str]) -> list[str]:
-    """The torchrun command that runs this script once per process on this node."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-            str(Path(__file__).resolve()), *argv]
-
-
 def main(argv=None) -> int:
     from snaketune.cli import main_guard, make_settings
 
@@ -57,16 +51,22 @@ def main(argv=None) -> int:
     def body():
         from snaketune.download import model_path
         from snaketune.gpus import claim
+        from snaketune.launch import NODE_LAUNCHER, launch_command
         from snaketune.train import TrainFiles, TrainSettings, prepare_environment, train
 
         settings = make_settings(TrainSettings, args.settings)
-        if "LOCAL_RANK" not in os.environ:  # torchrun's workers inherit the launcher's GPUs
-            claim(settings.gpus)
-        # DeepSpeed wants a launcher's environment even for one process, so it always goes through torchrun
-        if (settings.gpus > 1 or settings.deepspeed) and "LOCAL_RANK" not in os.environ:
+        command = launch_command(settings.nodes, settings.gpus, bool(settings.deepspeed),
+                                 str(Path(__file__).resolve()), argv)
+        if "LOCAL_RANK" not in os.environ and "SLURM_JOB_ID" not in os.environ:  # Slurm assigns a job's GPUs
+            claim(settings.gpus)  # torchrun's workers inherit the launcher's GPUs
+        if command:
             prepare_environment(settings)
+            if command[0] == "srun":
+                os.environ[NODE_LAUNCHER] = "1"
+            print(f"launching: {' '.join(command[:8])} ...", file=sys.stderr)
             sys.stdout.flush()
-            os.execv(sys.executable, relaunch_command(settings.gpus, argv))
+            sys.stderr.flush()
+            os.execvp(command[0], command)
         folder, trust = model_path(args.model_manifest)
         files = TrainFiles(
             train=Path(args.train), eval=Path(args.eval), stats=Path(args.stats) if args.stats else None,

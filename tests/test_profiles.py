@@ -43,9 +43,10 @@ def test_profile_plans_every_example_config(tmp_path, profile, example):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     jobs = planned_jobs(result)
     rules = {rule for rule, _ in jobs}
-    assert {"download", "dataset", "train", "merge", "predict",
-            "evaluate", "report"} <= rules
+    assert {"download", "dataset", "train", "predict", "evaluate", "report"} <= rules
     assert sum(rule == "train" for rule, _ in jobs) == len(config["runs"])
+    merged = any(run.get("generation", {}).get("predict_from", "merged") == "merged" for run in config["runs"].values())
+    assert ("merge" in rules) == merged
 
 
 def test_profiles_say_what_the_issue_asks():
@@ -57,7 +58,26 @@ def test_profiles_say_what_the_issue_asks():
     assert slurm["executor"] == "slurm" and slurm["slurm-status-command"] == "squeue" and slurm["retries"] >= 1
     for key in ("slurm_partition", "runtime", "mem_mb", "cpus_per_task"):
         assert key in slurm["default-resources"]
-    assert slurm["set-resources"]["train"]["nodes"] == 1
+    assert slurm["default-resources"]["nodes"] == 1 and "nodes" not in slurm["set-resources"]["train"]
+
+
+def test_a_two_node_run_asks_slurm_for_two_nodes_with_gpus_on_each_and_nothing_else_does(tmp_path):
+    example = REPO / "config" / "examples" / "qwen2.5-72b-lora-2nodes.yaml"
+    workdir = tmp_path / "work"
+    scratch_workflow(workdir, yaml.safe_load(example.read_text()))
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+         "--profile", str(profile_for_this_machine("slurm", tmp_path / "profile")), "--configfile", str(example),
+         "--dry-run"], capture_output=True, text=True, env=workflow_env(), cwd=workdir)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    resources = {}
+    for block in result.stdout.split("\nrule ")[1:]:
+        rule = block.split(":", 1)[0].strip()
+        line = next((x for x in block.splitlines() if x.strip().startswith("resources:")), "")
+        resources[rule] = dict(item.split("=", 1) for item in line.split(":", 1)[1].split(", ") if "=" in item)
+    assert (resources["train"]["nodes"], resources["train"]["gres"], resources["train"]["gpu"]) == ("2", "gpu:8", "0")
+    others = {rule: found.get("nodes") for rule, found in resources.items() if rule not in ("train", "all")}
+    assert others and set(others.values()) == {"1"}, others
 
 
 def test_a_train_job_killed_under_the_local_profile_is_rerun_and_resumes(tmp_path, default_config):

@@ -77,7 +77,8 @@ class TrainSettings:
     gradient_checkpointing: bool = False  # recompute activations: much less memory, about 30% slower
     optim: str = "adamw_torch"  # any TrainingArguments optim, e.g. paged_adamw_8bit for QLoRA
     deepspeed: str | None = None  # zero1 | zero2 | zero3 | zero3_offload (config/deepspeed/<name>.json)
-    gpus: int = 1  # processes to launch (one per GPU; on a machine without GPUs, CPU processes)
+    gpus: int = 1  # processes to launch on each node (one per GPU; on a machine without GPUs, CPU processes)
+    nodes: int = 1  # machines the job spans (Slurm: one torchrun per node through srun)
     tensorboard: bool = False  # also write TensorBoard events to results/runs/{run}/tensorboard
 
     def __post_init__(self) -> None:
@@ -401,7 +402,7 @@ def training_arguments(settings: TrainSettings, files: TrainFiles, precision: st
         report_to=["tensorboard"] if settings.tensorboard else [],
         use_cpu=not torch.cuda.is_available(), include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False, dataloader_num_workers=0, per_device_eval_batch_size=8,
-        ddp_find_unused_parameters=False if settings.gpus > 1 else None,
+        ddp_find_unused_parameters=False if settings.gpus * settings.nodes > 1 else None,
     )
 
 
@@ -461,6 +462,11 @@ def train(settings: TrainSettings, model_dir: Path, trust_remote_code: bool, fil
     checkpoints = files.checkpoints
     args = training_arguments(settings, files, precision, run_name)
     start_process_group(settings)
+    if "RANK" in os.environ:  # where each process is: global rank, node, local rank
+        import socket
+
+        print(f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: node {os.environ.get('GROUP_RANK', 0)}, "
+              f"local rank {os.environ['LOCAL_RANK']}, host {socket.gethostname()}", file=sys.stderr, flush=True)
     resume_from = None
     if settings.max_steps != 0:
         fingerprint = hashlib.sha256(

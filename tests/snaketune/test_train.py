@@ -168,6 +168,65 @@ def test_zero3_in_two_processes_trains_consolidates_and_resumes(built, tmp_path,
     assert {name: tuple(p.shape) for name, p in trained.named_parameters()} == shapes
 
 
+def start_node(built, run_dir, settings, node, port):
+    """One node's launcher of a 2-node Slurm job, as srun starts it on that node (here: both on this host)."""
+    from snaketune.launch import NODE_LAUNCHER
+
+    env = {**workflow_env(), "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_NUM_NODES": "2",
+           "SLURM_NODEID": str(node), NODE_LAUNCHER: "1", "MASTER_PORT": str(port)}
+    log = open(run_dir.parent / f"{run_dir.name}-node{node}.log", "a")
+    return subprocess.Popen(train_command(built, run_dir, settings), env=env, start_new_session=True, stdout=log,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_nodes_train_zero3_resume_after_a_kill_and_match_two_local_processes(built, tmp_path, tiny_model):
+    """The multi-node path without a multi-node cluster: two node launchers (SLURM_NODEID 0 and 1) meet at the
+    first host of the node list through torchrun's static rendezvous, one process each, ZeRO-3 across them."""
+    import socket
+
+    from transformers import AutoModelForCausalLM
+
+    settings = {**FAST, "method": "full", "deepspeed": "zero3", "max_steps": 40, "learning_rate": 0.003,
+                "logging_steps": 1, "save_steps": 10}
+    run_train(built, tmp_path / "local", {**settings, "gpus": 2})  # the reference: 2 processes on one machine
+
+    run_dir = tmp_path / "nodes"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    nodes = [start_node(built, run_dir, {**settings, "nodes": 2}, node, port) for node in (0, 1)]
+    wait_for_checkpoint(run_dir / "checkpoints", 20, nodes[0], timeout=300)
+    for process in nodes:  # a node failure: every process of the job dies at once
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
+    checkpoint = complete_checkpoints(run_dir / "checkpoints")[-1]
+    assert not (run_dir / "adapter").exists()
+
+    nodes = [start_node(built, run_dir, {**settings, "nodes": 2}, node, port + 1) for node in (0, 1)]
+    assert [process.wait(timeout=600) for process in nodes] == [0, 0]
+    logs = [(tmp_path / f"nodes-node{node}.log").read_text() for node in (0, 1)]
+    assert "rank 0 of 2: node 0, local rank 0" in logs[0] and "rank 1 of 2: node 1, local rank 0" in logs[1]
+    assert f"resume from {checkpoint}" in logs[0]
+    summaries = [[line for line in log.splitlines() if line.startswith('{"')] for log in logs]
+    assert len(summaries[0]) == 1 and summaries[1] == []  # global rank 0 alone reports and writes the outputs
+
+    reference, resumed = losses(tmp_path / "local"), losses(run_dir)
+    assert list(resumed["step"]) == list(reference["step"]) == list(range(1, 41))
+    assert (resumed["loss"] - reference["loss"]).abs().max() < 1e-4
+    trained = AutoModelForCausalLM.from_pretrained(run_dir / "adapter")  # consolidated: a normal HF folder
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert {n: p.shape for n, p in trained.named_parameters()} == {n: p.shape for n, p in base.named_parameters()}
+
+
+def test_nodes_above_one_outside_slurm_is_one_line(built, tmp_path):
+    result = subprocess.run(train_command(built, tmp_path, {**FAST, "nodes": 2, "max_steps": 2}),
+                            capture_output=True, text=True, env=workflow_env())
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
+        "error: nodes: 2 spans several machines, which needs a Slurm job (--profile profiles/slurm); on one "
+        "machine use nodes: 1 and gpus: <GPUs of the machine>"]
+
+
 def test_a_nan_loss_stops_with_what_to_change(built, tmp_path):
     settings = {**FAST, "method": "full", "max_steps": 40, "learning_rate": 1e30, "max_grad_norm": 0}
     result = subprocess.run(train_command(built, tmp_path, settings), capture_output=True, text=True,
