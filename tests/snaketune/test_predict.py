@@ -103,60 +103,6 @@ def test_base_plus_adapter_predicts_what_the_merged_model_predicts(tmp_path, tin
     assert list(adapter_out) == list(merged_out) and list(adapter_out) != list(base_out)
 
 
-def test_remote_code_files_of_the_base_go_into_the_merged_folder(tmp_path):
-    import json
-
-    from snaketune.merge import copy_remote_code
-
-    base, out = tmp_path / "base", tmp_path / "out"
-    base.mkdir(), out.mkdir()
-    (base / "modeling_qwen.py").write_text("# model code")
-    (base / "tokenization_qwen.py").write_text("# tokenizer code")
-    (base / "config.json").write_text(json.dumps({"model_type": "qwen"}))
-    assert copy_remote_code(base, out) == []  # no auto_map: native architecture, nothing to carry
-    auto_map = {"AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"}
-    (base / "config.json").write_text(json.dumps({"auto_map": auto_map}))
-    assert copy_remote_code(base, out) == ["modeling_qwen.py", "tokenization_qwen.py"]
-    assert (out / "modeling_qwen.py").read_text() == "# model code"
-
-
-def test_merged_logits_equal_base_plus_adapter_and_load_in_a_fresh_process(tmp_path, tiny_model, tiny_tokenizer):
-    import json
-    import subprocess
-    import sys
-
-    import torch
-    from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from conftest import workflow_env
-    from snaketune.merge import MergeSettings, merge
-
-    lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
-    adapter = tmp_path / "adapter"
-    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), lora).save_pretrained(adapter)
-    tiny_tokenizer.save_pretrained(adapter)
-    assert merge(MergeSettings(dtype="float32"), tiny_model, False, adapter, tmp_path / "merged") < 1e-4
-
-    text = render(tiny_tokenizer, [{"role": "user", "content": "你好, who are you?"}], add_generation_prompt=True)
-    ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
-    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), adapter).eval()
-    with torch.no_grad():
-        expected = adapted(torch.tensor([ids])).logits[0]
-    fresh = subprocess.run([sys.executable, "-c", (
-        "import json, sys, torch\n"
-        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-        f"model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'merged')!r}).eval()\n"
-        f"AutoTokenizer.from_pretrained({str(tmp_path / 'merged')!r})\n"
-        f"print(json.dumps(model(torch.tensor([{ids}])).logits[0].tolist()))")],
-        capture_output=True, text=True, env=workflow_env(), check=True)
-    merged = torch.tensor(json.loads(fresh.stdout.strip().splitlines()[-1]))
-    assert (merged - expected).abs().max().item() < 1e-4
-    base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
-    with torch.no_grad():
-        assert (expected - base(torch.tensor([ids])).logits[0]).abs().max() > 1e-2  # the adapter changes things
-
-
 def test_predict_cli_from_base_manifest_and_adapter(tmp_path, tiny_model, tiny_tokenizer):
     import json
     import subprocess
