@@ -21,7 +21,7 @@ from snaketune.templates import ChatTemplate, TemplateError, encode_text, templa
 
 SPLITS = ("train", "eval", "test")
 COLUMNS = ["id", "line", "input_ids", "labels", "n_tokens", "n_supervised", "truncated", "prompt", "reference",
-           "messages"]
+           "source", "messages"]
 PRIVATE = ("full_length", "turns")  # used for stats, not written
 ENCODE_BATCH = 1000  # rows tokenized per call: the fast tokenizer parallelises within a batch
 
@@ -92,6 +92,7 @@ def encode_records(template: ChatTemplate | None, tokenizer, records: list[Recor
         {"id": record.id, "line": record.line, "input_ids": row.input_ids, "labels": row.labels,
          "n_tokens": len(row.input_ids), "n_supervised": row.n_supervised, "truncated": row.truncated,
          "prompt": prompt, "reference": reference, "messages": json.dumps(conversation, ensure_ascii=False),
+         "source": json.dumps(record.source or {}, ensure_ascii=False, default=str),
          "full_length": row.length, "turns": len(record.messages) if record.text is None else 1}
         for record, row, prompt, reference, conversation
         in zip(records, encoded, prompts, references, conversations, strict=True)

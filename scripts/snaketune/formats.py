@@ -61,6 +61,7 @@ class Record:
     line: int
     path: str = ""
     text: str | None = None
+    source: dict[str, Any] | None = None  # the row as the file had it (its original columns)
 
     def as_dict(self) -> dict[str, Any]:
         if self.text is not None:
@@ -264,7 +265,7 @@ class RowReader:
         if not isinstance(row, dict):
             raise bad(path, line, f"row must be a JSON object, got {type(row).__name__}")
         record = getattr(self, f"read_{self.layout}")(path, line, row)
-        record.path = str(path)
+        record.path, record.source = str(path), row
         if record.system is None:
             record.system = self.settings.system
         if record.text is None:

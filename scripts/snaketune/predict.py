@@ -16,6 +16,19 @@ from pathlib import Path
 PREDICTION_COLUMNS = ["id", "prompt", "reference", "prediction", "generation_seconds"]
 
 
+def source_columns(sources):
+    """The test rows' original fields as columns (nested values as JSON), for people reading predictions.csv
+    beside their data; a field named like one of ours gets a ``source_`` prefix."""
+    import json
+
+    import pandas as pd
+
+    rows = [json.loads(text) if text else {} for text in sources]
+    frame = pd.DataFrame([{key: value if isinstance(value, str | int | float | bool) or value is None
+                           else json.dumps(value, ensure_ascii=False) for key, value in row.items()} for row in rows])
+    return frame.rename(columns=lambda c: f"source_{c}" if c in PREDICTION_COLUMNS else c)
+
+
 @dataclass
 class GenerationSettings:
     max_new_tokens: int = 64
@@ -117,7 +130,10 @@ def predict(settings: GenerationSettings, model_dir: Path, test_path: Path, out_
     tokenizer, model = load_for_generation(model_dir, adapter_dir, trust_remote_code)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
-    test = pd.read_parquet(test_path, columns=["id", "prompt", "reference"])
+    import pyarrow.parquet as pq
+
+    wanted = ["id", "prompt", "reference"] + (["source"] if "source" in pq.read_schema(test_path).names else [])
+    test = pd.read_parquet(test_path, columns=wanted)
     test["id"] = test["id"].astype(str)
     fingerprint = hashlib.sha256(json.dumps(
         [vars(settings), str(model_dir.resolve()), str(adapter_dir.resolve()) if adapter_dir else None,
@@ -140,9 +156,12 @@ def predict(settings: GenerationSettings, model_dir: Path, test_path: Path, out_
             predictions.update({row_id: (text, sec) for row_id, text, sec in rows})
             bar.update(len(batch))
     frame = test.assign(prediction=[predictions[i][0] for i in test["id"]],
-                        generation_seconds=[predictions[i][1] for i in test["id"]])
+                        generation_seconds=[predictions[i][1] for i in test["id"]])[PREDICTION_COLUMNS]
+    if "source" in test:
+        frame = pd.concat([frame, source_columns(test["source"])], axis=1)
     with atomic_file(out_csv) as tmp:
         # Quote every field: generated text can hold a bare "\r", which unquoted would split a row in two.
-        frame[PREDICTION_COLUMNS].to_csv(tmp, index=False, quoting=csv.QUOTE_ALL)
+        # UTF-8 with a BOM: Excel on a Chinese (GBK) Windows otherwise shows the text garbled.
+        frame.to_csv(tmp, index=False, quoting=csv.QUOTE_ALL, encoding="utf-8-sig")
     partial.remove()
     return len(frame)

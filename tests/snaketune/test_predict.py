@@ -127,3 +127,28 @@ def test_predict_cli_from_base_manifest_and_adapter(tmp_path, tiny_model, tiny_t
     half = subprocess.run(command + ["--model-manifest", str(tiny_model / "manifest.json")], capture_output=True,
                           text=True, env=workflow_env())
     assert half.returncode == 1 and "error: --model-manifest and --adapter go together" in half.stderr
+
+
+def test_predictions_open_in_excel_and_carry_the_original_columns(tmp_path, tiny_model, tiny_tokenizer):
+    """UTF-8 with a BOM (Excel on Chinese Windows reads GBK otherwise), and each test row's own fields beside the
+    rendered prompt, as the dataset file had them."""
+    import json
+
+    from snaketune.dataset import DatasetSettings, build
+    from snaketune.layout import dataset_outputs
+
+    data = tmp_path / "pairs.csv"
+    data.write_text("sentence1,sentence2,label,prompt\n" + "".join(
+        f"今天{i}号,明天{i}号,{'相同' if i % 2 else '不同'},x{i}\n" for i in range(10)), encoding="utf-8")
+    outputs = dataset_outputs(tmp_path / "built")
+    build(DatasetSettings(path=str(data), format="columns", prompt="{sentence1}\n{sentence2}", response="{label}",
+                          eval_size=0, test_size=3), tiny_tokenizer, outputs)
+    out = tmp_path / "predictions.csv"
+    predict(GenerationSettings(max_new_tokens=2, batch_size=3), tiny_model, outputs["test"], out, partial(out))
+    assert out.read_bytes()[:3] == b"\xef\xbb\xbf"
+    frame = pd.read_csv(out, keep_default_na=False, dtype=str)
+    assert list(frame.columns) == ["id", "prompt", "reference", "prediction", "generation_seconds", "sentence1",
+                                   "sentence2", "label", "source_prompt"]
+    test = pd.read_parquet(outputs["test"])
+    assert list(frame["sentence1"]) == [json.loads(s)["sentence1"] for s in test["source"]]
+    assert all(row["sentence1"] in row["prompt"] and row["label"] == row["reference"] for _, row in frame.iterrows())
