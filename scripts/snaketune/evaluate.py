@@ -3,6 +3,12 @@
 Chinese has no spaces, so how text is split decides the score: ``char`` splits CJK text into characters and
 keeps other words whole, ``whitespace`` splits on spaces. The choice is written into metrics.json beside the
 numbers, so two runs' scores are comparable only when they say the same.
+
+``bleu`` / ``rouge`` pick how the scores are computed: ``default`` (nltk sentence BLEU-4 with smoothing method 1
+and rouge_score, both over ``text_tokenizer``'s units), or ``llamafactory``, the numbers LLaMA-Factory and
+ms-swift print after their predict step, so runs can be set beside theirs: BLEU-4 over characters (every
+character, spaces included) with smoothing method 3, and ROUGE-1/2/L F over jieba words with rouge-chinese,
+each sample's score rounded to 4 decimals before the mean, as they do.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ CHAR_TOKEN = re.compile(rf"[{CJK}]|[^\W_{CJK}]+")
 class EvalSettings:
     metrics: list[str] = field(default_factory=lambda: ["bleu", "rouge", "exact_match"])
     text_tokenizer: str = "char"
+    bleu: str = "default"  # default | llamafactory
+    rouge: str = "default"  # default | llamafactory
     labels: dict[str, list[str]] = field(default_factory=dict)  # label -> texts that mean it (the label itself too)
     exams: list[str] = field(default_factory=list)  # multiple-choice exams (scored by the exam rule)
     shots: int = 0
@@ -40,9 +48,19 @@ def normalize_answer(text: str) -> str:
     return unicodedata.normalize("NFKC", str(text)).strip()
 
 
-def bleu4(references: list[str], predictions: list[str], how: str) -> float:
-    """Mean sentence BLEU-4 (nltk, weights 0.25 each, smoothing method 1), in percent."""
+MODES = ("default", "llamafactory")
+
+
+def bleu4(references: list[str], predictions: list[str], how: str, mode: str = "default") -> float:
+    """Mean sentence BLEU-4 (nltk, weights 0.25 each, smoothing method 1), in percent; ``llamafactory``: over
+    characters with smoothing method 3, each sample rounded to 4 decimals."""
     from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+    if mode == "llamafactory":
+        method3 = SmoothingFunction().method3
+        scores = [round(100 * sentence_bleu([list(str(ref))], list(str(pred)), smoothing_function=method3), 4)
+                  for ref, pred in zip(references, predictions, strict=True)]
+        return sum(scores) / len(scores)
 
     smooth = SmoothingFunction().method1
     scores = [
@@ -63,10 +81,28 @@ class _Splitter:
         return tokenize(text, self.how)
 
 
-def rouge(references: list[str], predictions: list[str], how: str) -> dict[str, float]:
+def rouge_llamafactory(references: list[str], predictions: list[str]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F over jieba words (rouge-chinese), 0 when either side has no word, in percent."""
+    import jieba
+    from rouge_chinese import Rouge
+
+    jieba.setLogLevel(60)  # its "Building prefix dict" lines are not errors
+    totals = {"rouge-1": 0.0, "rouge-2": 0.0, "rouge-l": 0.0}
+    for ref, pred in zip(references, predictions, strict=True):
+        hypothesis, reference = " ".join(jieba.cut(str(pred))), " ".join(jieba.cut(str(ref)))
+        if not hypothesis.split() or not reference.split():
+            continue
+        for key, value in Rouge().get_scores(hypothesis, reference)[0].items():
+            totals[key] += round(100 * value["f"], 4)
+    return {key: value / len(references) for key, value in totals.items()}
+
+
+def rouge(references: list[str], predictions: list[str], how: str, mode: str = "default") -> dict[str, float]:
     """Mean ROUGE-1/2/L F1 (rouge_score, with our tokenizer so Chinese is not scored as empty), in percent."""
     from rouge_score import rouge_scorer
 
+    if mode == "llamafactory":
+        return rouge_llamafactory(references, predictions)
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=_Splitter(how))
     totals = {"rouge-1": 0.0, "rouge-2": 0.0, "rouge-l": 0.0}
     for ref, pred in zip(references, predictions, strict=True):
@@ -135,9 +171,11 @@ def evaluate(settings: EvalSettings, references: list[str], predictions: list[st
         raise UserError("no predictions to evaluate")
     result: dict = {"n": len(references), "text_tokenizer": settings.text_tokenizer}
     if "bleu" in settings.metrics:
-        result["bleu-4"] = bleu4(references, predictions, settings.text_tokenizer)
+        result["bleu-4"] = bleu4(references, predictions, settings.text_tokenizer, settings.bleu)
+        result["bleu_mode"] = settings.bleu
     if "rouge" in settings.metrics:
-        result.update(rouge(references, predictions, settings.text_tokenizer))
+        result.update(rouge(references, predictions, settings.text_tokenizer, settings.rouge))
+        result["rouge_mode"] = settings.rouge
     if "exact_match" in settings.metrics:
         result["exact_match"] = exact_match(references, predictions)
     if "label" in settings.metrics:

@@ -124,3 +124,76 @@ def test_label_metrics_need_labels_and_references_that_are_labels():
         evaluate(EvalSettings(metrics=["label"]), ["a"], ["a"])
     with pytest.raises(UserError, match=r"references that are none of the labels \['yes', 'no'\]: \['maybe'\]"):
         evaluate(EvalSettings(metrics=["label"], labels={"yes": [], "no": []}), ["maybe"], ["yes"])
+
+
+# -- LLaMA-Factory's numbers, recomputed from their definitions ---------------------------------------------------
+LF_PAIRS = [("今天天气很好，我们去公园散步吧。", "今天天气不错，我们去公园走走。"),
+         ("The cat sat on the mat.", "the cat is on the mat"),
+         ("我爱北京天安门", "我爱北京天安门"),
+         ("完全不同的回答", "")]
+
+
+def bleu4_from_definition(reference: list[str], hypothesis: list[str]) -> float:
+    """BLEU-4 of one sentence with smoothing method 3 (NIST geometric sequence): an n-gram order with no match
+    counts 1 / 2^k (k = 1, 2, ... for each such order in turn) over the hypothesis' n-gram count."""
+    import math
+    from collections import Counter
+
+    if not hypothesis:
+        return 0.0
+    logs, k = [], 1
+    for n in range(1, 5):
+        hyp = Counter(tuple(hypothesis[i:i + n]) for i in range(len(hypothesis) - n + 1))
+        ref = Counter(tuple(reference[i:i + n]) for i in range(len(reference) - n + 1))
+        total = sum(hyp.values())
+        if total == 0:
+            return 0.0
+        matched = sum(min(count, ref[gram]) for gram, count in hyp.items())
+        if matched == 0:
+            matched, k = 1 / 2 ** k, k + 1
+        logs.append(math.log(matched / total))
+    brevity = 1.0 if len(hypothesis) > len(reference) else math.exp(1 - len(reference) / len(hypothesis))
+    return brevity * math.exp(sum(logs) / 4)
+
+
+def rouge_from_definition(reference: list[str], hypothesis: list[str]) -> dict[str, float]:
+    """ROUGE-1/2 F over distinct n-grams and ROUGE-L F over the longest common subsequence, as rouge-chinese
+    (a fork of pltrdy/rouge) computes them: F = 2PR / (P + R + 1e-8)."""
+    def f(overlap, hyp, ref):
+        p, r = (overlap / hyp if hyp else 0.0), (overlap / ref if ref else 0.0)
+        return 2.0 * p * r / (p + r + 1e-8)
+
+    scores = {}
+    for n in (1, 2):
+        hyp = {tuple(hypothesis[i:i + n]) for i in range(len(hypothesis) - n + 1)}
+        ref = {tuple(reference[i:i + n]) for i in range(len(reference) - n + 1)}
+        scores[f"rouge-{n}"] = f(len(hyp & ref), len(hyp), len(ref))
+    table = [[0] * (len(hypothesis) + 1) for _ in range(len(reference) + 1)]
+    for i, a in enumerate(reference):
+        for j, b in enumerate(hypothesis):
+            table[i + 1][j + 1] = table[i][j] + 1 if a == b else max(table[i][j + 1], table[i + 1][j])
+    scores["rouge-l"] = f(table[-1][-1], len(hypothesis), len(reference))
+    return scores
+
+
+def test_llamafactory_mode_equals_bleu_and_rouge_written_from_their_definitions():
+    import jieba
+
+    from snaketune.evaluate import EvalSettings, evaluate
+
+    references, predictions = [p[0] for p in LF_PAIRS], [p[1] for p in LF_PAIRS]
+    result = evaluate(EvalSettings(bleu="llamafactory", rouge="llamafactory"), references, predictions)
+    assert (result["bleu_mode"], result["rouge_mode"]) == ("llamafactory", "llamafactory")
+    bleu = [round(100 * bleu4_from_definition(list(r), list(p)), 4) for r, p in LF_PAIRS]
+    assert result["bleu-4"] == pytest.approx(sum(bleu) / len(bleu), abs=1e-9)
+    totals = {"rouge-1": 0.0, "rouge-2": 0.0, "rouge-l": 0.0}
+    for ref, pred in LF_PAIRS:
+        words = [list(jieba.cut(text)) for text in (ref, pred)]
+        words = [[w for w in " ".join(ws).split()] for ws in words]
+        if all(words):
+            for key, value in rouge_from_definition(*words).items():
+                totals[key] += round(100 * value, 4)
+    for key, value in totals.items():
+        assert result[key] == pytest.approx(value / len(LF_PAIRS), abs=1e-9), key
+    default = evaluate(EvalSettings(), references, predictions)
+    assert default["bleu_mode"] == "default" and default["bleu-4"] != result["bleu-4"]
