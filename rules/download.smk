@@ -1,9 +1,11 @@
-# Make each base model available (build, validate, or download) and record it in a manifest.
+# Make each base model available (build, validate, or download) and record it in a manifest. A local rule: on a
+# cluster it runs where Snakemake runs (the login node, which has internet), never on a compute node.
 rule download:
     output:
         manifest=paths.pattern("model_manifest"),
     log:
         paths.log("download"),
+    localrule: True
     conda:
         "../envs/download.yaml"
     threads: 1

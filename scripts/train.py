@@ -57,6 +57,10 @@ def main(argv=None) -> int:
         settings = make_settings(TrainSettings, args.settings)
         command = launch_command(settings.nodes, settings.gpus, bool(settings.deepspeed),
                                  str(Path(__file__).resolve()), argv)
+        if "SLURM_JOB_ID" in os.environ and "LOCAL_RANK" not in os.environ:  # which GPUs Slurm gave this job
+            gpus = os.environ.get("SLURM_STEP_GPUS") or os.environ.get("SLURM_JOB_GPUS") or "none"
+            print(f"Slurm job {os.environ['SLURM_JOB_ID']} on {os.environ.get('SLURMD_NODENAME', '?')}: GPUs {gpus}",
+                  file=sys.stderr)
         if "LOCAL_RANK" not in os.environ and "SLURM_JOB_ID" not in os.environ:  # Slurm assigns a job's GPUs
             claim(settings.gpus)  # torchrun's workers inherit the launcher's GPUs
         if command:

@@ -82,7 +82,22 @@ def demo(tmp_path_factory, default_config) -> Path:
     """The embedded default config run to the end once, shared by every test that inspects its results."""
     workdir = tmp_path_factory.mktemp("demo")
     config = scratch_workflow(workdir, default_config)
-    snakemake(workdir, "--configfile", str(config), check=True)
+    # every job records what our code imported (tests/import_audit/sitecustomize.py), for tests/test_envs.py
+    audit = {"SNAKETUNE_IMPORT_AUDIT": str(workdir / "import_audit"),
+             "SNAKETUNE_IMPORT_AUDIT_CODE": str(REPO / "scripts"),
+             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests" / "import_audit"),
+                                                         os.environ.get("PYTHONPATH")]))}
+    (workdir / "import_audit").mkdir()
+    saved = {key: os.environ.get(key) for key in audit}
+    os.environ.update(audit)
+    try:
+        snakemake(workdir, "--configfile", str(config), check=True)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return workdir
 
 

@@ -21,7 +21,9 @@ from pathlib import Path
 
 PACKAGES = ("slurm-wlm", "munge")
 DAEMONS = ("munged", "slurmctld", "slurmd")
-PARTITION = "debug"
+PARTITION = "debug"  # the GPU partition of the test cluster
+CPU_PARTITION = "cpu"  # its CPU partition (the same node)
+GPUS = 1  # counted generic resources: gres/gpu with no GPU behind it
 
 
 def ensure_installed() -> None:
@@ -49,6 +51,7 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
+GresTypes=gpu
 ReturnToService=2
 SchedulerType=sched/backfill
 JobAcctGatherType=jobacct_gather/none
@@ -62,8 +65,9 @@ SlurmctldLogFile={root}/log/slurmctld.log
 SlurmdLogFile={root}/log/slurmd.log
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
-NodeName={host} CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN
+NodeName={host} CPUs={cpus} RealMemory={memory_mb} Gres=gpu:{GPUS} State=UNKNOWN
 PartitionName={PARTITION} Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+PartitionName={CPU_PARTITION} Nodes={host} MaxTime=INFINITE State=UP OverSubscribe=NO
 """
 
 
@@ -87,6 +91,10 @@ class LocalSlurm:
         for sub in ("log", "state", "spool", "munge"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         (self.root / "slurm.conf").write_text(slurm_conf(self.root, self.host, self.cpus, self.memory_mb))
+        # a counted GPU with no hardware behind it: Slurm schedules and records it. Debian's slurmd drops a gpu entry
+        # without File=, so /dev/null stands in for the device (nothing binds it: no cgroup device constraint).
+        (self.root / "gres.conf").write_text(f"AutoDetect=off\nNodeName={self.host} Name=gpu Count={GPUS} "
+                                             "File=/dev/null\n")
         self._write_srun_wrapper()
         try:
             self._start_munge()

@@ -116,3 +116,46 @@ def test_every_rule_has_an_env_holding_what_its_script_imports():
                   for dist in distributions.get(module, [module])}
         missing = needed - set(pinned) - {"snakemake"}
         assert not missing, f"rule {rule}: envs/{env} lacks {sorted(missing)} that scripts/{script}.py imports"
+
+
+def installable(pins) -> set[str]:
+    """What an env built from these pins holds: the pinned distributions and everything they require."""
+    from packaging.requirements import Requirement
+
+    seen, stack = set(), list(pins)
+    while stack:
+        name = normalise(stack.pop())
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requirements = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for line in requirements:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                stack.append(requirement.name)
+    return seen
+
+
+def test_every_job_of_the_demo_imported_only_what_its_rules_env_installs(demo):
+    """An audit of what each job's code really imported, function bodies included (the dataset stage imports
+    matplotlib only to draw its length plot): the demo ran with tests/import_audit/sitecustomize.py, which
+    records the imports made by code under scripts/ in every process, per stage script."""
+    import json
+
+    distributions = importlib.metadata.packages_distributions()
+    records = {}
+    for path in (demo / "import_audit").glob("*.json"):
+        records.setdefault(path.stem.rsplit("-", 1)[0], set()).update(json.loads(path.read_text()))
+    checked = set()
+    for rule, (env, script) in rule_envs().items():
+        if script not in records:
+            continue
+        needed = {normalise(dist) for module in records[script] - set(sys.stdlib_module_names)
+                  for dist in distributions.get(module, [])}
+        missing = needed - installable(env_pins(REPO / "envs" / env)) - {"snakemake"}
+        assert not missing, f"rule {rule}: scripts/{script}.py imported {sorted(missing)}, not in envs/{env}"
+        checked.add(rule)
+    assert checked >= {"download", "dataset", "train", "merge", "predict", "evaluate", "exam", "report"}

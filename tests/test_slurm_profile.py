@@ -14,15 +14,23 @@ import pytest
 import yaml
 
 from conftest import REPO, scratch_workflow, workflow_env
-from local_slurm import PARTITION, LocalSlurm
+from local_slurm import CPU_PARTITION, PARTITION, LocalSlurm
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the local Slurm cluster is Debian packages")
 
 
 def machine_profile(folder, cluster):
-    """profiles/slurm with only the partition and the resources this machine has changed."""
+    """profiles/slurm with only the partitions and the resources this machine has changed (and without conda
+    deployment when conda is absent: it is not on PyPI; tests/test_envs.py audits the env files instead)."""
+    import shutil
+
     profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.v8+.yaml").read_text())
+    if shutil.which("conda") is None:
+        profile.pop("software-deployment-method", None)
     profile["default-resources"]["slurm_partition"] = PARTITION
+    for resources in profile["set-resources"].values():
+        if resources.get("slurm_partition") == "cpu":
+            resources["slurm_partition"] = CPU_PARTITION
     profile["default-resources"].pop("slurm_account", None)
     profile["slurm-no-account"] = True
     profile["slurm-init-seconds-before-status-checks"] = 1
@@ -31,8 +39,8 @@ def machine_profile(folder, cluster):
     for rule in list(profile["set-resources"]) + ["train", "predict", "exam"]:
         resources = profile["set-resources"].setdefault(rule, {})
         resources.update({"mem_mb": mem_mb, "cpus_per_task": 1})
-        if rule in ("train", "predict", "exam"):
-            resources["gpu"] = 0  # this machine has none
+        if rule in ("predict", "exam"):
+            resources["gpu"] = 0  # one counted GPU on the test cluster: train asks for it (gpus: 1)
     profile["default-resources"]["mem_mb"] = mem_mb
     profile["default-resources"]["cpus_per_task"] = 1
     folder.mkdir(parents=True)
@@ -56,20 +64,26 @@ def test_default_dag_runs_as_slurm_jobs_and_matches_the_local_run(tmp_path, demo
 
         # every job of every rule was submitted to Slurm, and Slurm says each completed
         submitted = re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+)", output)
-        states = {}
+        states, by_rule = {}, {}  # by_rule: what scontrol shows of each job, by rule (the plugin's job comment)
         for _, slurm_id in submitted:
             shown = subprocess.run(["scontrol", "show", "job", slurm_id], env=cluster.env, capture_output=True,
                                    text=True).stdout
             states[slurm_id] = re.search(r"JobState=(\S+)", shown).group(1)
+            by_rule.setdefault(re.search(r"Comment=rule_([a-z]+)", shown).group(1), []).append(shown)
         local_jobs = re.findall(r"^localrule (\w+):", output, flags=re.M)
         running = cluster.running()
     assert cluster.running() == [] and running == ["munged", "slurmctld", "slurmd"]
-    assert local_jobs == ["all"]
+    assert sorted(local_jobs) == ["all", "download"]  # the download ran where Snakemake runs, not as a Slurm job
     ran_rules = set(re.findall(r"^rule (\w+):", output, flags=re.M))
-    assert ran_rules == {"download", "dataset", "train", "merge", "predict",
-                         "evaluate", "exam", "report"}
-    # 1 download + 2 dataset builds + 3 runs x (train, merge, predict, evaluate) + 2 benchmark scores + 1 report
-    assert len(submitted) == 18 and set(states.values()) == {"COMPLETED"}, states
+    assert ran_rules == {"dataset", "train", "merge", "predict", "evaluate", "exam", "report"}
+    # 2 dataset builds + 3 runs x (train, merge, predict, evaluate) + 2 exams + 1 report
+    assert len(submitted) == 17 and set(states.values()) == {"COMPLETED"}, states
+    assert all("TresPerJob=gres:gpu:1" in shown for shown in by_rule["train"]), by_rule["train"][0]
+    for log in (workdir / "logs" / "train").glob("*.log"):  # and Slurm gave each train job the counted GPU
+        assert re.search(r"^Slurm job \d+ on \S+: GPUs 0$", log.read_text(), flags=re.M), log.read_text()[-2000:]
+    assert all(f"Partition={CPU_PARTITION}" in shown for rule in ("dataset", "merge", "evaluate", "report")
+               for shown in by_rule[rule])
+    assert all(f"Partition={PARTITION}" in shown and "TresPerJob=gres" not in shown for shown in by_rule["predict"])
 
     # same outputs as the local run of the same config
     for relative in ["results/models/tiny-qwen2/model.safetensors",

@@ -36,6 +36,12 @@ def test_demo_writes_every_stage_output(demo):
     assert log["loss"].iloc[-1] < log["loss"].iloc[0] / 10
     page = (results / "report.html").read_text()
     assert "identity-lora" in page and "Predictions beside references" in page
+    exams = page.split("<h2>Exams: accuracy per subject</h2>")[1].split("<h2>")[0]
+    assert "<th>subject</th><th>questions</th><th>identity-lora</th><th>identity-base</th>" in exams
+    assert "<td>医学</td><td>5</td>" in exams and "<td>overall</td><td>9</td>" in exams
+    confusion = page.split("<h2>Labels: confusion tables</h2>")[1].split("<h2>")[0]
+    assert "<h3>matching-lora</h3>" in confusion and "<td>相同</td>" in confusion
+    assert page.count("<div class='scroll'><table>") >= 4  # wide tables scroll inside the page
     exam = json.loads((results / "runs/identity-lora/exams/mmcu-sample.json").read_text())
     assert (exam["n"], exam["shots"], sorted(exam["subjects"])) == (9, 2, ["医学", "法律"])
     board = pd.read_csv(results / "leaderboard.csv").set_index("run")

@@ -17,7 +17,9 @@ from collections.abc import Mapping
 from snaketune.errors import UserError
 
 NODE_LAUNCHER = "SNAKETUNE_NODE_LAUNCHER"  # set for the srun tasks: this process launches one node's workers
-PORT_BASE, PORT_SPAN = 20000, 20000  # rendezvous ports are taken from this range, by job id
+# Rendezvous ports are taken from 20000-31999 by job id: below Linux's ephemeral range (32768-60999), where an
+# outgoing connection could already hold the port.
+PORT_BASE, PORT_SPAN = 20000, 12000
 
 
 def first_host(nodelist: str) -> str:

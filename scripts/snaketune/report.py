@@ -62,9 +62,47 @@ def prediction_samples(runs: list[str], predictions: list[Path]) -> str:
         frame = pd.read_csv(path, keep_default_na=False, dtype=str).head(SAMPLE_ROWS)
         cells = "".join(f"<tr><td>{html.escape(r['id'])}</td><td class='text'>{html.escape(r['reference'])}</td>"
                         f"<td class='text'>{html.escape(r['prediction'])}</td></tr>" for _, r in frame.iterrows())
-        parts.append(f"<h3>{html.escape(run)}</h3><table><thead><tr><th>id</th><th>reference</th>"
-                     f"<th>prediction</th></tr></thead><tbody>{cells}</tbody></table>")
+        parts.append(f"<h3>{html.escape(run)}</h3><div class='scroll'><table><thead><tr><th>id</th>"
+                     f"<th>reference</th><th>prediction</th></tr></thead><tbody>{cells}</tbody></table></div>")
     return "".join(parts)
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    """An HTML table in a box that scrolls sideways when it is wider than the page."""
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in header)
+    body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
+
+
+def exam_tables(records: list[dict[str, Any]]) -> str:
+    """Per exam, accuracy per subject (rows) for each run that took it (columns), with the question counts."""
+    by_exam: dict[str, dict[str, dict]] = {}
+    for record in records:
+        for name, path in record.get("exams", {}).items():
+            by_exam.setdefault(name, {})[record["run"]] = read_json(path)
+    parts = []
+    for name, results in by_exam.items():
+        runs = list(results)
+        subjects = sorted({subject for result in results.values() for subject in result["subjects"]})
+        rows = [[subject, next(r["subjects"][subject]["n"] for r in results.values() if subject in r["subjects"]),
+                 *[results[run]["subjects"].get(subject, {}).get("accuracy", "") for run in runs]]
+                for subject in subjects]
+        rows.append(["overall", next(iter(results.values()))["n"], *[results[run]["accuracy"] for run in runs]])
+        parts.append(f"<h3>{html.escape(name)}</h3>" + table(["subject", "questions", *runs], rows))
+    return "".join(parts) or "<p>No run takes an exam.</p>"
+
+
+def confusion_tables(records: list[dict[str, Any]]) -> str:
+    """Per run with label metrics: the confusion table, reference label (rows) against predicted label."""
+    parts = []
+    for record in records:
+        confusion = read_json(record["files"]["metrics"]).get("confusion")
+        if confusion:
+            predicted = list(next(iter(confusion.values())))
+            rows = [[gold, *[counts[p] for p in predicted]] for gold, counts in confusion.items()]
+            parts.append(f"<h3>{html.escape(record['run'])}</h3>"
+                         + table(["reference \\ predicted", *predicted], rows))
+    return "".join(parts) or "<p>No run has label metrics.</p>"
 
 
 def _cell(value: Any) -> str:
@@ -154,8 +192,6 @@ def write_report(records: list[dict[str, Any]], leaderboard: Path, page: Path,
         writer.writeheader()
         writer.writerows(rows)
 
-    header = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{_cell(r[c])}</td>" for c in columns) + "</tr>" for r in rows)
     figures = "".join(
         f"<figure><img alt='loss curve of {html.escape(r['run'])}' src='data:image/png;base64,"
         f"{base64.b64encode(Path(curve).read_bytes()).decode()}'><figcaption>{html.escape(r['run'])}"
@@ -168,14 +204,19 @@ def write_report(records: list[dict[str, Any]], leaderboard: Path, page: Path,
     sections = "".join(write_sweep(name, sweep, rows, log_of, serve) for name, sweep in (sweeps or {}).items())
     document = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>snaketune report</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}figure{{display:inline-block;margin:1em}}
-td.text{{text-align:left;white-space:pre-wrap;max-width:40em}}</style>
+<style>
+body{{font-family:"Noto Sans CJK SC","Source Han Sans SC","PingFang SC","Microsoft YaHei",sans-serif;margin:2em}}
+.scroll{{max-width:100%;overflow-x:auto}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}th{{white-space:normal;max-width:9em}}
+figure{{display:inline-block;margin:1em}}img{{max-width:100%}}
+td.text{{text-align:left;white-space:pre-wrap;max-width:40em;overflow-wrap:anywhere}}</style>
 </head><body><h1>snaketune report</h1>
-<h2>Leaderboard</h2><p>exact_match, accuracy, precision, recall, f1 and benchmark accuracies are fractions;
+<h2>Leaderboard</h2><p>exact_match, accuracy, precision, recall, f1 and exam accuracies are fractions;
 BLEU and ROUGE are percentages.</p>
-<table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>
+{table(columns, [[r[c] for c in columns] for r in rows])}
 <h2>Training loss</h2>{figures}
+<h2>Exams: accuracy per subject</h2>{exam_tables(records)}
+<h2>Labels: confusion tables</h2>{confusion_tables(records)}
 <h2>Predictions beside references (first {SAMPLE_ROWS} test rows)</h2>{samples}
 {sections}
 </body></html>

@@ -190,20 +190,35 @@ def test_two_nodes_train_zero3_resume_after_a_kill_and_match_two_local_processes
                 "logging_steps": 1, "save_steps": 10}
     run_train(built, tmp_path / "local", {**settings, "gpus": 2})  # the reference: 2 processes on one machine
 
+    def free_port():
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            return probe.getsockname()[1]
+
+    def start_job():
+        port = free_port()  # a restarted job is a new Slurm job: a new id, so a new port
+        return [start_node(built, run_dir, {**settings, "nodes": 2}, node, port) for node in (0, 1)]
+
+    def kill(nodes):  # a node failure: every process of the job dies at once
+        for process in nodes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=60)
+
     run_dir = tmp_path / "nodes"
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    nodes = [start_node(built, run_dir, {**settings, "nodes": 2}, node, port) for node in (0, 1)]
-    wait_for_checkpoint(run_dir / "checkpoints", 20, nodes[0], timeout=300)
-    for process in nodes:  # a node failure: every process of the job dies at once
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=60)
+    nodes = start_job()
+    try:
+        wait_for_checkpoint(run_dir / "checkpoints", 20, nodes[0], timeout=300)
+    finally:
+        kill(nodes)
     checkpoint = complete_checkpoints(run_dir / "checkpoints")[-1]
     assert not (run_dir / "adapter").exists()
 
-    nodes = [start_node(built, run_dir, {**settings, "nodes": 2}, node, port + 1) for node in (0, 1)]
-    assert [process.wait(timeout=600) for process in nodes] == [0, 0]
+    nodes = start_job()
+    try:
+        assert [process.wait(timeout=600) for process in nodes] == [0, 0]
+    finally:
+        kill(nodes)
     logs = [(tmp_path / f"nodes-node{node}.log").read_text() for node in (0, 1)]
     assert "rank 0 of 2: node 0, local rank 0" in logs[0] and "rank 1 of 2: node 1, local rank 0" in logs[1]
     assert f"resume from {checkpoint}" in logs[0]
