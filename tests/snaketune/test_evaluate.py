@@ -66,6 +66,15 @@ def test_bleu_equals_sacrebleu_on_the_same_tokens():
         assert result["bleu-4"] == pytest.approx(sum(expected) / len(expected), abs=1e-6)
 
 
+def lcs_length(a: list[str], b: list[str]) -> int:
+    """Length of the longest common subsequence, by the textbook table."""
+    table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    for i, x in enumerate(a):
+        for j, y in enumerate(b):
+            table[i + 1][j + 1] = table[i][j] + 1 if x == y else max(table[i][j + 1], table[i + 1][j])
+    return table[-1][-1]
+
+
 def reference_rouge(ref: list[str], pred: list[str]) -> dict[str, float]:
     """ROUGE-N and ROUGE-L F1 written out from their definitions (clipped n-gram overlap; LCS by DP)."""
     from collections import Counter
@@ -82,11 +91,7 @@ def reference_rouge(ref: list[str], pred: list[str]) -> dict[str, float]:
         grams_pred = Counter(tuple(pred[i:i + n]) for i in range(len(pred) - n + 1))
         scores[f"rouge-{n}"] = f1(sum((grams_ref & grams_pred).values()), sum(grams_pred.values()),
                                   sum(grams_ref.values()))
-    table = [[0] * (len(pred) + 1) for _ in range(len(ref) + 1)]
-    for i, a in enumerate(ref):
-        for j, b in enumerate(pred):
-            table[i + 1][j + 1] = table[i][j] + 1 if a == b else max(table[i][j + 1], table[i + 1][j])
-    scores["rouge-l"] = f1(table[-1][-1], len(pred), len(ref))
+    scores["rouge-l"] = f1(lcs_length(ref, pred), len(pred), len(ref))
     return scores
 
 
@@ -168,11 +173,7 @@ def rouge_from_definition(reference: list[str], hypothesis: list[str]) -> dict[s
         hyp = {tuple(hypothesis[i:i + n]) for i in range(len(hypothesis) - n + 1)}
         ref = {tuple(reference[i:i + n]) for i in range(len(reference) - n + 1)}
         scores[f"rouge-{n}"] = f(len(hyp & ref), len(hyp), len(ref))
-    table = [[0] * (len(hypothesis) + 1) for _ in range(len(reference) + 1)]
-    for i, a in enumerate(reference):
-        for j, b in enumerate(hypothesis):
-            table[i + 1][j + 1] = table[i][j] + 1 if a == b else max(table[i][j + 1], table[i + 1][j])
-    scores["rouge-l"] = f(table[-1][-1], len(hypothesis), len(reference))
+    scores["rouge-l"] = f(lcs_length(reference, hypothesis), len(hypothesis), len(reference))
     return scores
 
 
