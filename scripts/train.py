@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     def body():
         from snaketune.download import model_path
         from snaketune.gpus import claim
-        from snaketune.launch import NODE_LAUNCHER, launch_command
+        from snaketune.launch import launch_command
         from snaketune.train import TrainFiles, TrainSettings, prepare_environment, train
 
         settings = make_settings(TrainSettings, args.settings)
@@ -65,8 +65,6 @@ def main(argv=None) -> int:
             claim(settings.gpus)  # torchrun's workers inherit the launcher's GPUs
         if command:
             prepare_environment(settings)
-            if command[0] == "srun":
-                os.environ[NODE_LAUNCHER] = "1"
             print(f"launching: {' '.join(command[:8])} ...", file=sys.stderr)
             sys.stdout.flush()
             sys.stderr.flush()

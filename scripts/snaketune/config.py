@@ -101,7 +101,6 @@ class WorkflowConfig:
     sweeps: dict[str, dict[str, Any]] = field(default_factory=dict)  # sweep name -> its runs' swept settings
     exams: dict[str, dict[str, Any]] = field(default_factory=dict)  # multiple-choice exams by name
     serve_run: str | None = None  # the run `snakemake serve` serves
-    cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)  # lookups derived from runs
 
 
 # Where each key of a run's settings goes: the train stage takes the top-level keys it has fields for, each

@@ -16,15 +16,22 @@ from pathlib import Path
 from typing import Any
 
 
-def current_umask() -> int:
-    """The process umask, read without changing it (Linux), else by setting and restoring it."""
+def process_status(field: str) -> str | None:
+    """One field of /proc/self/status (Linux), e.g. ``Umask`` or ``RssAnon``; None where there is none."""
     try:
         with open("/proc/self/status") as status:
             for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
+                if line.startswith(f"{field}:"):
+                    return line.split()[1]
     except OSError:
         pass
+    return None
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (Linux), else by setting and restoring it."""
+    if (found := process_status("Umask")) is not None:
+        return int(found, 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

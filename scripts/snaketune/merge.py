@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from snaketune.io import atomic_dir
+from snaketune.io import atomic_dir, process_status, safetensors_problem
 
 CHECK_PROMPTS = ["Hello, who are you?", "你好，请介绍一下你自己。", "1 2 3 4 5"]
 
@@ -82,14 +82,8 @@ def anonymous_memory_mib() -> float | None:
     Weights read from safetensors are memory-mapped; until changed they are page cache the kernel can drop, so
     plain RSS would count the base's file on top of the model.
     """
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+    found = process_status("RssAnon")  # in kB
+    return int(found) / 1024 if found is not None else None
 
 
 def base_dtype(model_dir: Path, wanted: str):
@@ -107,8 +101,6 @@ def check_saved(model, folder: Path) -> None:
     """Every tensor of ``model`` is in the saved shards, equal, read back one at a time (no second model)."""
     import torch
     from safetensors import safe_open
-
-    from snaketune.io import safetensors_problem
 
     expected = model.state_dict()
     found = set()

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from snaketune.errors import UserError
-from snaketune.io import atomic_file, save_png, sha256_file, write_json
+from snaketune.io import atomic_file, file_problem, save_png, sha256_file, write_json
 
 SUPPORTED_METHODS = ("lora", "qlora", "full")
 DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[2] / "config" / "deepspeed"
@@ -196,8 +196,6 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     The Trainer writes trainer_state.json last, but a kill during a later copy, a full disk or a bad sync can
     still leave a truncated file behind; each file is checked the way the resume will read it.
     """
-    from snaketune.io import file_problem
-
     state = checkpoint / "trainer_state.json"
     if not state.is_file():
         return "no trainer_state.json (it was still being written)"

@@ -29,8 +29,7 @@ def dataset_settings(cfg: WorkflowConfig, dataset: str) -> str:
 
 def dataset_files(cfg: WorkflowConfig, dataset: str) -> list[str]:
     """The data files a dataset build reads (their paths are also in its settings, so a new path reruns it)."""
-    return list(cfg.datasets[dataset].path) if isinstance(cfg.datasets[dataset].path, list) \
-        else [cfg.datasets[dataset].path]
+    return [str(path) for path in cfg.datasets[dataset].paths]
 
 
 def train_settings(cfg: WorkflowConfig, run: str) -> str:
