@@ -81,6 +81,27 @@ def test_merged_model_loads_and_answers_with_auto_classes_alone(demo):
     assert output[0, -1].item() in model.generation_config.eos_token_id  # it stopped by itself
 
 
+def test_the_trained_adapter_loads_with_auto_peft_from_any_folder(demo, tmp_path):
+    """The adapter names its base by absolute path, so `AutoPeftModelForCausalLM` finds it from another folder."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import workflow_env
+
+    adapter = demo / "results" / "runs" / "identity-lora" / "adapter"
+    recorded = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert os.path.isabs(recorded) and os.path.isdir(recorded)
+    script = ("from peft import AutoPeftModelForCausalLM\n"
+              f"model = AutoPeftModelForCausalLM.from_pretrained({str(adapter)!r})\n"
+              "print(model.peft_config['default'].base_model_name_or_path)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                            env=workflow_env())
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == recorded
+
+
 def test_right_after_a_full_run_nothing_is_stale(demo):
     result = snakemake(demo, "--configfile", str(demo / "config.yaml"), "--dry-run")
     assert result.returncode == 0 and "Nothing to be done" in result.stdout + result.stderr
