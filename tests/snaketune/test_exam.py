@@ -132,3 +132,20 @@ def test_the_script_writes_per_subject_json(tmp_path, tiny_model):
     assert set(result["method"]["letter_token_ids"]) == {"A", "B", "C", "D"}
     assert len(result["questions"]) == 9 and result["questions"][0]["where"].endswith("医学.csv:2")
     assert sum(q["answer"] == q["chosen"] for q in result["questions"]) == round(result["accuracy"] * 9)
+
+
+def test_a_continuation_is_scored_from_the_logits_it_reads_only(tiny):
+    """Scoring keeps only the logits of the positions that predict the continuation; the log-probability equals
+    the one read from the full-vocabulary logits of every position."""
+    import torch
+
+    tokenizer, model = tiny
+    prompt, continuation = "问题：1+1=?\n答案：", " B. two"
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    full = tokenizer(prompt + continuation, add_special_tokens=False)["input_ids"]
+    common = next(i for i, (a, b) in enumerate(zip(prompt_ids + [-1], full, strict=False)) if a != b)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([full])).logits[0].float(), dim=-1)
+    expected = sum(logprobs[i - 1, full[i]].item() for i in range(max(common, 1), len(full)))
+    assert len(full) - common >= 2
+    assert continuation_logprob(model, tokenizer, prompt, continuation) == pytest.approx(expected, abs=1e-4)
