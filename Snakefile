@@ -23,6 +23,7 @@ include: "rules/evaluate.smk"
 include: "rules/exam.smk"
 include: "rules/report.smk"
 include: "rules/serve.smk"
+include: "rules/plan.smk"
 
 
 rule all:

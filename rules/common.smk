@@ -1,5 +1,6 @@
 # Lookups only: validated config, wildcard constraints, the layout of every path, and the stage scripts.
 # The logic behind them lives in scripts/snaketune/ (config.py, layout.py, workflow.py) where it is unit-tested.
+import json
 import os
 import sys
 from pathlib import Path
@@ -77,4 +78,18 @@ onstart:
             f"error: runs.{spanning[0]}.nodes: {nodes} nodes need a Slurm cluster (--profile profiles/slurm); "
             "on one machine set nodes: 1 and gpus: <its GPUs>\n"
         )
+        sys.exit(1)
+    # A stage that cannot fit the machine the profile declares (gpu_memory_gib, disk_gib) is refused here, not
+    # hours in: `snakemake plan` prints the whole plan.
+    from snaketune.plan import plan as resource_plan, problems as misfits
+
+    planning_only = {job.rule.name for job in workflow.dag.targetjobs} == {"plan"}
+    misfit = (
+        []
+        if planning_only
+        else misfits(resource_plan(CFG), CFG.gpu_memory_gib, CFG.disk_gib)
+    )
+    for line in misfit:
+        sys.stderr.write(f"error: {line}\n")
+    if misfit:
         sys.exit(1)

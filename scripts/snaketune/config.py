@@ -101,6 +101,8 @@ class WorkflowConfig:
     sweeps: dict[str, dict[str, Any]] = field(default_factory=dict)  # sweep name -> its runs' swept settings
     exams: dict[str, dict[str, Any]] = field(default_factory=dict)  # multiple-choice exams by name
     serve_run: str | None = None  # the run `snakemake serve` serves
+    gpu_memory_gib: float | None = None  # the machine's GPU memory per GPU: plans above it are refused
+    disk_gib: float | None = None  # the disk the runs may fill: plans above it are refused
 
 
 # Where each key of a run's settings goes: the train stage takes the top-level keys it has fields for, each
@@ -272,4 +274,5 @@ def load(raw: dict[str, Any], files: list[str | Path] = ()) -> WorkflowConfig:
     if problems:
         raise UserError("\n".join(problems))
     return WorkflowConfig(models=models, datasets=datasets, runs=runs, sweeps=sweeps, exams=exams,
-                          serve_run=raw.get("serve_run"))
+                          serve_run=raw.get("serve_run"), gpu_memory_gib=raw.get("gpu_memory_gib"),
+                          disk_gib=raw.get("disk_gib"))

@@ -66,6 +66,7 @@ LOGS = {
     "report": "logs/report/report",
     "best": "logs/report/best",
     "serve": "logs/serve/serve",
+    "plan": "logs/plan/plan",
 }
 
 

@@ -171,3 +171,28 @@ def test_adapters_the_shards_cannot_take_are_merged_in_memory(tmp_path, tiny_tok
     base, adapter = lora_pair(tmp_path, tiny_tokenizer, use_dora=True)
     assert merge(MergeSettings(), base, False, adapter, tmp_path / "merged") < 1e-4
     assert "merging in memory (adapter settings {'use_dora': True} rules out" in capfd.readouterr().err
+
+
+def test_the_weight_check_catches_a_merged_weight_that_is_not_base_plus_delta(tmp_path, tiny_tokenizer):
+    """In bf16 the logits cannot tell a wrong merge from rounding on a deep model; the check of every merged
+    weight against peft's own delta can."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from snaketune.merge import MergeSettings, check_weights, merge
+
+    base, adapter = lora_pair(tmp_path, tiny_tokenizer)
+    merge(MergeSettings(), base, False, adapter, tmp_path / "merged")
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)
+    assert check_weights(adapted, tmp_path / "merged", torch.float32) == 14
+    shard = next(p for p in (tmp_path / "merged").glob("*.safetensors")
+                 if any(k.endswith("q_proj.weight") for k in load_file(p)))
+    tensors = load_file(shard)
+    key = next(k for k in tensors if k.endswith("q_proj.weight"))
+    original = load_file(next(p for p in base.glob("*.safetensors") if key in load_file(p)))[key]
+    tensors[key] = original + 2 * (tensors[key] - original)  # the update applied twice (a wrong scaling)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(RuntimeError, match="not base \\+ the adapter's delta"):
+        check_weights(adapted, tmp_path / "merged", torch.float32)
