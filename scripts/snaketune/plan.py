@@ -2,12 +2,13 @@
 
 Estimates, in GiB, from the parameter count and the run's settings (bytes per parameter as each stage holds it):
 
-- train: base weights (bf16: 2 B/param; QLoRA NF4: ~0.52 B/param on the decoder layers, embeddings and head in
-  bf16; full: bf16 weights + fp32 master copy + two Adam moments + bf16 grads = 16 B/param, divided over the GPUs
-  by ZeRO-3, the optimizer part by ZeRO-1/2, off the GPU with offload) + trainable LoRA weights at 16 B/param (fp32
-  weight, grad, two Adam moments) + activations of ``per_device_train_batch_size x max_seq_length`` tokens (each
-  layer's saved inputs, all layers' or one's with gradient checkpointing) + float32 logits with their gradient
-  (12 B per token and vocabulary entry) + 1 GiB of CUDA context and workspace.
+- train: base weights (bf16: 2 B/param; QLoRA: NF4 ~0.52 B/param on the decoder layers, embeddings and head in
+  fp32 as peft's kbit preparation leaves them; full with DeepSpeed: bf16 weights and grads, fp32 grads, master
+  copy and two Adam moments = 20 B/param, the weights divided over the GPUs by ZeRO-3, the rest by ZeRO-1/2/3,
+  off the GPU with offload) + trainable LoRA weights at 16 B/param (fp32 weight, grad, two Adam moments) +
+  activations of ``per_device_train_batch_size x max_seq_length`` tokens (each layer's saved inputs, all layers'
+  or one's with gradient checkpointing) + logits (18 B per token and vocabulary entry: bf16, float32 copy,
+  softmax, gradient) + 1.5 GiB of CUDA context, workspace and allocator slack.
 - RAM: 2 GiB for the process, plus the shard being read while loading (at most 5 GB), plus ZeRO-offloaded
   optimizer state (12 B/param).
 - merge (CPU): one safetensors shard (at most 5 GB) in the output dtype plus its float32 update; disk: the
@@ -35,6 +36,7 @@ GIB = 2**30
 SHAPES = Path(__file__).resolve().parents[2] / "config" / "model_shapes.yaml"
 CONVERTED_FAMILIES = {"qwen", "baichuan", "internlm2"}  # remote-code models the download stage converts
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+CUDA_CONTEXT_GIB = 1.5  # CUDA context, cuBLAS workspace and the allocator's slack beyond what torch allocates
 PROCESS_GIB = 2.0  # RAM of a stage process before it holds any weights (Python, torch, CUDA libraries)
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -124,22 +126,24 @@ def train_gpu_gib(shape: Shape, train, max_seq_length: int) -> float:
     p = shape.params
     processes = train.gpus * train.nodes
     zero = train.deepspeed or ""
-    if train.method == "full":
-        weights = 2 * p / (processes if zero.startswith("zero3") else 1)
-        states = 14 * p
-        states = 0 if zero.endswith("offload") else states / processes if zero else states
+    if train.method == "full" and zero:  # DeepSpeed: bf16 weights and grads, fp32 grads, master copy, 2 moments
+        weights = 4 * p / (processes if zero.startswith("zero3") else 1)
+        states = 0 if zero.endswith("offload") else 16 * p / processes
         trainable = weights + states
+    elif train.method == "full":  # one process: bf16 weights, grads and Adam moments (torch keeps their dtype)
+        trainable = 8 * p
     else:
         linear = shape.layers * (shape.layer_params - 2 * shape.hidden)
-        base = linear * 0.52 + 2 * (p - linear) if train.method == "qlora" else 2 * p
+        # QLoRA: NF4 with double-quantized scales; peft's prepare_model_for_kbit_training makes the rest fp32
+        base = linear * 0.52 + 4 * (p - linear) if train.method == "qlora" else 2 * p
         base = base / processes if zero.startswith("zero3") else base
         trainable = base + 16 * shape.lora_params(train.lora_rank, train.lora_target)
     tokens = train.per_device_train_batch_size * max_seq_length
     per_layer = tokens * (10 * shape.hidden + 4 * shape.intermediate) * 2  # saved inputs of each linear, bf16
     checkpointed = tokens * shape.hidden * 2
     activations = per_layer + (shape.layers - 1) * (checkpointed if train.gradient_checkpointing else per_layer)
-    logits = tokens * shape.vocab * 12
-    return (trainable + activations + logits) / GIB + 1.0
+    logits = tokens * shape.vocab * 18  # bf16 logits, their float32 copy, softmax and gradient
+    return 1.05 * (trainable + activations + logits) / GIB + CUDA_CONTEXT_GIB  # 5%: allocator fragmentation
 
 
 def run_needs(run, shape: Shape, max_seq_length: int, converted: bool, downloads: bool = True) -> list[StageNeed]:
@@ -178,8 +182,10 @@ def run_needs(run, shape: Shape, max_seq_length: int, converted: bool, downloads
                   (checkpoint * train.save_total_limit + final) / GIB if trains else 0.0, spare["train"]),
         StageNeed("merge", 0.0, (shard * 3 + 4 * shape.lora_params(train.lora_rank, train.lora_target)) / GIB
                   + PROCESS_GIB if merges else 0.0, p * merge_bytes / GIB if merges else 0.0, spare["merge"]),
-        StageNeed("predict", (weights + kv + generation.batch_size * shape.vocab * 4) / GIB + 1.0, loading, 0.0),
-        StageNeed("exam", (weights + exam_tokens * (4 * shape.hidden + 3 * shape.intermediate) * 2) / GIB + 1.0,
+        StageNeed("predict", (weights + kv + generation.batch_size * shape.vocab * 4) / GIB + CUDA_CONTEXT_GIB,
+                  loading, 0.0),
+        StageNeed("exam", (weights + exam_tokens * (4 * shape.hidden + 3 * shape.intermediate) * 2) / GIB
+                  + CUDA_CONTEXT_GIB,
                   loading, 0.0),
     ]
 
