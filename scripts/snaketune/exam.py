@@ -153,8 +153,8 @@ def letter_scores(model, tokenizer, prompts: list[str], batch_size: int = 8) -> 
             for p, ids in zip(batch, prompt_ids, strict=True) for letter in LETTERS)
         if fast:
             inputs = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            with torch.no_grad():  # logits of the last position only: never batch x length x vocabulary
-                logits = model(**inputs, logits_to_keep=1).logits[:, -1, :].float()
+            with torch.no_grad():  # the last position's logits only, no KV cache: never batch x length x vocabulary
+                logits = model(**inputs, logits_to_keep=1, use_cache=False).logits[:, -1, :].float()
             logprobs = torch.log_softmax(logits, dim=-1)
             scores += [{letter: float(row[single[letter]]) for letter in LETTERS} for row in logprobs]
         else:
@@ -176,7 +176,7 @@ def continuation_logprob(model, tokenizer, prompt: str, continuation: str) -> fl
     first = max(common, 1)  # the logits at positions first-1 .. len-2 predict the continuation's tokens
     keep = len(full) - first + 1
     with torch.no_grad():
-        logits = model(torch.tensor([full], device=device), logits_to_keep=keep).logits[0].float()
+        logits = model(torch.tensor([full], device=device), logits_to_keep=keep, use_cache=False).logits[0].float()
     logprobs = torch.log_softmax(logits, dim=-1)
     offset = len(full) - keep
     return float(sum(logprobs[i - 1 - offset, full[i]] for i in range(first, len(full))))

@@ -13,8 +13,10 @@ Estimates, in GiB, from the parameter count and the run's settings (bytes per pa
   optimizer state (12 B/param).
 - merge (CPU): one safetensors shard (at most 5 GB) in the output dtype plus its float32 update; disk: the
   merged weights in the merge dtype (a full fine-tune is linked: no disk).
-- predict: weights in their dtype + the KV cache of ``generation.batch_size`` rows of prompt + new tokens.
-- exam: weights + one layer's activations of ``batch_size`` prompts of ``max_seq_length`` tokens.
+- predict: weights in their dtype + the KV cache of ``generation.batch_size`` rows of ``max_seq_length`` prompt
+  + new tokens (an upper bound: real prompts are often shorter), + 10%.
+- exam: weights + one layer's activations of ``batch_size`` prompts of ``max_seq_length`` tokens (no KV cache),
+  + 10%.
 - disk: the download (and its converted copy for remote-code families; counted for the first run of a model),
   checkpoints (adapter + optimizer state,
   ``save_total_limit`` of them) and the final adapter, the merged folder.
@@ -37,6 +39,7 @@ SHAPES = Path(__file__).resolve().parents[2] / "config" / "model_shapes.yaml"
 CONVERTED_FAMILIES = {"qwen", "baichuan", "internlm2"}  # remote-code models the download stage converts
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 CUDA_CONTEXT_GIB = 1.5  # CUDA context, cuBLAS workspace and the allocator's slack beyond what torch allocates
+INFERENCE_SLACK = 1.1  # predict/exam: buffers beside the weights and the allocator's cache (measured: 14B exam)
 PROCESS_GIB = 2.0  # RAM of a stage process before it holds any weights (Python, torch, CUDA libraries)
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -182,11 +185,10 @@ def run_needs(run, shape: Shape, max_seq_length: int, converted: bool, downloads
                   (checkpoint * train.save_total_limit + final) / GIB if trains else 0.0, spare["train"]),
         StageNeed("merge", 0.0, (shard * 3 + 4 * shape.lora_params(train.lora_rank, train.lora_target)) / GIB
                   + PROCESS_GIB if merges else 0.0, p * merge_bytes / GIB if merges else 0.0, spare["merge"]),
-        StageNeed("predict", (weights + kv + generation.batch_size * shape.vocab * 4) / GIB + CUDA_CONTEXT_GIB,
-                  loading, 0.0),
-        StageNeed("exam", (weights + exam_tokens * (4 * shape.hidden + 3 * shape.intermediate) * 2) / GIB
-                  + CUDA_CONTEXT_GIB,
-                  loading, 0.0),
+        StageNeed("predict", INFERENCE_SLACK * (weights + kv + generation.batch_size * shape.vocab * 4) / GIB
+                  + CUDA_CONTEXT_GIB, loading, 0.0),
+        StageNeed("exam", INFERENCE_SLACK * (weights + exam_tokens * (4 * shape.hidden + 3 * shape.intermediate) * 2)
+                  / GIB + CUDA_CONTEXT_GIB, loading, 0.0),
     ]
 
 
@@ -241,6 +243,11 @@ def problems(needs: dict[str, list[StageNeed] | None], gpu_memory_gib: float | N
     return lines
 
 
+def totals(stages: list[StageNeed]) -> tuple[float, float, float]:
+    """A run's largest GPU and RAM need and the disk it writes in all, in GiB."""
+    return (max(s.gpu_gib for s in stages), max(s.ram_gib for s in stages), sum(s.disk_gib for s in stages))
+
+
 def table(needs: dict[str, list[StageNeed] | None]) -> str:
     """The plan as a text table: run, stage, GPU/RAM/disk GiB, and each run's disk total."""
     rows = ["run\tstage\tgpu_gib\tram_gib\tdisk_gib"]
@@ -249,6 +256,5 @@ def table(needs: dict[str, list[StageNeed] | None]) -> str:
             rows.append(f"{run}\t(model shape unknown until its download)\t\t\t")
             continue
         rows += [f"{run}\t{s.stage}\t{s.gpu_gib:.1f}\t{s.ram_gib:.1f}\t{s.disk_gib:.1f}" for s in stages]
-        rows.append(f"{run}\ttotal\t{max(s.gpu_gib for s in stages):.1f}\t{max(s.ram_gib for s in stages):.1f}\t"
-                    f"{sum(s.disk_gib for s in stages):.1f}")
+        rows.append(f"{run}\ttotal\t" + "\t".join(f"{value:.1f}" for value in totals(stages)))
     return "\n".join(rows) + "\n"
