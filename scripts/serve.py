@@ -30,6 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="environment variable holding the API key (unset or empty: no key needed)")
     parser.add_argument("--max-body-bytes", type=int, default=1_000_000, help="larger requests get 413")
     parser.add_argument("--max-tokens-limit", type=int, default=2048, help="larger max_tokens get 400")
+    parser.add_argument("--max-context", type=int,
+                        help="prompt + max_tokens cap (default: the model's context); longer requests get 400")
+    parser.add_argument("--max-batch", type=int, default=32, help="requests decoded together at each step")
+    parser.add_argument("--max-waiting", type=int, default=256,
+                        help="requests waiting for a batch slot; beyond that new ones get 429 with Retry-After")
+    parser.add_argument("--allowed-host", action="append", default=[],
+                        help="another name clients reach the service by (the Host header); repeatable")
+    parser.add_argument("--allowed-origin", action="append", default=[],
+                        help="a web origin (https://example.org) whose pages may call the API; repeatable")
     return parser
 
 
@@ -43,12 +52,16 @@ def main(argv=None) -> int:
 
         from snaketune.serve import ServiceSettings, create_app, load_chat_model
 
-        chat = load_chat_model(args)
+        chat = load_chat_model(args, max_batch=args.max_batch, max_waiting=args.max_waiting)
         settings = ServiceSettings(api_key=os.environ.get(args.api_key_env) or None,
-                                   max_body_bytes=args.max_body_bytes, max_tokens_limit=args.max_tokens_limit)
+                                   max_body_bytes=args.max_body_bytes, max_tokens_limit=args.max_tokens_limit,
+                                   max_context=args.max_context, host=args.host, allowed_hosts=args.allowed_host,
+                                   allowed_origins=args.allowed_origin)
         print(f"serving {chat.name} on http://{args.host}:{args.port}/ (API at /v1, key "
               f"{'required' if settings.api_key else 'not required'})", file=sys.stderr, flush=True)
-        uvicorn.run(create_app(chat, settings), host=args.host, port=args.port, log_level="info")
+        # on SIGTERM, running streams get 3 s to end, then are cancelled (and their generations with them)
+        uvicorn.run(create_app(chat, settings), host=args.host, port=args.port, log_level="info",
+                    timeout_graceful_shutdown=3)
 
     return main_guard(body)
 

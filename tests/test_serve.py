@@ -2,42 +2,18 @@
 page in headless Chromium, and the terminal chat."""
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
-import threading
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import REPO, workflow_env
+from conftest import REPO, start_server, workflow_env
 
 KEY = "test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def start_server(app):
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    return server, thread, f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
@@ -82,13 +58,13 @@ MESSAGES = [{"role": "system", "content": "You are a helpful assistant."}, {"rol
 def test_openai_client_gets_a_completion_and_the_same_text_streamed(service):
     openai = client(service)
     assert [m.id for m in openai.models.list().data] == ["tiny"]
-    completion = openai.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12)
+    completion = openai.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0)
     text = completion.choices[0].message.content
-    assert text and completion.choices[0].finish_reason == "stop"
-    assert completion.usage.completion_tokens > 0 and completion.usage.prompt_tokens > 5
-    pieces = [chunk.choices[0].delta.content or "" for chunk in
-              openai.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, stream=True)]
-    assert len([p for p in pieces if p]) > 1 and "".join(pieces).strip() == text  # greedy: the same answer
+    assert text and completion.choices[0].finish_reason in ("stop", "length")
+    assert 0 < completion.usage.completion_tokens <= 12 and completion.usage.prompt_tokens > 5
+    pieces = [chunk.choices[0].delta.content or "" for chunk in openai.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=12, temperature=0, stream=True)]
+    assert len([p for p in pieces if p]) > 1 and "".join(pieces) == text  # greedy: the same answer
 
 
 def test_fifty_concurrent_requests_all_succeed(service):
@@ -118,6 +94,71 @@ def test_bad_requests_get_the_right_4xx_with_a_json_error(service, body, key, st
     assert code == status and message in reply["error"]["message"] and reply["error"]["code"] == status
 
 
+@pytest.mark.parametrize("body, status, message", [
+    (b'{"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}', 400,
+     "`messages[0].content[0].text` must be a string"),
+    (b'{"messages": [{"role": "user", "content": "a \\ud800 b"}]}', 400, "lone surrogate"),
+    (b'{"messages": [{"role": "user", "content": 7}]}', 400, "`messages[0].content` must be a string"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}', 400, "`top_p` must be a number from 0"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": -1}', 400, "`temperature` must be"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "seed": "x"}', 400, "`seed` must be an integer"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}', 400, "`stream` must be true or false"),
+    (b'{"messages": [{"role": "user", "content": "' + b"hi " * 240 + b'"}], "max_tokens": 64}', 400,
+     "this model's context is 256 tokens"),
+])
+def test_malformed_client_input_is_a_400_never_a_500(service, body, status, message):
+    code, reply = post(service, body)
+    assert code == status and message in reply["error"]["message"], reply
+
+
+def test_an_unknown_model_is_a_404_for_the_openai_client(service):
+    from openai import NotFoundError
+
+    with pytest.raises(NotFoundError) as raised:
+        client(service).chat.completions.create(model="gpt-5", messages=MESSAGES, max_tokens=4)
+    assert raised.value.body["code"] == "model_not_found" and "`gpt-5` does not exist" in raised.value.body["message"]
+
+
+def test_a_cut_answer_says_length_and_usage_counts_the_generated_ids(service):
+    openai = client(service)
+    reply = openai.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=5, temperature=0)
+    if reply.choices[0].finish_reason == "length":
+        assert reply.usage.completion_tokens == 5
+    else:  # it said its end-of-turn token first: that token is the last one counted
+        assert reply.choices[0].finish_reason == "stop" and reply.usage.completion_tokens <= 5
+    streamed = list(openai.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=5, temperature=0,
+                                                   stream=True, stream_options={"include_usage": True}))
+    assert [c.choices[0].finish_reason for c in streamed if c.choices][-1] == reply.choices[0].finish_reason
+    assert streamed[-1].usage.completion_tokens == reply.usage.completion_tokens
+
+
+def test_top_p_zero_and_temperature_zero_are_greedy(service):
+    openai = client(service)
+    answers = {openai.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=10, **options)
+               .choices[0].message.content for options in ({"temperature": 0}, {"top_p": 0}, {"temperature": 0,
+                                                                                                "top_p": 0})}
+    assert len(answers) == 1
+    seeded = {openai.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=10, temperature=1.0,
+                                             seed=7).choices[0].message.content for _ in range(2)}
+    assert len(seeded) == 1  # a seed makes sampling repeatable
+
+
+@pytest.mark.parametrize("headers, message", [
+    ({"Origin": "https://evil.example"}, "requests from pages of https://evil.example are not allowed"),
+    ({"Host": "rebound.example:8000"}, "Host `rebound.example:8000` is not this service's address"),
+])
+def test_other_sites_pages_and_foreign_host_names_are_refused(service, headers, message):
+    request = urllib.request.Request(service + "/v1/chat/completions", method="POST", headers={
+        "Content-Type": "text/plain", "Authorization": f"Bearer {KEY}", **headers},
+        data=json.dumps({"messages": MESSAGES, "max_tokens": 2}).encode())
+    with pytest.raises(urllib.error.HTTPError) as raised:
+        urllib.request.urlopen(request, timeout=30)
+    assert raised.value.code == 403 and message in json.loads(raised.value.read())["error"]["message"]
+    same_origin = {"Origin": service, "Authorization": f"Bearer {KEY}"}
+    with urllib.request.urlopen(urllib.request.Request(service + "/v1/models", headers=same_origin)) as reply:
+        assert reply.status == 200
+
+
 def test_the_service_binds_to_localhost_by_default():
     sys.path.insert(0, str(REPO / "scripts"))
     from serve import build_parser
@@ -125,45 +166,28 @@ def test_the_service_binds_to_localhost_by_default():
     assert build_parser().parse_args(["--run", "x"]).host == "127.0.0.1"
 
 
-def ensure_chromium():
-    """Debian's chromium and its driver, installed with apt-get when absent (as the Slurm test does)."""
-    if shutil.which("chromium") and shutil.which("chromedriver"):
-        return
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    subprocess.run(["apt-get", "update", "-q"], check=True, env=env, stdout=subprocess.DEVNULL)
-    subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium", "chromium-driver"],
-                   check=True, env=env, stdout=subprocess.DEVNULL)
-
-
 def test_the_chat_page_streams_an_answer_in_headless_chromium(chat_model):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
+    from browser import headless_chromium
     from snaketune.serve import ServiceSettings, create_app
 
-    ensure_chromium()
     server, thread, url = start_server(create_app(chat_model, ServiceSettings()))
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium")
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
-        options.add_argument(flag)
-    browser = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
     try:
-        browser.get(url + "/")
-        WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "model").text == "tiny")
-        browser.find_element(By.ID, "message").send_keys("你好")
-        browser.find_element(By.ID, "send").click()
-        answer = WebDriverWait(browser, 120).until(
-            lambda b: next((e for e in b.find_elements(By.CSS_SELECTOR, ".assistant")
-                            if e.get_attribute("data-done") == "true"), None))
-        expected = chat_model.complete([{"role": "user", "content": "你好"}],
-                                       __import__("snaketune.serve").serve.SamplingSettings(128))
-        assert answer.text.strip() == expected and expected
-        assert browser.find_element(By.CSS_SELECTOR, ".user").text == "you: 你好"
+        with headless_chromium() as browser:
+            browser.get(url + "/")
+            WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "model").text == "tiny")
+            browser.find_element(By.ID, "message").send_keys("你好")
+            browser.find_element(By.ID, "send").click()
+            answer = WebDriverWait(browser, 120).until(
+                lambda b: next((e for e in b.find_elements(By.CSS_SELECTOR, ".assistant")
+                                if e.get_attribute("data-done") == "true"), None))
+            expected = chat_model.complete([{"role": "user", "content": "你好"}],
+                                           __import__("snaketune.serve").serve.SamplingSettings(128))
+            assert answer.text.strip() == expected and expected
+            assert browser.find_element(By.CSS_SELECTOR, ".user").text == "you: 你好"
     finally:
-        browser.quit()
         server.should_exit = True
         thread.join(timeout=10)
 

@@ -1,84 +1,70 @@
 """Talk to a trained model: a chat session (the terminal CLI uses it) and an OpenAI-compatible HTTP service.
 
 The service speaks the chat-completions API (``POST /v1/chat/completions``, streaming as server-sent events or
-not; ``GET /v1/models``) and serves a small chat page at ``/``. One model, one generation at a time: requests
-wait their turn in a queue (a lock) instead of competing for the GPU. With an API key set, every ``/v1`` request
-needs ``Authorization: Bearer <key>``. Bad requests get a 4xx JSON error in OpenAI's shape.
+not; ``GET /v1/models``) and serves a small chat page at ``/``. Generation runs in one engine thread that batches
+every running request (snaketune/batching.py: continuous batching); request handlers only await the events the
+engine sends them, so no client can tie up a worker thread. A client that goes away cancels its generation at
+the next step. Limits answer in OpenAI's error shape: a prompt and ``max_tokens`` beyond the context (400), a full
+queue (429 with Retry-After), a key (401), a page of another origin or a foreign Host header (403).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import threading
+import queue
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from snaketune.batching import Engine, QueueFull, Request, SamplingSettings
+
 PAGE = Path(__file__).with_name("chat_page.html")
-
-
-@dataclass
-class SamplingSettings:
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
+__all__ = ["ChatModel", "Conversation", "SamplingSettings", "ServiceSettings", "create_app"]
 
 
 class ChatModel:
-    """A model, its tokenizer and chat template, generating one request at a time."""
+    """A model, its tokenizer and chat template, and the engine that generates for every caller at once."""
 
     def __init__(self, model_dir: Path, adapter_dir: Path | None = None, trust_remote_code: bool = False,
-                 name: str | None = None):
+                 name: str | None = None, max_batch: int = 32, max_waiting: int = 256):
         import torch
 
         from snaketune.predict import load_for_generation
         from snaketune.templates import ChatTemplate
 
-        self.tokenizer, self.model = load_for_generation(model_dir, adapter_dir, trust_remote_code)
+        tokenizer, model = load_for_generation(model_dir, adapter_dir, trust_remote_code)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model.to(self.device)
-        self.template = ChatTemplate.of(self.tokenizer)
+        model.to(self.device)
+        self.template = ChatTemplate.of(tokenizer)
         self.name = name or (adapter_dir or model_dir).name
-        self.lock = threading.Lock()
+        self.context = getattr(model.config, "max_position_embeddings", None) or 2048
+        self.engine = Engine(model, tokenizer, self.device, max_batch=max_batch, max_waiting=max_waiting).start()
 
-    def prompt_ids(self, messages: list[dict[str, str]]):
-        text = self.template.render(messages, add_generation_prompt=True)
-        return self.tokenizer(text, return_tensors="pt", add_special_tokens=False).to(self.device)
+    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        return self.engine.encode(self.template.render(messages, add_generation_prompt=True))
 
     def stream(self, messages: list[dict[str, str]], sampling: SamplingSettings) -> Iterator[str]:
-        """Yield the answer piece by piece as it is generated (waits for the model to be free first)."""
-        from transformers import TextIteratorStreamer
-
-        inputs = self.prompt_ids(messages)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
-        options = {"do_sample": sampling.temperature > 0}
-        if sampling.temperature > 0:
-            options.update(temperature=sampling.temperature, top_p=sampling.top_p)
-        failure = []
-
-        def run():
-            try:
-                self.model.generate(**inputs, max_new_tokens=sampling.max_new_tokens, streamer=streamer,
-                                    pad_token_id=self.tokenizer.pad_token_id, **options)
-            except Exception as exc:  # reported to the caller, never a dead thread and a hung stream
-                failure.append(exc)
-                streamer.end()
-
-        with self.lock:
-            worker = threading.Thread(target=run, daemon=True)
-            worker.start()
-            yield from (piece for piece in streamer if piece)
-            worker.join()
-        if failure:
-            raise failure[0]
+        """Yield the answer piece by piece as it is generated (for callers without an event loop)."""
+        events: queue.Queue = queue.Queue()
+        request = Request(self.prompt_ids(messages), sampling, events.put)
+        self.engine.submit(request)
+        try:
+            while True:
+                kind, value = events.get()
+                if kind == "text":
+                    yield value
+                elif kind == "error":
+                    raise RuntimeError(value)
+                else:
+                    return
+        finally:
+            request.cancel()  # a caller that stops reading frees the batch slot
 
     def complete(self, messages: list[dict[str, str]], sampling: SamplingSettings) -> str:
         return "".join(self.stream(messages, sampling)).strip()
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 @dataclass
@@ -110,15 +96,44 @@ class ServiceSettings:
     max_body_bytes: int = 1_000_000
     max_tokens_limit: int = 2048
     default_max_tokens: int = 256
+    max_context: int | None = None  # prompt + max_tokens cap; None: the model's context (max_position_embeddings)
+    host: str = "127.0.0.1"  # the address the service is bound to: Host headers must name it (or allowed_hosts)
+    allowed_hosts: list[str] = field(default_factory=list)  # more names clients may reach it by
+    allowed_origins: list[str] = field(default_factory=list)  # other web origins whose pages may call it
+    retry_after_seconds: int = 1
+
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 
 class RequestError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
+        self.status, self.message, self.kind, self.code = status, message, kind, code
 
 
-def parse_request(body: bytes, settings: ServiceSettings) -> tuple[list[dict[str, str]], SamplingSettings, bool]:
+def text_of(content, where: str) -> str:
+    """A message's text: a string, or OpenAI's content parts of type text; anything else is a 400."""
+    if isinstance(content, list):
+        pieces = []
+        for index, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type", "text") != "text":
+                raise RequestError(400, f"`{where}[{index}]` must be a text part ({{\"type\": \"text\", "
+                                        "\"text\": ...}); other kinds are not supported")
+            if not isinstance(part.get("text"), str):
+                raise RequestError(400, f"`{where}[{index}].text` must be a string")
+            pieces.append(part["text"])
+        content = "".join(pieces)
+    if not isinstance(content, str):
+        raise RequestError(400, f"`{where}` must be a string or a list of text parts")
+    try:
+        content.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(400, f"`{where}` holds a lone surrogate (\\ud800-\\udfff): not valid Unicode text") from None
+    return content
+
+
+def parse_request(body: bytes, settings: ServiceSettings, model_name: str):
     """Validate a chat-completions body; every problem is a RequestError naming the field."""
     try:
         request = json.loads(body)
@@ -126,6 +141,10 @@ def parse_request(body: bytes, settings: ServiceSettings) -> tuple[list[dict[str
         raise RequestError(400, f"the body is not valid JSON: {exc}") from None
     if not isinstance(request, dict):
         raise RequestError(400, "the body must be a JSON object")
+    model = request.get("model", model_name)
+    if model != model_name:
+        raise RequestError(404, f"the model `{model}` does not exist; this service serves `{model_name}`",
+                           code="model_not_found")
     messages = request.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError(400, "`messages` is required: a non-empty list of {role, content}")
@@ -133,49 +152,78 @@ def parse_request(body: bytes, settings: ServiceSettings) -> tuple[list[dict[str
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
             raise RequestError(400, f"`messages[{index}].role` must be system, user or assistant")
-        content = message.get("content")
-        if isinstance(content, list):  # OpenAI's content parts: keep the text ones
-            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
-        if not isinstance(content, str):
-            raise RequestError(400, f"`messages[{index}].content` must be a string")
-        clean.append({"role": message["role"], "content": content})
-    max_tokens = request.get("max_completion_tokens", request.get("max_tokens", settings.default_max_tokens))
+        clean.append({"role": message["role"], "content": text_of(message.get("content"),
+                                                                   f"messages[{index}].content")})
+    asked = request.get("max_completion_tokens", request.get("max_tokens"))
+    max_tokens = min(settings.default_max_tokens, settings.max_tokens_limit) if asked is None else asked
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise RequestError(400, "`max_tokens` must be a positive integer")
     if max_tokens > settings.max_tokens_limit:
         raise RequestError(400, f"`max_tokens` {max_tokens} is above this service's limit of "
                                 f"{settings.max_tokens_limit}")
-    temperature, top_p = request.get("temperature", 0.0), request.get("top_p", 1.0)
-    for name, value, high in (("temperature", temperature, 2.0), ("top_p", top_p, 1.0)):
+    sampling = {}
+    for name, default, high in (("temperature", 1.0, 2.0), ("top_p", 1.0, 1.0)):
+        value = request.get(name)
+        value = default if value is None else value  # OpenAI: null means the default
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= high:
             raise RequestError(400, f"`{name}` must be a number from 0 to {high}")
+        sampling[name] = float(value)
+    seed = request.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise RequestError(400, "`seed` must be an integer")
     stream = request.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError(400, "`stream` must be true or false")
-    return clean, SamplingSettings(max_tokens, float(temperature), float(top_p or 1.0)), stream
+    options = request.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise RequestError(400, "`stream_options` must be an object")
+    return clean, SamplingSettings(max_tokens, seed=seed, **sampling), stream, bool(options.get("include_usage"))
 
 
 def error_body(error: RequestError) -> dict:
-    return {"error": {"message": error.message, "type": error.kind, "code": error.status}}
+    return {"error": {"message": error.message, "type": error.kind, "param": None,
+                      "code": error.code or error.status}}
+
+
+def browser_problem(headers, settings: ServiceSettings) -> str | None:
+    """Why a request must be refused for a browser's sake (DNS rebinding, another site's page), or None."""
+    host = headers.get("host", "")
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    bound = settings.host
+    if settings.allowed_hosts or bound not in ("0.0.0.0", "::"):
+        allowed = set(settings.allowed_hosts) | {bound} | (LOOPBACK if bound in LOOPBACK else set())
+        if name not in allowed:
+            return (f"Host `{host}` is not this service's address ({', '.join(sorted(allowed))}); "
+                    "add it with --allowed-host")
+    origin = headers.get("origin")
+    if origin and origin not in settings.allowed_origins and origin.split("://", 1)[-1] != host:
+        return f"requests from pages of {origin} are not allowed; add it with --allowed-origin"
+    return None
 
 
 def create_app(chat: ChatModel, settings: ServiceSettings):
-    """The Starlette application: API routes, key check, size limit, and the chat page."""
+    """The Starlette application: API routes, browser and key checks, size and context limits, the chat page."""
+    from contextlib import asynccontextmanager
+
     from starlette.applications import Starlette
-    from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
-    from starlette.requests import Request
+    from starlette.requests import Request as HttpRequest
     from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
     from starlette.routing import Route
 
-    def fail(error: RequestError) -> JSONResponse:
-        return JSONResponse(error_body(error), status_code=error.status)
+    context = settings.max_context or chat.context
 
-    def authorized(request: Request) -> bool:
-        if not settings.api_key:
-            return True
-        return request.headers.get("authorization", "") == f"Bearer {settings.api_key}"
+    def fail(error: RequestError, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse(error_body(error), status_code=error.status, headers=headers)
 
-    async def read_body(request: Request) -> bytes:
+    def refused(request: HttpRequest) -> JSONResponse | None:
+        problem = browser_problem(request.headers, settings)
+        if problem:
+            return fail(RequestError(403, problem, "permission_error"))
+        if settings.api_key and request.headers.get("authorization", "") != f"Bearer {settings.api_key}":
+            return fail(RequestError(401, "missing or wrong API key", "authentication_error"))
+        return None
+
+    async def read_body(request: HttpRequest) -> bytes:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > settings.max_body_bytes:
             raise RequestError(413, f"the body is larger than {settings.max_body_bytes} bytes")
@@ -186,57 +234,110 @@ def create_app(chat: ChatModel, settings: ServiceSettings):
                 raise RequestError(413, f"the body is larger than {settings.max_body_bytes} bytes")
         return body
 
-    async def models(request: Request):
-        if not authorized(request):
-            return fail(RequestError(401, "missing or wrong API key", "authentication_error"))
-        return JSONResponse({"object": "list", "data": [{"id": chat.name, "object": "model", "created": 0,
-                                                         "owned_by": "snaketune"}]})
+    async def models(request: HttpRequest):
+        return refused(request) or JSONResponse({"object": "list", "data": [
+            {"id": chat.name, "object": "model", "created": 0, "owned_by": "snaketune"}]})
 
-    async def completions(request: Request):
-        if not authorized(request):
-            return fail(RequestError(401, "missing or wrong API key", "authentication_error"))
+    async def completions(request: HttpRequest):
+        refusal = refused(request)
+        if refusal:
+            return refusal
         try:
-            messages, sampling, stream = parse_request(await read_body(request), settings)
+            messages, sampling, stream, include_usage = parse_request(await read_body(request), settings, chat.name)
+            prompt = chat.prompt_ids(messages)
+            if len(prompt) + sampling.max_new_tokens > context:
+                raise RequestError(400, f"this model's context is {context} tokens; the messages take {len(prompt)} "
+                                        f"and max_tokens asks for {sampling.max_new_tokens} more",
+                                   code="context_length_exceeded")
         except RequestError as error:
             return fail(error)
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        job = Request(prompt, sampling, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        try:
+            chat.engine.submit(job)
+        except QueueFull:
+            running, waiting = chat.engine.load
+            return fail(RequestError(429, f"the service is busy ({running} running, {waiting} waiting); retry "
+                                          "shortly", "rate_limit_error", "busy"),
+                        headers={"Retry-After": str(settings.retry_after_seconds)})
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": ident, "created": created, "model": chat.name}
-        if not stream:
-            text = await run_in_threadpool(chat.complete, messages, sampling)
-            prompt_tokens = int(chat.prompt_ids(messages)["input_ids"].shape[1])
-            completion_tokens = chat.count_tokens(text)
-            return JSONResponse({**base, "object": "chat.completion", "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens}})
 
-        def chunk(delta: dict, finish: str | None = None) -> str:
-            body = {**base, "object": "chat.completion.chunk",
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        def usage() -> dict:
+            return {"prompt_tokens": len(prompt), "completion_tokens": job.completion_tokens,
+                    "total_tokens": len(prompt) + job.completion_tokens}
+
+        if not stream:
+            pieces = []
+            try:
+                while True:
+                    try:
+                        kind, value = await asyncio.wait_for(events.get(), timeout=0.5)
+                    except TimeoutError:
+                        if await request.is_disconnected():
+                            return JSONResponse({}, status_code=499)  # nobody reads it
+                        continue
+                    if kind == "text":
+                        pieces.append(value)
+                    elif kind == "error" or job.finish_reason == "cancelled":
+                        message = value if kind == "error" else "the service is shutting down"
+                        return fail(RequestError(500 if kind == "error" else 503, message, "server_error"))
+                    else:
+                        break
+            finally:
+                job.cancel()
+            return JSONResponse({**base, "object": "chat.completion", "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
+                 "finish_reason": job.finish_reason}], "usage": usage()})
+
+        def chunk(delta: dict | None, finish: str | None = None, **extra) -> str:
+            choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+            body = {**base, "object": "chat.completion.chunk", "choices": choices, **extra}
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-        async def events():
-            yield chunk({"role": "assistant", "content": ""})
-            async for piece in iterate_in_threadpool(chat.stream(messages, sampling)):
-                yield chunk({"content": piece})
-            yield chunk({}, "stop")
-            yield "data: [DONE]\n\n"
+        async def sent_events():
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                while True:
+                    kind, value = await events.get()
+                    if kind == "text":
+                        yield chunk({"content": value})
+                    elif kind == "error" or job.finish_reason == "cancelled":
+                        message = value if kind == "error" else "the service is shutting down"
+                        yield f"data: {json.dumps(error_body(RequestError(500, message, 'server_error')))}\n\n"
+                        break
+                    else:
+                        yield chunk({}, job.finish_reason)
+                        break
+                if include_usage:
+                    yield chunk(None, usage=usage())
+                yield "data: [DONE]\n\n"
+            finally:
+                job.cancel()  # a client that went away frees its batch slot at the next step
 
-        return StreamingResponse(events(), media_type="text/event-stream",
+        return StreamingResponse(sent_events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def page(request: Request):
+    async def page(request: HttpRequest):
+        problem = browser_problem(request.headers, settings)
+        if problem:
+            return fail(RequestError(403, problem, "permission_error"))
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
-    async def not_found(request: Request, exc):
+    async def not_found(request: HttpRequest, exc):
         return fail(RequestError(404, f"no route {request.url.path}", "not_found_error"))
 
-    async def wrong_method(request: Request, exc):
+    async def wrong_method(request: HttpRequest, exc):
         return fail(RequestError(405, f"{request.method} is not allowed on {request.url.path}"))
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        chat.engine.cancel_all()  # shutting down: what still runs ends at the next step
 
     return Starlette(routes=[Route("/", page), Route("/v1/models", models),
                              Route("/v1/chat/completions", completions, methods=["POST"])],
-                     exception_handlers={404: not_found, 405: wrong_method})
+                     exception_handlers={404: not_found, 405: wrong_method}, lifespan=lifespan)
 
 
 def add_model_arguments(parser) -> None:
@@ -273,7 +374,7 @@ def run_model(run: str, configfile: str | Path) -> dict[str, Path]:
     return found
 
 
-def load_chat_model(args) -> ChatModel:
+def load_chat_model(args, **engine) -> ChatModel:
     """The ChatModel the command line names; a missing model is a UserError saying what to run."""
     from snaketune.cli import model_source
     from snaketune.download import model_path
@@ -284,10 +385,10 @@ def load_chat_model(args) -> ChatModel:
     if args.run:
         found = run_model(args.run, args.configfile)
         if "model" in found:
-            return ChatModel(found["model"], name=args.name or args.run)
+            return ChatModel(found["model"], name=args.name or args.run, **engine)
         folder, trust = model_path(found["manifest"])
-        return ChatModel(folder, found["adapter"], trust, name=args.name or args.run)
+        return ChatModel(folder, found["adapter"], trust, name=args.name or args.run, **engine)
     folder, trust, adapter = model_source(args)
     if adapter is None and not (folder / "config.json").is_file():
         raise UserError(f"{folder}: not a model folder (no config.json)")
-    return ChatModel(folder, adapter, trust, name=args.name)
+    return ChatModel(folder, adapter, trust, name=args.name, **engine)

@@ -1,0 +1,172 @@
+"""The service under load, as the chat page and scripts use it: hundreds of streaming clients at once, clients
+that go away mid-stream, a full queue, and SIGTERM with streams open."""
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, start_server, workflow_env
+from snaketune.serve import ChatModel, ServiceSettings, create_app
+
+MESSAGES = [{"role": "user", "content": "你好"}]
+
+
+@pytest.fixture(scope="module")
+def engine_model(tiny_model):
+    return ChatModel(tiny_model, name="tiny", max_batch=32, max_waiting=256)
+
+
+@pytest.fixture
+def service(engine_model):
+    server, thread, url = start_server(create_app(engine_model, ServiceSettings()))
+    yield url
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+async def stream(client, url: str, max_tokens: int, content: str = "你好") -> dict:
+    """One streaming request read to its end: its status, chunks, finish reason and whether [DONE] came."""
+    body = {"messages": [{"role": "user", "content": content}], "stream": True, "max_tokens": max_tokens}
+    result = {"status": None, "pieces": [], "finish": None, "done": False, "retry_after": None}
+    async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
+        result["status"] = response.status_code
+        result["retry_after"] = response.headers.get("retry-after")
+        if response.status_code != 200:
+            await response.aread()
+            return result
+        async for line in response.aiter_lines():
+            if line == "data: [DONE]":
+                result["done"] = True
+            elif line.startswith("data: "):
+                choices = json.loads(line[6:]).get("choices") or [{}]
+                result["pieces"].append(choices[0].get("delta", {}).get("content") or "")
+                result["finish"] = choices[0].get("finish_reason") or result["finish"]
+    return result
+
+
+def test_256_streams_then_50_more_each_end_complete_or_with_429_and_the_service_stays_responsive(service):
+    import httpx
+
+    async def main():
+        limits = httpx.Limits(max_connections=400, max_keepalive_connections=0)
+        async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+            first = [asyncio.create_task(stream(client, service, 8, f"问题 {i}")) for i in range(256)]
+            await asyncio.sleep(0.2)
+            more = [asyncio.create_task(stream(client, service, 8, f"再问 {i}")) for i in range(50)]
+            results = await asyncio.wait_for(asyncio.gather(*first, *more), timeout=240)
+            began = time.monotonic()
+            fresh = await stream(client, service, 4)
+            return results, fresh, time.monotonic() - began
+
+    results, fresh, fresh_seconds = asyncio.run(main())
+    complete = [r for r in results if r["status"] == 200]
+    busy = [r for r in results if r["status"] == 429]
+    assert len(complete) + len(busy) == 306
+    assert all(r["done"] and r["finish"] in ("stop", "length") for r in complete)
+    assert all(r["retry_after"] == "1" for r in busy)
+    assert len(complete) >= 256 + 32 - len(busy) >= 256  # the queue (256) and the batch (32) took them first
+    assert fresh["status"] == 200 and fresh["done"] and fresh_seconds < 1.0
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_batch_slot_at_the_next_step(service, engine_model):
+    import httpx
+
+    async def main():
+        async with httpx.AsyncClient(timeout=60) as client:
+            body = {"messages": MESSAGES, "stream": True, "max_tokens": 200, "temperature": 1.0}
+            async with client.stream("POST", service + "/v1/chat/completions", json=body) as response:
+                lines = response.aiter_lines()
+                for _ in range(4):
+                    await anext(lines)
+                assert engine_model.engine.load[0] == 1
+            left = time.monotonic()  # the connection is closed: the client went away
+            while engine_model.engine.load[0] and time.monotonic() - left < 5:
+                await asyncio.sleep(0.005)
+            freed = time.monotonic() - left
+            steps = engine_model.engine.steps
+            began = time.monotonic()
+            body = {"messages": MESSAGES, "stream": True, "max_tokens": 3}
+            async with client.stream("POST", service + "/v1/chat/completions", json=body) as response:
+                async for line in response.aiter_lines():
+                    if '"content"' in line and '"content": ""' not in line:
+                        break
+            return freed, time.monotonic() - began, engine_model.engine.steps - steps
+
+    freed, first_token, steps = asyncio.run(main())
+    assert freed < 0.5  # a decoding step of the tiny model is milliseconds; the slot is freed at the next one
+    assert first_token < 0.5 and steps <= 3  # the next request did not wait for the abandoned one's 200 tokens
+
+
+def test_a_full_queue_answers_429_with_retry_after(tiny_model):
+    import httpx
+
+    model = ChatModel(tiny_model, name="tiny", max_batch=1, max_waiting=1)
+    server, thread, url = start_server(create_app(model, ServiceSettings()))
+
+    async def main():
+        async with httpx.AsyncClient(timeout=60) as client:
+            long = [asyncio.create_task(stream(client, url, 200, "长")) for _ in range(2)]
+            while model.engine.load != (1, 1):
+                await asyncio.sleep(0.005)
+            refused = await client.post(url + "/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2})
+            for task in long:
+                task.cancel()
+            await asyncio.gather(*long, return_exceptions=True)
+            return refused
+
+    try:
+        refused = asyncio.run(main())
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["type"] == "rate_limit_error" and "1 running, 1 waiting" in \
+        refused.json()["error"]["message"]
+
+
+def test_sigterm_with_streams_open_exits_within_a_few_seconds(tiny_model, tmp_path):
+    import httpx
+
+    from conftest import free_port
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(REPO / "scripts" / "serve.py"), "--model", str(tiny_model),
+                                "--port", str(port)], env=workflow_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                httpx.get(url + "/v1/models", timeout=1)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and process.poll() is None, "the service did not start"
+                time.sleep(0.2)
+
+        async def main():
+            async with httpx.AsyncClient(timeout=60) as client:
+                body = {"messages": MESSAGES, "stream": True, "max_tokens": 200, "temperature": 1.0}
+                streams = [client.stream("POST", url + "/v1/chat/completions", json=body) for _ in range(3)]
+                responses = [await s.__aenter__() for s in streams]
+                for response in responses:
+                    await anext(response.aiter_lines())
+                process.send_signal(signal.SIGTERM)
+                sent = time.monotonic()
+                await asyncio.to_thread(process.wait, 30)
+                return time.monotonic() - sent
+
+        exited_after = asyncio.run(main())
+    finally:
+        if process.poll() is None:
+            process.kill()
+    log = process.stdout.read()
+    # uvicorn shuts down (streams get 3 s, then are cancelled with their generations), then re-raises the signal
+    assert process.returncode in (0, -signal.SIGTERM), log[-2000:]
+    assert "Finished server process" in log
+    assert exited_after < 8, log[-2000:]
