@@ -69,64 +69,60 @@ def test_256_streams_then_50_more_each_end_complete_or_with_429_and_the_service_
     assert len(complete) + len(busy) == 306
     assert all(r["done"] and r["finish"] in ("stop", "length") for r in complete)
     assert all(r["retry_after"] == "1" for r in busy)
-    assert len(complete) >= 256 + 32 - len(busy) >= 256  # the queue (256) and the batch (32) took them first
+    assert len(complete) >= 256  # a 429 comes only when 256 wait: those (and the running ones) all complete
     assert fresh["status"] == 200 and fresh["done"] and fresh_seconds < 1.0
 
 
-def test_a_client_that_disconnects_mid_stream_frees_its_batch_slot_at_the_next_step(service, engine_model):
+def test_a_client_that_disconnects_mid_stream_frees_its_batch_slot_at_the_next_step(service, engine_model,
+                                                                                    monkeypatch):
     import httpx
+
+    engine = engine_model.engine
+    monkeypatch.setattr(engine, "eos", set())  # the abandoned answer would run all of its 240 tokens
 
     async def main():
         async with httpx.AsyncClient(timeout=60) as client:
-            body = {"messages": MESSAGES, "stream": True, "max_tokens": 200, "temperature": 1.0}
+            body = {"messages": MESSAGES, "stream": True, "max_tokens": 240}
             async with client.stream("POST", service + "/v1/chat/completions", json=body) as response:
                 lines = response.aiter_lines()
                 for _ in range(4):
                     await anext(lines)
-                assert engine_model.engine.load[0] == 1
+                closed_at = engine.steps
             left = time.monotonic()  # the connection is closed: the client went away
-            while engine_model.engine.load[0] and time.monotonic() - left < 5:
-                await asyncio.sleep(0.005)
-            freed = time.monotonic() - left
-            steps = engine_model.engine.steps
+            while engine.load[0] and time.monotonic() - left < 10:
+                await asyncio.sleep(0.002)
+            freed, freed_at = time.monotonic() - left, engine.steps
             began = time.monotonic()
             body = {"messages": MESSAGES, "stream": True, "max_tokens": 3}
             async with client.stream("POST", service + "/v1/chat/completions", json=body) as response:
                 async for line in response.aiter_lines():
                     if '"content"' in line and '"content": ""' not in line:
                         break
-            return freed, time.monotonic() - began, engine_model.engine.steps - steps
+            return freed_at - closed_at, freed, engine.steps - freed_at, time.monotonic() - began
 
-    freed, first_token, steps = asyncio.run(main())
-    assert freed < 0.5  # a decoding step of the tiny model is milliseconds; the slot is freed at the next one
-    assert first_token < 0.5 and steps <= 3  # the next request did not wait for the abandoned one's 200 tokens
+    steps_after_leaving, freed, steps_to_first_token, first_token = asyncio.run(main())
+    assert steps_after_leaving <= 3  # cancelled at the next step or so, not after the ~236 tokens still due
+    assert freed < 2.0
+    assert steps_to_first_token <= 2 and first_token < 2.0  # the next request waited for nothing
 
 
 def test_a_full_queue_answers_429_with_retry_after(tiny_model):
     import httpx
 
+    from snaketune.batching import Request, SamplingSettings
+
     model = ChatModel(tiny_model, name="tiny", max_batch=1, max_waiting=1)
+    model.engine.stop()  # a busy engine that admits nothing: what waits stays waiting
+    model.engine.submit(Request([1, 2, 3], SamplingSettings(4), lambda event: None))
     server, thread, url = start_server(create_app(model, ServiceSettings()))
-
-    async def main():
-        async with httpx.AsyncClient(timeout=60) as client:
-            long = [asyncio.create_task(stream(client, url, 200, "长")) for _ in range(2)]
-            while model.engine.load != (1, 1):
-                await asyncio.sleep(0.005)
-            refused = await client.post(url + "/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2})
-            for task in long:
-                task.cancel()
-            await asyncio.gather(*long, return_exceptions=True)
-            return refused
-
     try:
-        refused = asyncio.run(main())
+        refused = httpx.post(url + "/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2}, timeout=30)
     finally:
         server.should_exit = True
         thread.join(timeout=10)
     assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
-    assert refused.json()["error"]["type"] == "rate_limit_error" and "1 running, 1 waiting" in \
-        refused.json()["error"]["message"]
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+    assert "0 running, 1 waiting" in refused.json()["error"]["message"]
 
 
 def test_sigterm_with_streams_open_exits_within_a_few_seconds(tiny_model, tmp_path):
