@@ -106,6 +106,23 @@ def test_a_client_that_disconnects_mid_stream_frees_its_batch_slot_at_the_next_s
     assert steps_to_first_token <= 2 and first_token < 2.0  # the next request waited for nothing
 
 
+def test_a_non_streaming_client_that_times_out_cancels_its_generation(service, engine_model, monkeypatch):
+    import httpx
+
+    engine = engine_model.engine
+    monkeypatch.setattr(engine, "eos", set())
+    decode = engine.decode
+    monkeypatch.setattr(engine, "decode", lambda: (time.sleep(0.01), decode()))  # a model of 10 ms a step
+    steps, cancelled = engine.steps, engine.cancelled
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(service + "/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 240}, timeout=0.3)
+    gave_up = time.monotonic()
+    while engine.load[0] and time.monotonic() - gave_up < 10:
+        time.sleep(0.005)
+    assert engine.load == (0, 0) and time.monotonic() - gave_up < 1.5  # noticed within half a second or so
+    assert engine.cancelled == cancelled + 1 and engine.steps - steps < 200  # not run to its 240 tokens
+
+
 def test_a_full_queue_answers_429_with_retry_after(tiny_model):
     import httpx
 

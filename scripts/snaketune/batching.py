@@ -73,7 +73,8 @@ class Engine:
         self.padding: list[int] = []
         self.lengths: list[int] = []
         self.next_tokens: list[int] = []
-        self.steps = 0
+        self.steps = 0  # decoding steps run
+        self.cancelled = 0  # requests given up on by their clients (or cancelled at shutdown)
 
     # -- what callers use ---------------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -297,5 +298,7 @@ class Engine:
             return
         if reason != "cancelled":
             self.emit_text(request, final=True)
+        else:
+            self.cancelled += 1
         request.finish_reason = reason
         request.emit(("done", reason))

@@ -268,14 +268,18 @@ def create_app(chat: ChatModel, settings: ServiceSettings):
                     "total_tokens": len(prompt) + job.completion_tokens}
 
         if not stream:
-            pieces = []
+            pieces, checked = [], time.monotonic()
             try:
                 while True:
                     try:
-                        kind, value = await asyncio.wait_for(events.get(), timeout=0.5)
+                        kind, value = await asyncio.wait_for(events.get(), timeout=0.25)
                     except TimeoutError:
+                        kind, value = None, None
+                    if time.monotonic() - checked > 0.25:  # has the client gone? (uvicorn notices on a read)
+                        checked = time.monotonic()
                         if await request.is_disconnected():
                             return JSONResponse({}, status_code=499)  # nobody reads it
+                    if kind is None:
                         continue
                     if kind == "text":
                         pieces.append(value)
