@@ -217,9 +217,8 @@ def check_weights(adapted, folder: Path, dtype) -> int:
     for shard in sorted(folder.glob("*.safetensors")):
         with safe_open(shard, "pt") as weights:
             saved.update({key: shard for key in weights.keys()})
-    expected_keys = {key.removeprefix(PREFIX).replace(".base_layer.", ".") for key in adapted.state_dict()
-                     if "lora_" not in key and ".modules_to_save." not in key}
-    expected_keys = {key.replace(".original_module.", ".") for key in expected_keys}
+    expected_keys = {key.removeprefix(PREFIX).replace(".base_layer.", ".").replace(".original_module.", ".")
+                     for key in adapted.state_dict() if "lora_" not in key and ".modules_to_save." not in key}
     missing = sorted(expected_keys - set(saved))
     if missing:
         raise RuntimeError(f"{folder}: tensors missing from the merged shards: {missing[:5]}")

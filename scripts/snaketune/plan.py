@@ -155,10 +155,10 @@ def run_needs(run, shape: Shape, max_seq_length: int, converted: bool, downloads
     p, train, generation = shape.params, run.train, run.generation
     merge_bytes = shape.dtype_bytes if run.merge.dtype == "auto" else DTYPE_BYTES[run.merge.dtype]
     download = p * shape.dtype_bytes * (2 if converted else 1) if downloads else 0
+    lora = shape.lora_params(train.lora_rank, train.lora_target)
     if train.method == "full":
         checkpoint, final = 14 * p, 2 * p  # bf16 weights + fp32 master weights and two Adam moments
     else:
-        lora = shape.lora_params(train.lora_rank, train.lora_target)
         checkpoint, final = 12 * lora, 4 * lora
     trains = train.max_steps != 0
     merges = trains and train.method != "full" and generation.predict_from == "merged"
@@ -183,8 +183,8 @@ def run_needs(run, shape: Shape, max_seq_length: int, converted: bool, downloads
         StageNeed("train", train_gpu_gib(shape, train, max_seq_length) if trains else 0.0,
                   loading + offloaded if trains else 0.0,
                   (checkpoint * train.save_total_limit + final) / GIB if trains else 0.0, spare["train"]),
-        StageNeed("merge", 0.0, (shard * 3 + 4 * shape.lora_params(train.lora_rank, train.lora_target)) / GIB
-                  + PROCESS_GIB if merges else 0.0, p * merge_bytes / GIB if merges else 0.0, spare["merge"]),
+        StageNeed("merge", 0.0, (shard * 3 + 4 * lora) / GIB + PROCESS_GIB if merges else 0.0,
+                  p * merge_bytes / GIB if merges else 0.0, spare["merge"]),
         StageNeed("predict", INFERENCE_SLACK * (weights + kv + generation.batch_size * shape.vocab * 4) / GIB
                   + CUDA_CONTEXT_GIB, loading, 0.0),
         StageNeed("exam", INFERENCE_SLACK * (weights + exam_tokens * (4 * shape.hidden + 3 * shape.intermediate) * 2)
@@ -193,15 +193,19 @@ def run_needs(run, shape: Shape, max_seq_length: int, converted: bool, downloads
 
 
 def downloaded_models(cfg) -> dict[str, Path]:
-    """The folders of the config's models that are downloaded already (their manifest exists)."""
+    """The folders of the config's models that are downloaded already (a manifest naming a model folder)."""
+    from snaketune.download import model_path
+    from snaketune.errors import UserError
     from snaketune.layout import pattern
 
     found = {}
     for model in cfg.models:
         manifest = Path(pattern("model_manifest").format(model=model))
-        if manifest.is_file():
-            found[model] = Path(json.loads(manifest.read_text(encoding="utf-8"))["path"])
-    return found
+        try:
+            found[model] = model_path(manifest)[0] if manifest.is_file() else None
+        except UserError:  # the folder it names is gone: planned as not downloaded
+            found[model] = None
+    return {model: folder for model, folder in found.items() if folder is not None}
 
 
 def plan(cfg) -> dict[str, list[StageNeed] | None]:
