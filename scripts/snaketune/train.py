@@ -29,6 +29,10 @@ from snaketune.errors import UserError
 from snaketune.io import atomic_file, file_problem, save_png, sha256_file, write_json
 
 SUPPORTED_METHODS = ("lora", "qlora", "full")
+PACKING = ("auto", "tokens", "rows", False)
+ATTENTION = ("auto", "varlen", "flex_attention", "sdpa", "eager")
+FUSED_LOSS = ("auto", "liger", "chunked", "none")
+LIGER_KERNELS = ("auto", True, False)
 DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[2] / "config" / "deepspeed"
 LOG_COLUMNS = ["step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_second"]
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -80,9 +84,24 @@ class TrainSettings:
     gpus: int = 1  # processes to launch on each node (one per GPU; on a machine without GPUs, CPU processes)
     nodes: int = 1  # machines the job spans (Slurm: one torchrun per node through srun)
     tensorboard: bool = False  # also write TensorBoard events to results/runs/{run}/tensorboard
+    # speed: each switchable; auto is the fastest correct choice on the machine the job runs on
+    packing: str | bool = "auto"  # tokens: packs of per_device_train_batch_size x the longest row's tokens, end
+    #                               to end; rows: each batch's rows end to end; false: padded to the longest (the
+    #                               reference); auto: tokens on a GPU, false on the CPU
+    attention: str = "auto"  # varlen: flash attention row by row within a pack (needs packing); auto: varlen for
+    #                          packed rows on a GPU in bf16/fp16, flex_attention in fp32, else sdpa
+    fused_loss: str = "auto"  # head + cross-entropy without full logits: liger | chunked | none; auto: liger on a
+    #                           GPU that has it, chunked on another GPU, none on the CPU
+    liger_kernels: str | bool = "auto"  # Liger's RMSNorm, RoPE and SwiGLU kernels; auto: on where installed
+    torch_compile: bool = False  # compile each decoder layer (dynamic shapes): fuses what the kernels leave
 
     def __post_init__(self) -> None:
         problems = []
+        for name, allowed in (("packing", PACKING), ("attention", ATTENTION), ("fused_loss", FUSED_LOSS),
+                              ("liger_kernels", LIGER_KERNELS)):
+            value = getattr(self, name)
+            if not any(value is a or (isinstance(a, str) and value == a) for a in allowed):
+                problems.append(f"{name} `{value}` is not one of {', '.join(map(str, allowed))}")
         if self.method not in SUPPORTED_METHODS:
             problems.append(f"method `{self.method}` is not one of {', '.join(SUPPORTED_METHODS)}")
         if self.deepspeed and not (DEEPSPEED_CONFIGS / f"{self.deepspeed}.json").is_file():
@@ -169,21 +188,89 @@ def resolve_precision(precision: str) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-class TokenDataset:
-    """Rows of a tokenized parquet split as dicts the collator pads."""
+@dataclass
+class Speedups:
+    """What the speed settings resolve to on this machine (auto made concrete), logged in the summary."""
 
-    def __init__(self, path: str | Path):
-        import pandas as pd
+    packing: str | bool  # tokens | rows | False
+    attention: str
+    fused_loss: str
+    liger_kernels: bool
 
-        frame = pd.read_parquet(path, columns=["input_ids", "labels"])
-        self.rows = [{"input_ids": list(map(int, i)), "labels": list(map(int, lab))}
-                     for i, lab in zip(frame["input_ids"], frame["labels"], strict=True)]
 
-    def __len__(self) -> int:
-        return len(self.rows)
+def native_model(model_dir: Path, trust_remote_code: bool) -> bool:
+    """Whether the model runs on transformers' own code (packing and the fused loss rely on it), not a
+    repository's remote code."""
+    from transformers import AutoConfig
 
-    def __getitem__(self, index: int) -> dict[str, list[int]]:
-        return self.rows[index]
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    return not (trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}))
+
+
+def resolve_speedups(settings: TrainSettings, native: bool, precision: str = "bf16") -> Speedups:
+    """Make the auto speed settings concrete for this machine and model; refuse what cannot work."""
+    import torch
+
+    from snaketune import fused_loss
+    from snaketune import packing as packing_module
+
+    gpu = torch.cuda.is_available()
+    if not native:
+        asked = [f"{name}: {getattr(settings, name)}" for name, plain in
+                 (("packing", False), ("attention", "eager"), ("fused_loss", "none")) if
+                 getattr(settings, name) not in ("auto", plain)]
+        if asked:
+            raise UserError(f"{', '.join(asked)} needs a model on transformers' own code; this one runs remote "
+                            "code (convert it, or leave these settings at auto)")
+        return Speedups(packing=False, attention="auto", fused_loss="none", liger_kernels=False)
+    packing = settings.packing if settings.packing != "auto" else ("tokens" if gpu else False)
+    attention = settings.attention
+    if attention == "auto":
+        attention = "sdpa" if not (gpu and packing) else "flex_attention" if precision == "fp32" or \
+            not packing_module.varlen_available() else "varlen"
+    if attention == "varlen" and not packing:
+        raise UserError("attention: varlen needs padding-free batches: set packing to tokens or rows")
+    liger = settings.liger_kernels is True or (settings.liger_kernels == "auto" and fused_loss.liger_available())
+    if liger and not fused_loss.liger_available():
+        raise UserError("liger_kernels: true needs a CUDA GPU and the liger-kernel package (pip install liger-kernel)")
+    loss = fused_loss.resolve(settings.fused_loss)
+    if loss == "liger" and not fused_loss.liger_available():
+        raise UserError("fused_loss: liger needs a CUDA GPU and the liger-kernel package (pip install liger-kernel)")
+    if loss != "none" and settings.modules_to_save:
+        if settings.fused_loss != "auto":
+            raise UserError(f"fused_loss: {settings.fused_loss} cannot read a head that modules_to_save trains; "
+                            "set fused_loss: none")
+        loss = "none"
+    return Speedups(packing=packing, attention=attention, fused_loss=loss, liger_kernels=liger)
+
+
+def training_rows(settings: TrainSettings, speedups: Speedups, rows):
+    """The training dataset and its collator: packs of rows end to end, single rows end to end, or padded rows."""
+    from snaketune.packing import PackedRows, flatten_rows, pack_rows
+
+    if speedups.packing == "tokens":
+        capacity = settings.per_device_train_batch_size * int(max(rows.lengths, default=1))
+        return PackedRows(rows, pack_rows(rows.lengths, capacity, settings.seed)), flatten_rows
+    if speedups.packing == "rows":
+        return rows, flatten_rows
+    return rows, None
+
+
+def open_rows(files: TrainFiles, scratch: Path):
+    """The train and eval splits, memory-mapped from Arrow copies in ``scratch`` (the run's checkpoint folder:
+    kept for a resume, removed with it). Rank 0 writes them while the others wait."""
+    import torch
+
+    from snaketune.token_rows import TokenRows
+
+    caches = {"train": scratch / "train.arrow", "eval": scratch / "eval.arrow"}
+    if int(os.environ.get("RANK", "0")) == 0:
+        scratch.mkdir(parents=True, exist_ok=True)
+        for split, parquet in (("train", files.train), ("eval", files.eval)):
+            TokenRows(parquet, caches[split])
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return TokenRows(files.train, caches["train"]), TokenRows(files.eval, caches["eval"])
 
 
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json",
@@ -344,13 +431,22 @@ def make_trainer_class():
     return LoggingTrainer
 
 
-def load_model(settings: TrainSettings, model_dir: Path, trust_remote_code: bool, precision: str):
-    """The base model, quantized for QLoRA, wrapped in a PEFT adapter for LoRA/QLoRA."""
+def load_model(settings: TrainSettings, model_dir: Path, trust_remote_code: bool, precision: str,
+               speedups: Speedups):
+    """The base model, quantized for QLoRA, with the speedups applied, wrapped in a PEFT adapter for LoRA/QLoRA."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from snaketune import fused_loss
+
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float32}[precision]
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": dtype}
+    if speedups.attention == "varlen":
+        from snaketune.packing import register_varlen_attention
+
+        register_varlen_attention()
+    if speedups.attention != "auto":
+        kwargs["attn_implementation"] = speedups.attention
     if settings.method == "qlora":
         compute = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -359,8 +455,15 @@ def load_model(settings: TrainSettings, model_dir: Path, trust_remote_code: bool
         )
         kwargs["dtype"] = compute
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if speedups.liger_kernels:
+        from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True,
+                                        fused_linear_cross_entropy=False, cross_entropy=False)
+    if speedups.fused_loss != "none":
+        speedups.fused_loss = fused_loss.install(model, speedups.fused_loss)
     if settings.method == "full":
-        return model
+        return compile_layers(model) if settings.torch_compile else model
 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -372,10 +475,26 @@ def load_model(settings: TrainSettings, model_dir: Path, trust_remote_code: bool
         target_modules="all-linear" if settings.lora_target == "all" else list(settings.lora_target),
         modules_to_save=settings.modules_to_save, task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    return compile_layers(model) if settings.torch_compile else model
 
 
-def training_arguments(settings: TrainSettings, files: TrainFiles, precision: str, run_name: str):
+def compile_layers(model):
+    """Compile each decoder layer in place (regional compilation: one graph for all layers, shapes dynamic so
+    packs of any length reuse it); the rest of the model stays eager."""
+    import torch
+
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) and
+              type(m[0]).__name__.endswith("DecoderLayer")]
+    if not layers:
+        raise UserError("torch_compile: true found no decoder layers to compile in this model")
+    for layer in layers[0]:
+        layer.compile(dynamic=True)
+    return model
+
+
+def training_arguments(settings: TrainSettings, files: TrainFiles, precision: str, run_name: str,
+                       batch_rows: int):
     import torch
     from transformers import TrainingArguments
 
@@ -386,7 +505,7 @@ def training_arguments(settings: TrainSettings, files: TrainFiles, precision: st
     return TrainingArguments(
         output_dir=str(files.checkpoints), run_name=run_name, seed=settings.seed, data_seed=settings.seed,
         learning_rate=settings.learning_rate, num_train_epochs=settings.num_train_epochs,
-        max_steps=settings.max_steps, per_device_train_batch_size=settings.per_device_train_batch_size,
+        max_steps=settings.max_steps, per_device_train_batch_size=batch_rows,
         gradient_accumulation_steps=settings.gradient_accumulation_steps,
         lr_scheduler_type=settings.lr_scheduler_type, warmup_steps=settings.warmup_steps,
         weight_decay=settings.weight_decay, max_grad_norm=settings.max_grad_norm, optim=settings.optim,
@@ -458,7 +577,9 @@ def train(settings: TrainSettings, model_dir: Path, trust_remote_code: bool, fil
     set_seed(settings.seed)
     precision = resolve_precision(settings.precision)
     checkpoints = files.checkpoints
-    args = training_arguments(settings, files, precision, run_name)
+    speedups = resolve_speedups(settings, native_model(model_dir, trust_remote_code), precision)
+    batch_rows = 1 if speedups.packing == "tokens" else settings.per_device_train_batch_size  # a pack is a batch
+    args = training_arguments(settings, files, precision, run_name, batch_rows)
     start_process_group(settings)
     if "RANK" in os.environ:  # where each process is: global rank, node, local rank
         import socket
@@ -481,8 +602,9 @@ def train(settings: TrainSettings, model_dir: Path, trust_remote_code: bool, fil
         template = json.loads(Path(files.stats).read_text(encoding="utf-8")).get("chat_template")
         if template:
             tokenizer.chat_template = template
-    model = load_model(settings, model_dir, trust_remote_code, precision)
-    train_data, eval_data = TokenDataset(files.train), TokenDataset(files.eval)
+    model = load_model(settings, model_dir, trust_remote_code, precision, speedups)
+    train_rows, eval_data = open_rows(files, checkpoints)
+    train_data, collator = training_rows(settings, speedups, train_rows)
     optimizers = (None, None)
     if settings.loraplus_lr_ratio:
         from peft.optimizers import create_loraplus_optimizer
@@ -494,15 +616,19 @@ def train(settings: TrainSettings, model_dir: Path, trust_remote_code: bool, fil
     on_signal = callbacks[0]
     trainer = make_trainer_class()(
         model=model, args=args, train_dataset=train_data, optimizers=optimizers, callbacks=list(callbacks),
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        data_collator=collator or DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
     )
     rank0 = trainer.is_world_process_zero()
     summary: dict[str, Any] = {"settings": asdict(settings), "precision": precision, "processes": args.world_size,
-                               "train_rows": len(train_data), "eval_rows": len(eval_data), "global_step": 0}
+                               "speedups": asdict(speedups), "train_rows": len(train_rows),
+                               "train_batches_per_epoch_per_process": -(-len(train_data) // batch_rows),
+                               "eval_rows": len(eval_data), "global_step": 0}
     if rank0:
-        effective = settings.per_device_train_batch_size * settings.gradient_accumulation_steps * args.world_size
+        effective = batch_rows * settings.gradient_accumulation_steps * args.world_size
+        unit = "packs" if speedups.packing == "tokens" else "rows"
         print(f"method {settings.method}, precision {precision}, processes {args.world_size}, effective batch "
-              f"{effective}, train rows {len(train_data)}, resume from {resume_from}", file=sys.stderr)
+              f"{effective} {unit}, train rows {len(train_rows)}, resume from {resume_from}; {speedups}",
+              file=sys.stderr)
 
     if settings.max_steps != 0:
         try:

@@ -1,0 +1,175 @@
+"""The fast training path gives the reference path's numbers: padding-free batches, packs sized in tokens, the
+fused head + cross-entropy, and rows memory-mapped from Arrow, on the tiny model with real tokenized rows."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from test_train import FAST, built, losses, run_train  # noqa: F401  (built is a fixture)
+
+from snaketune.errors import UserError
+from snaketune.fused_loss import install, linear_cross_entropy
+from snaketune.packing import flatten_rows, pack_rows, register_varlen_attention
+from snaketune.token_rows import TokenRows
+from snaketune.train import TrainSettings, resolve_speedups
+
+
+@pytest.fixture(scope="module")
+def rows(built):  # noqa: F811
+    _, data = built
+    frame = pd.read_parquet(data / "train.parquet", columns=["input_ids", "labels"])
+    return [{"input_ids": list(map(int, i)), "labels": list(map(int, lab))}
+            for i, lab in zip(frame["input_ids"], frame["labels"], strict=True)]
+
+
+@pytest.fixture(scope="module")
+def model(built):  # noqa: F811
+    from transformers import AutoModelForCausalLM
+
+    manifest, _ = built
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(manifest.parent, dtype=torch.float32, attn_implementation="sdpa")
+
+
+def padded(batch):
+    width = max(len(r["input_ids"]) for r in batch)
+    ids = torch.tensor([r["input_ids"] + [0] * (width - len(r["input_ids"])) for r in batch])
+    labels = torch.tensor([r["labels"] + [-100] * (width - len(r["labels"])) for r in batch])
+    mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in batch])
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_packs_hold_every_row_once_within_capacity_and_follow_the_seed():
+    lengths = [5, 60, 33, 64, 1, 17, 40, 64, 2, 9] * 10
+    packs = pack_rows(lengths, capacity=128, seed=3)
+    assert sorted(i for pack in packs for i in pack) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in pack) <= 128 for pack in packs)
+    assert sum(lengths) / (128 * len(packs)) > 0.8  # little room left empty
+    assert packs == pack_rows(lengths, capacity=128, seed=3) and packs != pack_rows(lengths, capacity=128, seed=4)
+    with pytest.raises(ValueError, match="row 1 has 60 tokens"):
+        pack_rows([5, 60], capacity=50, seed=0)
+
+
+def test_a_padding_free_batch_gives_the_padded_batch_loss_and_gradients(model, rows):
+    batch = rows[:8]
+    assert len({len(r["input_ids"]) for r in batch}) > 1  # rows of different lengths: the padded batch pads
+    flat = flatten_rows(batch)
+    assert flat["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in batch))
+    assert flat["position_ids"][0].tolist() == [p for r in batch for p in range(len(r["input_ids"]))]
+    reference_loss, reference_grads = loss_and_grads(model, padded(batch))
+    loss, grads = loss_and_grads(model, flat)
+    assert loss == pytest.approx(reference_loss, abs=1e-5)
+    assert grads.keys() == reference_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "varlen"])
+def test_no_token_attends_to_another_row_of_its_pack(built, rows, attention):  # noqa: F811
+    from transformers import AutoModelForCausalLM
+
+    register_varlen_attention()
+    manifest, _ = built
+    model = AutoModelForCausalLM.from_pretrained(manifest.parent, dtype=torch.float32, attn_implementation=attention)
+    first, second = rows[0], rows[1]
+    changed = {"input_ids": [(t + 7) % 100 + 3 for t in first["input_ids"]], "labels": first["labels"]}
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in flatten_rows([first, second]).items() if k != "labels"}).logits
+        other = model(**{k: v for k, v in flatten_rows([changed, second]).items() if k != "labels"}).logits
+        alone = model(input_ids=torch.tensor([second["input_ids"]])).logits
+    n = len(first["input_ids"])
+    assert not torch.allclose(logits[0, :n], other[0, :n])  # the first row did change
+    torch.testing.assert_close(logits[0, n:], other[0, n:], atol=1e-5, rtol=1e-5)  # the second did not see it
+    torch.testing.assert_close(logits[0, n:], alone[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("head_trains", [False, True])
+def test_the_fused_loss_equals_the_plain_loss_and_gradients(built, rows, head_trains):  # noqa: F811
+    from transformers import AutoModelForCausalLM
+
+    manifest, _ = built
+    model = AutoModelForCausalLM.from_pretrained(manifest.parent, dtype=torch.float32).train()
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = head_trains or "lm_head" not in name and "embed_tokens" not in name
+    batch = flatten_rows(rows[:6])
+    reference_loss, reference_grads = loss_and_grads(model, batch)
+    assert install(model, "chunked") == "chunked"
+    output = model(**batch)
+    assert output.logits is None  # the full-vocabulary logits were never made
+    loss, grads = loss_and_grads(model, batch)
+    assert loss == pytest.approx(reference_loss, abs=1e-5)
+    assert grads.keys() == reference_grads.keys() and any("embed_tokens" in n for n in grads) == head_trains
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    model.eval()
+    assert model(**batch).logits is not None  # evaluation keeps the plain forward
+
+
+def test_the_fused_loss_divides_by_the_tokens_of_the_whole_accumulated_batch():
+    torch.manual_seed(0)
+    hidden = torch.randn(1, 40, 16, requires_grad=True)
+    weight = torch.randn(300, 16)
+    labels = torch.randint(0, 300, (1, 40))
+    labels[0, :10] = -100
+    mean = linear_cross_entropy(hidden, weight, labels)
+    summed = linear_cross_entropy(hidden, weight, labels, num_items_in_batch=torch.tensor(100))
+    assert summed.item() == pytest.approx(mean.item() * 30 / 100, rel=1e-5)  # labels 10..39 are targets
+
+
+def test_the_fast_path_trains_with_the_reference_loss_at_every_step(built, tmp_path):  # noqa: F811
+    common = {**FAST, "max_steps": 12, "logging_steps": 1, "per_device_train_batch_size": 4,
+              "gradient_accumulation_steps": 2}
+    run_train(built, tmp_path / "reference", {**common, "packing": False, "fused_loss": "none"})
+    run_train(built, tmp_path / "fast", {**common, "packing": "rows", "fused_loss": "chunked",
+                                         "attention": "varlen"})
+    reference, fast = losses(tmp_path / "reference"), losses(tmp_path / "fast")
+    assert len(reference) == len(fast) == 12
+    assert (reference["loss"] - fast["loss"]).abs().max() < 1e-4
+    summary = json.loads((tmp_path / "fast" / "train_summary.json").read_text())
+    assert summary["speedups"] == {"packing": "rows", "attention": "varlen", "fused_loss": "chunked",
+                                   "liger_kernels": False}
+
+
+def test_packs_sized_in_tokens_train_on_every_row_without_padding(built, tmp_path):  # noqa: F811
+    run_train(built, tmp_path, {**FAST, "max_steps": 20, "packing": "tokens", "per_device_train_batch_size": 4})
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    log = losses(tmp_path)
+    assert log["loss"].iloc[-1] < 0.8 * log["loss"].iloc[0]
+    # a pack holds up to 4 of the longest rows' tokens: fewer batches than rows
+    assert summary["train_batches_per_epoch_per_process"] < summary["train_rows"] / 4
+    assert summary["speedups"]["packing"] == "tokens"
+
+
+def test_a_remote_code_model_keeps_the_plain_path_and_refuses_an_explicit_fast_one():
+    plain = resolve_speedups(TrainSettings(), native=False)
+    assert (plain.packing, plain.fused_loss, plain.liger_kernels) == (False, "none", False)
+    with pytest.raises(UserError, match="packing: tokens, fused_loss: chunked needs a model on transformers' own"):
+        resolve_speedups(TrainSettings(packing="tokens", fused_loss="chunked"), native=False)
+    with pytest.raises(UserError, match="packing `off ` is not one of auto, tokens, rows, False"):
+        TrainSettings(packing="off ")
+
+
+def test_token_rows_are_the_parquet_rows_memory_mapped(built, tmp_path):  # noqa: F811
+    import pyarrow as pa
+
+    _, data = built
+    frame = pd.read_parquet(data / "train.parquet", columns=["input_ids", "labels"])
+    TokenRows(data / "train.parquet", tmp_path / "train.arrow")  # converts
+    before = pa.total_allocated_bytes()
+    token_rows = TokenRows(data / "train.parquet", tmp_path / "train.arrow")  # maps the file written
+    allocated = pa.total_allocated_bytes() - before
+    assert len(token_rows) == len(frame) and (tmp_path / "train.arrow").is_file()
+    for index in (0, len(frame) // 2, len(frame) - 1):
+        assert token_rows[index] == {"input_ids": frame["input_ids"][index].tolist(),
+                                     "labels": frame["labels"][index].tolist()}
+    assert token_rows.lengths.tolist() == frame["input_ids"].map(len).tolist()
+    # no token copied into Arrow's memory: the pool holds the row lengths (int32) and little else
+    assert allocated <= 4 * len(frame) + 1024 < (tmp_path / "train.arrow").stat().st_size / 10
