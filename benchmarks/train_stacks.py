@@ -162,9 +162,8 @@ def run_library(model_dir, rows, steps, attention: str, checkpointing: bool, pac
     return train_loop(model, rows, steps, micro_batches)
 
 
-STAGE_VARIANTS = {"default": {}, "compile": {"torch_compile": True},
-                  "noliger": {"liger_kernels": False, "fused_loss": "chunked"},
-                  "compile_noliger": {"torch_compile": True, "liger_kernels": False, "fused_loss": "chunked"}}
+STAGE_VARIANTS = {"default": {}, "nocompile": {"torch_compile": False, "liger_kernels": False},
+                  "liger": {"torch_compile": False, "liger_kernels": True}}
 
 
 def run_stage(model_dir, rows, n_steps, checkpointing: bool, pack_tokens: int, work: Path, variant: str) -> dict:
@@ -207,8 +206,8 @@ def main() -> int:
     parser.add_argument("--prompt-share", type=float, default=0.25)
     # Liger patches transformers' classes for the whole process: stacks without it run first
     parser.add_argument("--stacks", nargs="+", default=[
-        "recipe", "stage-noliger-ckpt", "stage-noliger-nockpt", "library-sdpa-ckpt", "library-flex_attention-ckpt",
-        "library-flex_attention-nockpt", "stage-default-ckpt", "stage-default-nockpt"])
+        "recipe", "stage-default-ckpt", "stage-default-nockpt", "library-sdpa-ckpt", "library-sdpa-nockpt",
+        "library-flex_attention-ckpt", "library-flex_attention-nockpt"])
     parser.add_argument("--work", default="/tmp/snaketune-stacks")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()

@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import random
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from snaketune.errors import UserError, located
-from snaketune.formats import ReadSettings, Record, read_records
+from snaketune.formats import ReadResult, ReadSettings, Record, iter_records, no_records_error
 from snaketune.io import atomic_file, save_png, write_json
 from snaketune.templates import ChatTemplate, TemplateError, encode_text, template_sha256, with_system
 
@@ -50,19 +51,30 @@ def split_sizes(n: int, eval_size: float, test_size: float) -> tuple[int, int]:
     return count(eval_size), count(test_size)
 
 
-def split_records(records: list[Record], settings: DatasetSettings) -> dict[str, list[Record]]:
-    """Shuffle with the dataset seed and cut test, eval, then train; the same seed gives the same split."""
-    n_eval, n_test = split_sizes(len(records), settings.eval_size, settings.test_size)
-    if n_eval + n_test >= len(records):
+def split_assignment(n: int, settings: DatasetSettings) -> bytearray:
+    """The split of each of ``n`` rows (an index into SPLITS): a shuffle with the dataset seed, cut into test,
+    eval, then train; the same seed gives the same split."""
+    n_eval, n_test = split_sizes(n, settings.eval_size, settings.test_size)
+    if n_eval + n_test >= n:
         raise UserError(
-            f"{settings.source}: {len(records)} rows leave none for training after eval_size={settings.eval_size} "
+            f"{settings.source}: {n} rows leave none for training after eval_size={settings.eval_size} "
             f"and test_size={settings.test_size}"
         )
-    order = list(range(len(records)))
+    order = list(range(n))
     random.Random(settings.seed).shuffle(order)
-    test, evaluation, train = order[:n_test], order[n_test : n_test + n_eval], order[n_test + n_eval :]
-    cuts = (train, evaluation, test)
-    return {name: [records[i] for i in sorted(rows)] for name, rows in zip(SPLITS, cuts, strict=True)}
+    labels = bytearray(n)  # 0: train
+    for index in order[:n_test]:
+        labels[index] = SPLITS.index("test")
+    for index in order[n_test : n_test + n_eval]:
+        labels[index] = SPLITS.index("eval")
+    return labels
+
+
+def split_records(records: list[Record], settings: DatasetSettings) -> dict[str, list[Record]]:
+    """``records`` cut into train, eval and test as ``split_assignment`` says, each in file order."""
+    labels = split_assignment(len(records), settings)
+    return {name: [r for r, label in zip(records, labels, strict=True) if label == number]
+            for number, name in enumerate(SPLITS)}
 
 
 def encode_records(template: ChatTemplate | None, tokenizer, records: list[Record], max_length: int) -> list[dict]:
@@ -125,6 +137,72 @@ def plot_lengths(lengths: dict[str, list[int]], max_length: int, title: str, pat
     save_png(figure, path)
 
 
+def split_schema():
+    import pyarrow as pa
+
+    tokens = pa.list_(pa.int32())
+    return pa.schema([("id", pa.string()), ("line", pa.int64()), ("input_ids", tokens), ("labels", tokens),
+                      ("n_tokens", pa.int64()), ("n_supervised", pa.int64()), ("truncated", pa.bool_()),
+                      ("prompt", pa.string()), ("reference", pa.string()), ("source", pa.string()),
+                      ("messages", pa.string())])
+
+
+class SplitWriter:
+    """Tokenizes the rows of one split a batch at a time and appends each batch to its parquet file, so memory
+    holds one batch of token lists, not the split; counts what the stats report."""
+
+    def __init__(self, name: str, path: Path, template: ChatTemplate | None, tokenizer, settings: DatasetSettings):
+        import pyarrow.parquet as pq
+
+        self.name, self.template, self.tokenizer, self.settings = name, template, tokenizer, settings
+        self.schema = split_schema()
+        self.writer = pq.ParquetWriter(path, self.schema)
+        self.pending: list[Record] = []
+        self.lengths: list[int] = []  # every row's full length, kept or not (the histogram)
+        self.token_counts: list[int] = []
+        self.counts = {"rows": 0, "turns": 0, "supervised_tokens": 0, "truncated": 0, "dropped_no_target": 0}
+
+    def add(self, record: Record) -> None:
+        self.pending.append(record)
+        if len(self.pending) >= ENCODE_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        import pyarrow as pa
+
+        if not self.pending:
+            return
+        encoded = encode_records(self.template, self.tokenizer, self.pending, self.settings.max_seq_length)
+        self.pending = []
+        kept = []
+        for row in encoded:
+            self.lengths.append(row["full_length"])
+            if row["n_supervised"] > 0:
+                kept.append(row)
+                continue
+            if self.counts["dropped_no_target"] < 20:
+                print(f"warning: {self.settings.source}:{row['line']}: dropped from {self.name}: no trainable token "
+                      f"left within max_seq_length={self.settings.max_seq_length}", file=sys.stderr)
+            self.counts["dropped_no_target"] += 1
+        self.writer.write_table(pa.Table.from_pylist([{key: row[key] for key in COLUMNS} for row in kept],
+                                                     self.schema))
+        self.token_counts += [row["n_tokens"] for row in kept]
+        self.counts["rows"] += len(kept)
+        self.counts["turns"] += sum(row["turns"] for row in kept)
+        self.counts["supervised_tokens"] += sum(row["n_supervised"] for row in kept)
+        self.counts["truncated"] += sum(row["truncated"] for row in kept)
+
+    def close(self) -> dict[str, Any]:
+        self.flush()
+        if not self.counts["rows"]:
+            self.writer.write_table(self.schema.empty_table())
+        self.writer.close()
+        return {**{key: self.counts[key] for key in ("rows", "turns")}, "tokens": int(sum(self.token_counts)),
+                "tokens_per_row_before_truncation": length_summary(self.lengths),
+                **{key: self.counts[key] for key in ("supervised_tokens", "truncated", "dropped_no_target")},
+                "max_tokens": int(max(self.token_counts, default=0))}
+
+
 OUTPUTS = ("train", "eval", "test", "stats", "lengths")
 MOST_ROWS_DROPPED = 0.5  # a build that keeps less than this share of the rows it read says so
 
@@ -132,10 +210,14 @@ MOST_ROWS_DROPPED = 0.5  # a build that keeps less than this share of the rows i
 def build(settings: DatasetSettings, tokenizer, outputs: dict[str, str | Path]) -> dict[str, Any]:
     """Read, split, tokenize; write the ``train``, ``eval`` and ``test`` parquet files, ``stats`` (JSON) and
     ``lengths`` (PNG) to the paths ``outputs`` names."""
-    import pandas as pd
     from tqdm import tqdm
 
-    read = read_records(settings)
+    # Two passes over the files, so no split is ever held whole: count the good rows, then split and write them.
+    read = ReadResult([], [], 0, 0)
+    count = sum(1 for _ in iter_records(settings, read))
+    if not count:
+        raise no_records_error(settings, read)
+    labels = split_assignment(count, settings)
     text_only = settings.format == "text"
     template = None
     if not text_only:
@@ -143,7 +225,6 @@ def build(settings: DatasetSettings, tokenizer, outputs: dict[str, str | Path]) 
             template = ChatTemplate.of(tokenizer, settings.template)
         except TemplateError as exc:
             raise UserError(f"{settings.source}: {exc}") from None
-    splits = split_records(read.records, settings)
     outputs = {name: Path(outputs[name]) for name in OUTPUTS}
     stats: dict[str, Any] = {
         "source": settings.path, "format": settings.format, "template": None if text_only else settings.template,
@@ -153,34 +234,19 @@ def build(settings: DatasetSettings, tokenizer, outputs: dict[str, str | Path]) 
         "rows_read": read.rows_read, "bad_rows_skipped": len(read.bad_rows), "bad_rows": read.bad_rows[:20],
         "duplicates_removed": read.duplicates, "splits": {},
     }
-    frames, lengths = {}, {}
-    for name, rows in splits.items():
-        encoded = []
-        with tqdm(total=len(rows), desc=f"tokenize {name}", unit="row", file=sys.stderr) as bar:
-            for start in range(0, len(rows), ENCODE_BATCH):
-                batch = rows[start : start + ENCODE_BATCH]
-                encoded += encode_records(template, tokenizer, batch, settings.max_seq_length)
-                bar.update(len(batch))
-        dropped = [row for row in encoded if row["n_supervised"] == 0]
-        for row in dropped[:20]:
-            print(f"warning: {settings.source}:{row['line']}: dropped from {name}: no trainable token left within "
-                  f"max_seq_length={settings.max_seq_length}", file=sys.stderr)
-        kept = [row for row in encoded if row["n_supervised"] > 0]
-        if name == "train" and not kept:
+    with ExitStack() as stack:
+        writers = {name: SplitWriter(name, stack.enter_context(atomic_file(outputs[name])), template, tokenizer,
+                                     settings) for name in SPLITS}
+        again = ReadResult([], [], 0, 0)
+        with tqdm(total=count, desc="tokenize", unit="row", file=sys.stderr) as bar:
+            for record, label in zip(iter_records(settings, again), labels, strict=True):
+                writers[SPLITS[label]].add(record)
+                bar.update()
+        for name, writer in writers.items():
+            stats["splits"][name] = writer.close()
+        if not stats["splits"]["train"]["rows"]:
             raise UserError(f"{settings.source}: no training row keeps a trainable token within max_seq_length")
-        frames[name] = pd.DataFrame(kept, columns=COLUMNS)
-        token_counts = [row["n_tokens"] for row in kept]
-        lengths[name] = [row["full_length"] for row in encoded]
-        stats["splits"][name] = {
-            "rows": len(kept),
-            "turns": int(sum(row["turns"] for row in kept)),
-            "tokens": int(sum(token_counts)),
-            "tokens_per_row_before_truncation": length_summary(lengths[name]),
-            "supervised_tokens": int(sum(r["n_supervised"] for r in kept)),
-            "truncated": int(sum(r["truncated"] for r in kept)),
-            "dropped_no_target": len(dropped),
-            "max_tokens": int(max(token_counts, default=0)),
-        }
+    lengths = {name: writer.lengths for name, writer in writers.items()}
     kept = sum(split["rows"] for split in stats["splits"].values())
     if read.rows_read and kept < read.rows_read * MOST_ROWS_DROPPED:
         warning = (f"{settings.source}: kept {kept} of {read.rows_read} rows ({len(read.bad_rows)} bad, "
@@ -188,9 +254,6 @@ def build(settings: DatasetSettings, tokenizer, outputs: dict[str, str | Path]) 
                    "without a trainable token): more than half of the data is gone")
         print(f"warning: {warning}", file=sys.stderr)
         stats["warnings"] = [warning]
-    for name, frame in frames.items():
-        with atomic_file(outputs[name]) as tmp:
-            frame.to_parquet(tmp, index=False)
     plot_lengths(lengths, settings.max_seq_length, settings.source, outputs["lengths"])
     write_json(outputs["stats"], stats)
     return stats

@@ -131,20 +131,30 @@ def _read_text(path: Path) -> str:
 
 
 def iter_json_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yield ``(line, row)`` from a JSONL file or a JSON array file, whichever ``path`` holds."""
-    text = _read_text(path)
-    if text.lstrip().startswith("["):
-        yield from _iter_json_array(path, text)
+    """Yield ``(line, row)`` from a JSONL file or a JSON array file, whichever ``path`` holds.
+
+    JSONL is read a line at a time, so a file of millions of rows never sits in memory whole.
+    """
+    with path.open("rb") as handle:
+        head = handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if head.startswith(b"["):
+        yield from _iter_json_array(path, _read_text(path))
         return
-    # Lines end at \n only: JSON strings may hold U+2028, U+2029 and U+0085 unescaped, and str.splitlines would
-    # break a row there. A \r before the \n (CRLF) is whitespace to the JSON parser.
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
+    # Lines end at \n only: JSON strings may hold U+2028, U+2029 and U+0085 unescaped, and text-mode line
+    # splitting would break a row there. A \r before the \n (CRLF) is whitespace to the JSON parser.
+    with path.open(encoding="utf-8-sig", newline="\n") as handle:
+        number = 0
         try:
-            yield number, json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield number, bad(path, number, f"not valid JSON: {exc.msg} (column {exc.colno})")
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield number, json.loads(line)
+                except json.JSONDecodeError as exc:
+                    yield number, bad(path, number, f"not valid JSON: {exc.msg} (column {exc.colno})")
+        except UnicodeDecodeError:
+            _read_text(path)  # raises the located error, with the byte offset in the file
+            raise
 
 
 def _iter_json_array(path: Path, text: str) -> Iterator[tuple[int, Any]]:
@@ -407,41 +417,53 @@ def check_columns(settings: ReadSettings, path: Path) -> None:
         raise located(path, 1, f'column "{name}" does not exist{hint}')
 
 
-def read_records(settings: ReadSettings) -> ReadResult:
-    """Read every row of every file; bad rows are collected (up to ``max_bad_rows``), duplicates removed."""
+def iter_records(settings: ReadSettings, tally: ReadResult) -> Iterator[Record]:
+    """Yield every good, new row of every file as a Record, in file order, holding none of them: bad rows and
+    duplicates are counted in ``tally`` (its ``records`` stays empty), up to ``max_bad_rows`` bad ones."""
     reader = RowReader(settings)
-    records, bad_rows, seen_ids, seen_content = [], [], {}, set()
-    duplicates = rows_read = 0
+    seen_ids, seen_content = {}, set()
     for path in settings.paths:
         check_columns(settings, path)
         for number, (line, row) in enumerate(iter_file_rows(path), start=1):
-            rows_read += 1
+            tally.rows_read += 1
             try:
                 record = reader.read(path, line, row)
                 record.id = record.id or f"{path.stem}-{number}"  # row number: one-line JSON arrays share a line
                 if record.id in seen_ids:
                     raise bad(path, line, f'field "id": `{record.id}` already used on {seen_ids[record.id]}')
             except BadRow as problem:
-                bad_rows.append(str(problem))
-                if len(bad_rows) > settings.max_bad_rows:
-                    shown = "\n".join(bad_rows[:5])
-                    raise UserError(f"{shown}\n{len(bad_rows)} bad row(s) so far, more than max_bad_rows="
+                tally.bad_rows.append(str(problem))
+                if len(tally.bad_rows) > settings.max_bad_rows:
+                    shown = "\n".join(tally.bad_rows[:5])
+                    raise UserError(f"{shown}\n{len(tally.bad_rows)} bad row(s) so far, more than max_bad_rows="
                                     f"{settings.max_bad_rows}; fix them or raise max_bad_rows to skip them "
                                     "(skipped rows are counted in stats.json)") from None
                 continue
             seen_ids[record.id] = f"{path}:{line}"
             key = record.content_key()
             if settings.deduplicate and key in seen_content:
-                duplicates += 1
+                tally.duplicates += 1
                 continue
             seen_content.add(key)
-            records.append(record)
+            yield record
+
+
+def no_records_error(settings: ReadSettings, tally: ReadResult) -> UserError:
+    reasons = "".join(f"\n{row}" for row in tally.bad_rows[:5])
+    why = (f"all {tally.rows_read} rows are bad (first reasons below)"
+           if tally.bad_rows and len(tally.bad_rows) == tally.rows_read
+           else f"no usable rows ({tally.rows_read} read, {len(tally.bad_rows)} bad, {tally.duplicates} duplicates)")
+    return UserError(f"{', '.join(map(str, settings.paths))}: {why}{reasons}")
+
+
+def read_records(settings: ReadSettings) -> ReadResult:
+    """Read every row of every file; bad rows are collected (up to ``max_bad_rows``), duplicates removed."""
+    tally = ReadResult([], [], 0, 0)
+    records = list(iter_records(settings, tally))
     if not records:
-        reasons = "".join(f"\n{row}" for row in bad_rows[:5])
-        why = (f"all {rows_read} rows are bad (first reasons below)" if bad_rows and len(bad_rows) == rows_read
-               else f"no usable rows ({rows_read} read, {len(bad_rows)} bad, {duplicates} duplicates)")
-        raise UserError(f"{', '.join(map(str, settings.paths))}: {why}{reasons}")
-    return ReadResult(records, bad_rows, duplicates, rows_read)
+        raise no_records_error(settings, tally)
+    tally.records = records
+    return tally
 
 
 # -- LLaMA-Factory dataset_info.json ------------------------------------------------------------------------

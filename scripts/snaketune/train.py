@@ -32,7 +32,7 @@ SUPPORTED_METHODS = ("lora", "qlora", "full")
 PACKING = ("auto", "tokens", "rows", False)
 ATTENTION = ("auto", "varlen", "flex_attention", "sdpa", "eager")
 FUSED_LOSS = ("auto", "liger", "chunked", "none")
-LIGER_KERNELS = ("auto", True, False)
+AUTO_BOOL = ("auto", True, False)
 DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[2] / "config" / "deepspeed"
 LOG_COLUMNS = ["step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_second"]
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -93,12 +93,13 @@ class TrainSettings:
     fused_loss: str = "auto"  # head + cross-entropy without full logits: liger | chunked | none; auto: liger on a
     #                           GPU that has it, chunked on another GPU, none on the CPU
     liger_kernels: str | bool = "auto"  # Liger's RMSNorm, RoPE and SwiGLU kernels; auto: on where installed
-    torch_compile: bool = False  # compile each decoder layer (dynamic shapes): fuses what the kernels leave
+    torch_compile: str | bool = "auto"  # compile each decoder layer (dynamic shapes); auto: on a GPU for lora and
+    #                                     full without DeepSpeed (1.7x on an H100, benchmarks/README.md)
 
     def __post_init__(self) -> None:
         problems = []
         for name, allowed in (("packing", PACKING), ("attention", ATTENTION), ("fused_loss", FUSED_LOSS),
-                              ("liger_kernels", LIGER_KERNELS)):
+                              ("liger_kernels", AUTO_BOOL), ("torch_compile", AUTO_BOOL)):
             value = getattr(self, name)
             if not any(value is a or (isinstance(a, str) and value == a) for a in allowed):
                 problems.append(f"{name} `{value}` is not one of {', '.join(map(str, allowed))}")
@@ -196,6 +197,7 @@ class Speedups:
     attention: str
     fused_loss: str
     liger_kernels: bool
+    torch_compile: bool
 
 
 def native_model(model_dir: Path, trust_remote_code: bool) -> bool:
@@ -222,7 +224,8 @@ def resolve_speedups(settings: TrainSettings, native: bool, precision: str = "bf
         if asked:
             raise UserError(f"{', '.join(asked)} needs a model on transformers' own code; this one runs remote "
                             "code (convert it, or leave these settings at auto)")
-        return Speedups(packing=False, attention="auto", fused_loss="none", liger_kernels=False)
+        return Speedups(packing=False, attention="auto", fused_loss="none", liger_kernels=False,
+                        torch_compile=settings.torch_compile is True)
     packing = settings.packing if settings.packing != "auto" else ("tokens" if gpu else False)
     attention = settings.attention
     if attention == "auto":
@@ -230,7 +233,14 @@ def resolve_speedups(settings: TrainSettings, native: bool, precision: str = "bf
             not packing_module.varlen_available() else "varlen"
     if attention == "varlen" and not packing:
         raise UserError("attention: varlen needs padding-free batches: set packing to tokens or rows")
-    liger = settings.liger_kernels is True or (settings.liger_kernels == "auto" and fused_loss.liger_available())
+    compile_layers = settings.torch_compile is True or (
+        settings.torch_compile == "auto" and gpu and settings.method != "qlora" and not settings.deepspeed)
+    # Liger's RMSNorm/RoPE/SwiGLU cannot be traced inside a compiled layer, and compiling fuses the same work
+    liger = settings.liger_kernels is True or (
+        settings.liger_kernels == "auto" and not compile_layers and fused_loss.liger_available())
+    if liger and compile_layers:
+        raise UserError("liger_kernels: true and torch_compile: true do not go together (Liger's kernels cannot be "
+                        "compiled into a layer); choose one")
     if liger and not fused_loss.liger_available():
         raise UserError("liger_kernels: true needs a CUDA GPU and the liger-kernel package (pip install liger-kernel)")
     loss = fused_loss.resolve(settings.fused_loss)
@@ -241,7 +251,8 @@ def resolve_speedups(settings: TrainSettings, native: bool, precision: str = "bf
             raise UserError(f"fused_loss: {settings.fused_loss} cannot read a head that modules_to_save trains; "
                             "set fused_loss: none")
         loss = "none"
-    return Speedups(packing=packing, attention=attention, fused_loss=loss, liger_kernels=liger)
+    return Speedups(packing=packing, attention=attention, fused_loss=loss, liger_kernels=liger,
+                    torch_compile=compile_layers)
 
 
 def training_rows(settings: TrainSettings, speedups: Speedups, rows):
@@ -463,7 +474,7 @@ def load_model(settings: TrainSettings, model_dir: Path, trust_remote_code: bool
     if speedups.fused_loss != "none":
         speedups.fused_loss = fused_loss.install(model, speedups.fused_loss)
     if settings.method == "full":
-        return compile_layers(model) if settings.torch_compile else model
+        return compile_layers(model) if speedups.torch_compile else model
 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -476,7 +487,7 @@ def load_model(settings: TrainSettings, model_dir: Path, trust_remote_code: bool
         modules_to_save=settings.modules_to_save, task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
-    return compile_layers(model) if settings.torch_compile else model
+    return compile_layers(model) if speedups.torch_compile else model
 
 
 def compile_layers(model):

@@ -135,7 +135,7 @@ def test_the_fast_path_trains_with_the_reference_loss_at_every_step(built, tmp_p
     assert (reference["loss"] - fast["loss"]).abs().max() < 1e-4
     summary = json.loads((tmp_path / "fast" / "train_summary.json").read_text())
     assert summary["speedups"] == {"packing": "rows", "attention": "varlen", "fused_loss": "chunked",
-                                   "liger_kernels": False}
+                                   "liger_kernels": False, "torch_compile": False}
 
 
 def test_packs_sized_in_tokens_train_on_every_row_without_padding(built, tmp_path):  # noqa: F811
