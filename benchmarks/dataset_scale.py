@@ -33,10 +33,9 @@ def write_firefly(path: Path, rows: int) -> None:
     with path.open("w", encoding="utf-8") as out:
         for i in range(rows):
             topic = TOPICS[i % len(TOPICS)]
+            answer = f"关于{topic}（编号{i}）：" + "这是一个详细的回答，包含背景、要点和例子。" * (1 + i % 9)
             turns = [{"human": f"第{i}个问题：请介绍一下{topic}，并举{i % 7 + 1}个例子。 Question {i} about {topic}?",
-                      "assistant": f"关于{topic}（编号{i}）：" + "这是一个详细的回答，包含背景、要点和例子。" * (1 + i % 9)
-                                   + f" In short, answer {i}."}
-                     for _ in range(1 + i % 3)]
+                      "assistant": answer + f" In short, answer {i}."} for _ in range(1 + i % 3)]
             out.write(json.dumps({"conversation_id": i, "category": topic, "conversation": turns,
                                   "dataset": "synthetic"}, ensure_ascii=False) + "\n")
 

@@ -130,13 +130,13 @@ def read_run(run_dir: Path) -> dict:
     }
 
 
-def run_case(name: str, work: Path, steps: int, length: int) -> dict:
+def run_case(name: str, work: Path, steps: int, length: int, overrides: dict | None = None) -> dict:
     shape, method_settings = CASES[name]
     manifest = build_model(shape, work / "models" / shape)
     data = build_dataset(work / "data" / f"len{length}", rows=64, length=length, vocab=1100)
     settings = {**method_settings, "max_steps": steps, "per_device_train_batch_size": 1, "logging_steps": 1,
                 "save_steps": 10_000, "precision": "bf16", "gradient_checkpointing": True, "warmup_steps": 0,
-                "lr_scheduler_type": "constant"}
+                "lr_scheduler_type": "constant", **(overrides or {})}
     run_dir = work / "runs" / name
     result = {"case": name, "shape": shape, "config": SHAPES[shape], "settings": settings, "seq_len": length,
               "batch": 1}
@@ -176,6 +176,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--work", default="/tmp/snaketune-bench", help="scratch folder for models and runs")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=JSON",
+                        help="override train settings of every case, e.g. gradient_checkpointing=false")
     parser.add_argument("--out", required=True, help="results JSON")
     args = parser.parse_args()
 
@@ -184,7 +186,8 @@ def main() -> int:
     results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "cases": []}
     for name in args.cases:
         print(f"== {name}", flush=True)
-        case = run_case(name, Path(args.work), args.steps, args.seq_len)
+        overrides = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.set)}
+        case = run_case(name, Path(args.work), args.steps, args.seq_len, overrides)
         print(json.dumps({k: v for k, v in case.items() if k not in ("config", "settings")}), flush=True)
         results["cases"].append(case)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -129,7 +129,9 @@ def build_run(name: str, run: dict[str, Any]) -> RunConfig:
             if owner == block:
                 values[key] = getattr(train, source)
         blocks[block] = cls(**values)
-    exam = ExamSettings(shots=blocks["evaluation"].shots, batch_size=blocks["generation"].batch_size)
+    generation_batch = blocks["generation"].batch_size
+    exam = ExamSettings(shots=blocks["evaluation"].shots,
+                        batch_size=generation_batch if isinstance(generation_batch, int) else 16)
     return RunConfig(name=name, model=run["model"], dataset=run["dataset"], train=train, exam=exam, **blocks)
 
 

@@ -162,7 +162,9 @@ def run_needs(run, shape: Shape, max_seq_length: int, converted: bool, downloads
         checkpoint, final = 12 * lora, 4 * lora
     trains = train.max_steps != 0
     merges = trains and train.method != "full" and generation.predict_from == "merged"
-    kv = generation.batch_size * (max_seq_length + generation.max_new_tokens) * shape.layers * 2 \
+    # batch_size auto grows only into free memory: the plan counts the 16 rows it needs at least to be useful
+    rows = generation.batch_size if isinstance(generation.batch_size, int) else 16
+    kv = rows * (max_seq_length + generation.max_new_tokens) * shape.layers * 2 \
         * shape.kv_heads * shape.head_dim * 2
     weights = p * (merge_bytes if merges else shape.dtype_bytes)
     shard = min(5 * 10**9, p * merge_bytes)
@@ -185,7 +187,7 @@ def run_needs(run, shape: Shape, max_seq_length: int, converted: bool, downloads
                   (checkpoint * train.save_total_limit + final) / GIB if trains else 0.0, spare["train"]),
         StageNeed("merge", 0.0, (shard * 3 + 4 * lora) / GIB + PROCESS_GIB if merges else 0.0,
                   p * merge_bytes / GIB if merges else 0.0, spare["merge"]),
-        StageNeed("predict", INFERENCE_SLACK * (weights + kv + generation.batch_size * shape.vocab * 4) / GIB
+        StageNeed("predict", INFERENCE_SLACK * (weights + kv + rows * shape.vocab * 4) / GIB
                   + CUDA_CONTEXT_GIB, loading, 0.0),
         StageNeed("exam", INFERENCE_SLACK * (weights + exam_tokens * (4 * shape.hidden + 3 * shape.intermediate) * 2)
                   / GIB + CUDA_CONTEXT_GIB, loading, 0.0),

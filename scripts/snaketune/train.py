@@ -637,9 +637,9 @@ def train(settings: TrainSettings, model_dir: Path, trust_remote_code: bool, fil
     if rank0:
         effective = batch_rows * settings.gradient_accumulation_steps * args.world_size
         unit = "packs" if speedups.packing == "tokens" else "rows"
+        print(f"speed settings: {speedups}", file=sys.stderr)
         print(f"method {settings.method}, precision {precision}, processes {args.world_size}, effective batch "
-              f"{effective} {unit}, train rows {len(train_rows)}, resume from {resume_from}; {speedups}",
-              file=sys.stderr)
+              f"{effective} {unit}, train rows {len(train_rows)}, resume from {resume_from}", file=sys.stderr)
 
     if settings.max_steps != 0:
         try:

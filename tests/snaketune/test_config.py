@@ -30,7 +30,7 @@ def test_default_config_is_valid_and_gets_defaults(default_config):
     assert set(cfg.runs) == {"identity-lora", "identity-base", "matching-lora"}
     run = cfg.runs["identity-lora"]
     assert run.train.learning_rate == 0.01 and run.train.max_grad_norm == 1.0  # run_defaults, then the default
-    assert cfg.runs["matching-lora"].generation == GenerationSettings(max_new_tokens=8, batch_size=16, seed=42)
+    assert cfg.runs["matching-lora"].generation == GenerationSettings(max_new_tokens=8, batch_size="auto", seed=42)
     assert run.exam == ExamSettings(shots=2, batch_size=16)
     assert cfg.datasets["identity"].system is None
 

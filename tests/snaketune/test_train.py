@@ -143,10 +143,13 @@ def test_a_killed_run_resumes_to_the_same_step_and_loss(built, tmp_path, uninter
 
 
 def test_zero3_in_two_processes_trains_consolidates_and_resumes(built, tmp_path, tiny_model):
-    """The expensive real run: full fine-tune, ZeRO-3, two CPU processes under torchrun, killed and resumed."""
+    """The expensive real run: full fine-tune, ZeRO-3, two CPU processes under torchrun, killed and resumed, on
+    the GPU's fast path: packs sized in tokens, varlen attention and the fused loss (the head's weight gathered
+    by ZeRO-3 for a forward that is not the head's own)."""
     from transformers import AutoModelForCausalLM
 
-    settings = {**FAST, "method": "full", "deepspeed": "zero3", "gpus": 2, "max_steps": 60, "learning_rate": 0.003}
+    settings = {**FAST, "method": "full", "deepspeed": "zero3", "gpus": 2, "max_steps": 60, "learning_rate": 0.003,
+                "packing": "tokens", "per_device_train_batch_size": 2, "attention": "varlen", "fused_loss": "chunked"}
     process = start_train(built, tmp_path, settings, tmp_path / "first.log")
     wait_for_checkpoint(tmp_path / "checkpoints", 20, process, timeout=300)
     os.killpg(process.pid, signal.SIGKILL)  # the whole launcher and both workers, as a node failure would
