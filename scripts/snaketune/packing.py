@@ -118,7 +118,12 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
         raise ValueError("varlen attention needs padding-free batches (packing: tokens or rows)")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, head_dim)
     if q.is_cuda:
-        out = _flash_varlen(q, k, v, bounds.to(q.device, torch.int32), int(longest), scaling)
+        # flash attention takes half precision: under autocast (QLoRA's fp32 norms and rotary) use its dtype
+        half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else q.dtype
+        if half not in (torch.float16, torch.bfloat16):
+            raise ValueError("varlen attention needs bf16 or fp16 on a GPU; use attention flex_attention in fp32")
+        out = _flash_varlen(q.to(half), k.to(half), v.to(half), bounds.to(q.device, torch.int32), int(longest),
+                            scaling).to(q.dtype)
     else:
         out = torch.empty_like(q)
         for start, end in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):

@@ -144,6 +144,7 @@ def train_gpu_gib(shape: Shape, train, max_seq_length: int) -> float:
     tokens = train.per_device_train_batch_size * max_seq_length
     per_layer = tokens * (10 * shape.hidden + 4 * shape.intermediate) * 2  # saved inputs of each linear, bf16
     checkpointed = tokens * shape.hidden * 2
+    # auto turns checkpointing on where the run would not fit without it: the least the run needs is with it
     activations = per_layer + (shape.layers - 1) * (checkpointed if train.gradient_checkpointing else per_layer)
     logits = tokens * shape.vocab * 18  # bf16 logits, their float32 copy, softmax and gradient
     return 1.05 * (trainable + activations + logits) / GIB + CUDA_CONTEXT_GIB  # 5%: allocator fragmentation

@@ -21,7 +21,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +78,8 @@ class TrainSettings:
     loraplus_lr_ratio: float | None = None  # LoRA+: B matrices learn this many times faster than A
     modules_to_save: list[str] | None = None  # trained in full beside the adapter (e.g. embed_tokens, lm_head)
     precision: str = "auto"  # auto: bf16 on a GPU that has it, else fp16 on a GPU, fp32 on the CPU
-    gradient_checkpointing: bool = False  # recompute activations: much less memory, about 30% slower
+    gradient_checkpointing: str | bool = "auto"  # recompute activations: much less memory, 30-40% slower; auto:
+    #                                              on a GPU only when the plan says the run would not fit without
     optim: str = "adamw_torch"  # any TrainingArguments optim, e.g. paged_adamw_8bit for QLoRA
     deepspeed: str | None = None  # zero1 | zero2 | zero3 | zero3_offload (config/deepspeed/<name>.json)
     gpus: int = 1  # processes to launch on each node (one per GPU; on a machine without GPUs, CPU processes)
@@ -99,7 +100,8 @@ class TrainSettings:
     def __post_init__(self) -> None:
         problems = []
         for name, allowed in (("packing", PACKING), ("attention", ATTENTION), ("fused_loss", FUSED_LOSS),
-                              ("liger_kernels", AUTO_BOOL), ("torch_compile", AUTO_BOOL)):
+                              ("liger_kernels", AUTO_BOOL), ("torch_compile", AUTO_BOOL),
+                              ("gradient_checkpointing", AUTO_BOOL)):
             value = getattr(self, name)
             if not any(value is a or (isinstance(a, str) and value == a) for a in allowed):
                 problems.append(f"{name} `{value}` is not one of {', '.join(map(str, allowed))}")
@@ -253,6 +255,42 @@ def resolve_speedups(settings: TrainSettings, native: bool, precision: str = "bf
         loss = "none"
     return Speedups(packing=packing, attention=attention, fused_loss=loss, liger_kernels=liger,
                     torch_compile=compile_layers)
+
+
+def longest_row(parquet: Path) -> int:
+    """Tokens in the longest row of a tokenized split, read a row group at a time."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    source = pq.ParquetFile(parquet)
+    longest = 0
+    for group in range(source.num_row_groups):
+        lengths = pc.list_value_length(source.read_row_group(group, columns=["input_ids"]).column("input_ids"))
+        longest = max(longest, pc.max(lengths).as_py() or 0)
+    return longest
+
+
+CHECKPOINTING_HEADROOM = 0.85  # share of the GPU's memory a run without checkpointing may plan to use
+
+
+def needs_checkpointing(settings: TrainSettings, model_dir: Path, files: TrainFiles) -> bool:
+    """gradient_checkpointing made concrete: auto is off on the CPU, and on a GPU off when the plan's estimate of
+    this run without checkpointing (the model's shape, the longest row, the batch) fits in 85% of its memory."""
+    import torch
+
+    if settings.gradient_checkpointing != "auto":
+        return bool(settings.gradient_checkpointing)
+    if not torch.cuda.is_available():
+        return False
+    from snaketune.plan import shape_from_config, train_gpu_gib
+
+    shape = shape_from_config(json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")))
+    planned = train_gpu_gib(shape, replace(settings, gradient_checkpointing=False), longest_row(files.train))
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    needed = planned > CHECKPOINTING_HEADROOM * total
+    print(f"gradient_checkpointing auto: {'on' if needed else 'off'} (planned {planned:.1f} GiB without it, "
+          f"GPU {total:.1f} GiB)", file=sys.stderr)
+    return needed
 
 
 def training_rows(settings: TrainSettings, speedups: Speedups, rows):
@@ -588,6 +626,7 @@ def train(settings: TrainSettings, model_dir: Path, trust_remote_code: bool, fil
     set_seed(settings.seed)
     precision = resolve_precision(settings.precision)
     checkpoints = files.checkpoints
+    settings = replace(settings, gradient_checkpointing=needs_checkpointing(settings, model_dir, files))
     speedups = resolve_speedups(settings, native_model(model_dir, trust_remote_code), precision)
     batch_rows = 1 if speedups.packing == "tokens" else settings.per_device_train_batch_size  # a pack is a batch
     args = training_arguments(settings, files, precision, run_name, batch_rows)
