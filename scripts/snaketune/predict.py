@@ -41,6 +41,8 @@ class GenerationSettings:
     top_p: float = 1.0
     seed: int = 0
     predict_from: str = "merged"  # merged: the merged folder; adapter: the base with the adapter on top
+    decoder: str = "greedy"  # greedy: our lean greedy loop (same tokens as generate); generate: transformers'
+    #                          generate, also used whenever do_sample is set
 
 
 def load_for_generation(model_dir: Path, adapter_dir: Path | None, trust_remote_code: bool = False):
@@ -65,13 +67,48 @@ def generate_batch(model, tokenizer, prompts: list[str], settings: GenerationSet
     """Greedy (or sampled) continuations of left-padded prompts, decoded without special tokens."""
     import torch
 
-    sampling = {"temperature": settings.temperature, "top_p": settings.top_p} if settings.do_sample else {}
     inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
-                                pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling)
-    return [text.strip() for text in
-            tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
+        if settings.decoder == "generate" or settings.do_sample:
+            sampling = {"temperature": settings.temperature, "top_p": settings.top_p} if settings.do_sample else {}
+            output = model.generate(**inputs, max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
+                                    pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling)
+            new = output[:, inputs["input_ids"].shape[1]:]
+        else:
+            new = greedy_tokens(model, inputs["input_ids"], inputs["attention_mask"], settings.max_new_tokens,
+                                tokenizer.pad_token_id)
+    return [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+STOP_CHECK_EVERY = 8  # decoding steps between checks that every row has ended (each check waits for the GPU)
+
+
+def greedy_tokens(model, input_ids, attention_mask, max_new_tokens: int, pad_token_id: int):
+    """The greedy tokens ``model.generate`` gives for left-padded rows (same positions, mask, cache and end of
+    row: the generation config's eos ids, then padding), from a loop that does only that: it asks for the last
+    position's logits alone and waits for the GPU once every STOP_CHECK_EVERY steps instead of at every step."""
+    import torch
+    from transformers import DynamicCache
+
+    eos = model.generation_config.eos_token_id
+    eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=input_ids.device)
+    mask = attention_mask
+    positions = (mask.long().cumsum(-1) - 1).masked_fill_(mask == 0, 1)
+    cache = DynamicCache(config=model.config)
+    ended = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+    step_ids, tokens = input_ids, []
+    for step in range(max_new_tokens):
+        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]
+        token = logits.float().argmax(-1).masked_fill_(ended, pad_token_id)
+        tokens.append(token)
+        ended |= torch.isin(token, eos)
+        if (step + 1) % STOP_CHECK_EVERY == 0 and bool(ended.all()):
+            break
+        mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
+        positions = positions[:, -1:] + 1
+        step_ids = token[:, None]
+    return torch.stack(tokens, dim=1)
 
 
 def auto_batch_size(model, longest_prompt: int, max_new_tokens: int, device: str) -> int:

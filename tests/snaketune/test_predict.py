@@ -152,3 +152,35 @@ def test_predictions_open_in_excel_and_carry_the_original_columns(tmp_path, tiny
     test = pd.read_parquet(outputs["test"])
     assert list(frame["sentence1"]) == [json.loads(s)["sentence1"] for s in test["source"]]
     assert all(row["sentence1"] in row["prompt"] and row["label"] == row["reference"] for _, row in frame.iterrows())
+
+
+def test_the_greedy_loop_gives_generates_tokens_and_stops_where_it_stops(tiny_model, tiny_tokenizer):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from snaketune.predict import greedy_tokens
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    tokenizer = tiny_tokenizer
+    tokenizer.padding_side = "left"
+    questions = ["你好", "Who are you? Tell me everything about yourself.", "1 2 3", "判断下面两个句子的意思是否相同"]
+    prompts = [render(tokenizer, [{"role": "user", "content": q}], add_generation_prompt=True) for q in questions]
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    assert (inputs["attention_mask"] == 0).any()  # rows of different lengths: left padding is exercised
+
+    def both(new_tokens):
+        with torch.no_grad():
+            reference = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False,
+                                       pad_token_id=tokenizer.pad_token_id)[:, inputs["input_ids"].shape[1]:]
+            ours = greedy_tokens(model, inputs["input_ids"], inputs["attention_mask"], new_tokens,
+                                 tokenizer.pad_token_id)
+        return reference, ours
+
+    reference, ours = both(20)
+    assert torch.equal(ours, reference)
+    # make a token the first row emits at its fourth step an end of row: rows end there and are padded after
+    model.generation_config.eos_token_id = int(reference[0, 3])
+    reference, ours = both(20)
+    assert (reference == tokenizer.pad_token_id).any()
+    assert torch.equal(ours[:, : reference.shape[1]], reference)
+    assert (ours[:, reference.shape[1]:] == tokenizer.pad_token_id).all()  # steps past the end are padding
