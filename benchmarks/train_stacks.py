@@ -163,7 +163,7 @@ def run_library(model_dir, rows, steps, attention: str, checkpointing: bool, pac
 
 
 STAGE_VARIANTS = {"default": {}, "nocompile": {"torch_compile": False, "liger_kernels": False},
-                  "liger": {"torch_compile": False, "liger_kernels": True}}
+                  "liger": {"torch_compile": False, "liger_kernels": True}, "chunked": {"fused_loss": "chunked"}}
 
 
 def run_stage(model_dir, rows, n_steps, checkpointing: bool, pack_tokens: int, work: Path, variant: str) -> dict:

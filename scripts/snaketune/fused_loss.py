@@ -4,7 +4,7 @@ A causal LM's loss usually multiplies every hidden state by the output head (tok
 for Qwen, 2.4 GiB in fp32 for 4k tokens), keeps those logits for the backward pass, and upcasts them again for
 the softmax. Here the supervised tokens alone go through the head, a chunk at a time, and the gradients of the
 hidden states (and of the head, when it trains) are computed in the same pass, so only one chunk's logits exist
-at any moment. On a CUDA machine with Liger Kernel installed its Triton kernel does the same job faster.
+at any moment. Liger Kernel's Triton kernel does the same job (``fused_loss: liger``).
 
 ``install(model, kind)`` replaces the forward of a loaded causal-LM instance (before PEFT wraps it) with one
 that returns this loss when labels are given in training, and the usual logits otherwise.
@@ -110,16 +110,16 @@ def liger_available() -> bool:
 
 
 def resolve(kind: str) -> str:
-    """The loss to use for ``kind``: auto is Liger's kernel on a CUDA machine that has it, else the chunked
-    loss on a GPU and the plain one on the CPU (where the logits of a small vocabulary cost little)."""
+    """The loss to use for ``kind``: auto is the chunked loss on a GPU and the plain one on the CPU (where the
+    logits of a small vocabulary cost little). Liger's kernel is a choice, not the default: on the H100 it ran
+    no faster than the chunked loss (benchmarks/README.md), and the chunked loss's gradients are tested against
+    the plain loss's, while Liger's fused cross-entropy once hurt quality with an unchanged loss (Liger #827)."""
     import torch
 
     if kind not in KINDS:
         raise ValueError(f"fused_loss `{kind}` is not one of {', '.join(KINDS)}")
     if kind != "auto":
         return kind
-    if liger_available():
-        return "liger"
     return "chunked" if torch.cuda.is_available() else "none"
 
 

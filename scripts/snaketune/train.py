@@ -91,11 +91,11 @@ class TrainSettings:
     #                               reference); auto: tokens on a GPU, false on the CPU
     attention: str = "auto"  # varlen: flash attention row by row within a pack (needs packing); auto: varlen for
     #                          packed rows on a GPU in bf16/fp16, flex_attention in fp32, else sdpa
-    fused_loss: str = "auto"  # head + cross-entropy without full logits: liger | chunked | none; auto: liger on a
-    #                           GPU that has it, chunked on another GPU, none on the CPU
+    fused_loss: str = "auto"  # head + cross-entropy without full logits: chunked | liger | none; auto: chunked on
+    #                           a GPU, none on the CPU
     liger_kernels: str | bool = "auto"  # Liger's RMSNorm, RoPE and SwiGLU kernels; auto: on where installed
-    torch_compile: str | bool = "auto"  # compile each decoder layer (dynamic shapes); auto: on a GPU for lora and
-    #                                     full without DeepSpeed (1.7x on an H100, benchmarks/README.md)
+    torch_compile: str | bool = "auto"  # compile each decoder layer (dynamic shapes); auto: on a GPU for lora
+    #                                     without DeepSpeed (1.6x on an H100, benchmarks/README.md)
 
     def __post_init__(self) -> None:
         problems = []
@@ -235,8 +235,10 @@ def resolve_speedups(settings: TrainSettings, native: bool, precision: str = "bf
             not packing_module.varlen_available() else "varlen"
     if attention == "varlen" and not packing:
         raise UserError("attention: varlen needs padding-free batches: set packing to tokens or rows")
+    # auto compiles where it was measured to pay: LoRA (QLoRA's 4-bit layers and DeepSpeed's hooks were not faster
+    # or not tried; a full fine-tune without DeepSpeed was not measured)
     compile_layers = settings.torch_compile is True or (
-        settings.torch_compile == "auto" and gpu and settings.method != "qlora" and not settings.deepspeed)
+        settings.torch_compile == "auto" and gpu and settings.method == "lora" and not settings.deepspeed)
     # Liger's RMSNorm/RoPE/SwiGLU cannot be traced inside a compiled layer, and compiling fuses the same work
     liger = settings.liger_kernels is True or (
         settings.liger_kernels == "auto" and not compile_layers and fused_loss.liger_available())
