@@ -173,3 +173,47 @@ def test_token_rows_are_the_parquet_rows_memory_mapped(built, tmp_path):  # noqa
     assert token_rows.lengths.tolist() == frame["input_ids"].map(len).tolist()
     # no token copied into Arrow's memory: the pool holds the row lengths (int32) and little else
     assert allocated <= 4 * len(frame) + 1024 < (tmp_path / "train.arrow").stat().st_size / 10
+
+
+@pytest.fixture
+def on_a_gpu(monkeypatch):
+    """What the auto settings see on a GPU machine with liger-kernel absent: torch reports CUDA, varlen exists."""
+    import snaketune.fused_loss
+    import snaketune.packing
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(snaketune.packing, "varlen_available", lambda: True)
+    monkeypatch.setattr(snaketune.fused_loss, "liger_available", lambda: False)
+
+
+@pytest.mark.parametrize("method, precision, expected", [
+    ("lora", "bf16", ("tokens", "varlen", "chunked", False, True)),
+    ("lora", "fp32", ("tokens", "flex_attention", "chunked", False, True)),
+    ("qlora", "bf16", ("tokens", "varlen", "chunked", False, False)),
+    ("full", "bf16", ("tokens", "varlen", "chunked", False, False)),
+])
+def test_auto_picks_the_measured_fast_path_on_a_gpu(on_a_gpu, method, precision, expected):
+    chosen = resolve_speedups(TrainSettings(method=method), native=True, precision=precision)
+    assert (chosen.packing, chosen.attention, chosen.fused_loss, chosen.liger_kernels,
+            chosen.torch_compile) == expected
+    with pytest.raises(UserError, match="liger_kernels: true needs a CUDA GPU and the liger-kernel package"):
+        resolve_speedups(TrainSettings(method=method, liger_kernels=True, torch_compile=False), native=True)
+    with pytest.raises(UserError, match="attention: varlen needs padding-free batches"):
+        resolve_speedups(TrainSettings(method=method, packing=False, attention="varlen"), native=True)
+
+
+@pytest.mark.parametrize("gpu_gib, expected", [(80.0, False), (0.05, True)])
+def test_auto_checkpointing_is_on_only_where_the_plan_does_not_fit_the_gpu(
+        on_a_gpu, monkeypatch, built, gpu_gib, expected):  # noqa: F811
+    from types import SimpleNamespace
+
+    from snaketune.train import TrainFiles, needs_checkpointing
+
+    gpu = SimpleNamespace(total_memory=gpu_gib * 2**30)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: gpu)
+    manifest, data = built
+    files = TrainFiles(train=data / "train.parquet", eval=data / "eval.parquet", stats=None, adapter=data / "a",
+                       train_log=data / "l.csv", summary=data / "s.json", curve=data / "c.png",
+                       checkpoints=data / "ck")
+    assert needs_checkpointing(TrainSettings(), manifest.parent, files) is expected
+    assert needs_checkpointing(TrainSettings(gradient_checkpointing=True), manifest.parent, files) is True
