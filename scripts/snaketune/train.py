@@ -545,7 +545,7 @@ def compile_layers(model):
 
 
 def training_arguments(settings: TrainSettings, files: TrainFiles, precision: str, run_name: str,
-                       batch_rows: int):
+                       batch_rows: int, padding_free: bool = False):
     import torch
     from transformers import TrainingArguments
 
@@ -568,7 +568,9 @@ def training_arguments(settings: TrainSettings, files: TrainFiles, precision: st
         logging_nan_inf_filter=False,  # the default hides a NaN loss behind earlier values; we stop on it
         save_steps=settings.save_steps, save_total_limit=settings.save_total_limit,
         report_to=["tensorboard"] if settings.tensorboard else [],
-        use_cpu=not torch.cuda.is_available(), include_num_input_tokens_seen="non_padding",
+        use_cpu=not torch.cuda.is_available(),
+        # tokens/s counts real tokens: a padding-free batch has no padding, a padded one its attention mask's ones
+        include_num_input_tokens_seen="all" if padding_free else "non_padding",
         remove_unused_columns=False, dataloader_num_workers=0, per_device_eval_batch_size=8,
         ddp_find_unused_parameters=False if settings.gpus * settings.nodes > 1 else None,
     )
@@ -631,7 +633,7 @@ def train(settings: TrainSettings, model_dir: Path, trust_remote_code: bool, fil
     settings = replace(settings, gradient_checkpointing=needs_checkpointing(settings, model_dir, files))
     speedups = resolve_speedups(settings, native_model(model_dir, trust_remote_code), precision)
     batch_rows = 1 if speedups.packing == "tokens" else settings.per_device_train_batch_size  # a pack is a batch
-    args = training_arguments(settings, files, precision, run_name, batch_rows)
+    args = training_arguments(settings, files, precision, run_name, batch_rows, padding_free=bool(speedups.packing))
     start_process_group(settings)
     if "RANK" in os.environ:  # where each process is: global rank, node, local rank
         import socket

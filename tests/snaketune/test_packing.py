@@ -136,6 +136,8 @@ def test_the_fast_path_trains_with_the_reference_loss_at_every_step(built, tmp_p
     summary = json.loads((tmp_path / "fast" / "train_summary.json").read_text())
     assert summary["speedups"] == {"packing": "rows", "attention": "varlen", "fused_loss": "chunked",
                                    "liger_kernels": False, "torch_compile": False}
+    reference_summary = json.loads((tmp_path / "reference" / "train_summary.json").read_text())
+    assert summary["tokens_seen"] == reference_summary["tokens_seen"] > 0  # tokens/s counts real tokens alike
 
 
 def test_packs_sized_in_tokens_train_on_every_row_without_padding(built, tmp_path):  # noqa: F811
