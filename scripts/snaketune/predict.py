@@ -15,7 +15,6 @@ from pathlib import Path
 
 PREDICTION_COLUMNS = ["id", "prompt", "reference", "prediction", "generation_seconds"]
 AUTO_BATCH_LIMIT = 512  # rows; a decoding step of a small model costs about the same for 1 or 500 rows
-CPU_BATCH = 16
 
 
 def source_columns(sources):
@@ -34,8 +33,8 @@ def source_columns(sources):
 @dataclass
 class GenerationSettings:
     max_new_tokens: int = 64
-    batch_size: int | str = "auto"  # rows generated together; auto: as many as the free GPU memory holds (up to
-    #                                 AUTO_BATCH_LIMIT), CPU_BATCH on the CPU
+    batch_size: int | str = "auto"  # rows generated together; auto: as many as 70% of the free GPU memory (a
+    #                                 quarter of the available RAM on the CPU) holds, up to AUTO_BATCH_LIMIT
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
@@ -112,16 +111,17 @@ def greedy_tokens(model, input_ids, attention_mask, max_new_tokens: int, pad_tok
 
 
 def auto_batch_size(model, longest_prompt: int, max_new_tokens: int, device: str) -> int:
-    """Rows per batch for ``batch_size: auto``: on a GPU, as many as 70% of its free memory holds, each row
-    counted with its KV cache at full length, its prefill activations and its last logits; CPU_BATCH on the CPU.
+    """Rows per batch for ``batch_size: auto``: as many as 70% of the free GPU memory (on the CPU, a quarter of
+    the available RAM) holds, each row counted with its KV cache at full length, its prefill activations and its
+    last logits, up to AUTO_BATCH_LIMIT.
 
     A decoding step costs nearly the same for a few rows or hundreds (it reads every weight once), so the fewer,
     larger batches this gives generate the same rows in a fraction of the steps.
     """
+    import os
+
     import torch
 
-    if device != "cuda":
-        return CPU_BATCH
     config = model.config.get_text_config()
     dtype_bytes = next(model.parameters()).element_size()
     heads = config.num_attention_heads
@@ -130,8 +130,11 @@ def auto_batch_size(model, longest_prompt: int, max_new_tokens: int, device: str
     kv = 2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes * (longest_prompt + max_new_tokens)
     prefill = longest_prompt * (4 * config.hidden_size + 3 * config.intermediate_size) * dtype_bytes
     per_row = kv + prefill + 8 * config.vocab_size
-    free, _ = torch.cuda.mem_get_info()
-    return max(1, min(AUTO_BATCH_LIMIT, int(0.7 * free / per_row)))
+    if device == "cuda":
+        budget = 0.7 * torch.cuda.mem_get_info()[0]
+    else:
+        budget = 0.25 * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(1, min(AUTO_BATCH_LIMIT, int(budget / per_row)))
 
 
 class PartialPredictions:
