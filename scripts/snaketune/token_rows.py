@@ -38,7 +38,7 @@ class TokenRows:
         import pyarrow.compute as pc
 
         cache = Path(cache) if cache else Path(parquet).with_suffix(".arrow")
-        if not cache.is_file():
+        if not cache.is_file() or cache.stat().st_mtime < Path(parquet).stat().st_mtime:  # none, or of older data
             convert(Path(parquet), cache)
         self.table = pa.ipc.open_file(pa.memory_map(str(cache))).read_all()  # maps, reads nothing yet
         self.input_ids = self.table.column("input_ids")

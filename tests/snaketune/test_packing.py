@@ -219,3 +219,17 @@ def test_auto_checkpointing_is_on_only_where_the_plan_does_not_fit_the_gpu(
                        checkpoints=data / "ck")
     assert needs_checkpointing(TrainSettings(), manifest.parent, files) is expected
     assert needs_checkpointing(TrainSettings(gradient_checkpointing=True), manifest.parent, files) is True
+
+
+def test_token_rows_convert_again_when_the_split_is_newer_than_their_copy(built, tmp_path):  # noqa: F811
+    import os
+
+    _, data = built
+    frame = pd.read_parquet(data / "train.parquet", columns=["input_ids", "labels"])
+    split = tmp_path / "train.parquet"
+    frame.head(5).to_parquet(split)
+    assert len(TokenRows(split, tmp_path / "train.arrow")) == 5
+    frame.head(7).to_parquet(split)
+    later = (tmp_path / "train.arrow").stat().st_mtime + 10
+    os.utime(split, (later, later))
+    assert len(TokenRows(split, tmp_path / "train.arrow")) == 7
