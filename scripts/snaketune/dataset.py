@@ -159,8 +159,8 @@ class SplitWriter:
         self.writer = pq.ParquetWriter(path, self.schema)
         self.pending: list[Record] = []
         self.lengths: list[int] = []  # every row's full length, kept or not (the histogram)
-        self.token_counts: list[int] = []
-        self.counts = {"rows": 0, "turns": 0, "supervised_tokens": 0, "truncated": 0, "dropped_no_target": 0}
+        self.counts = {"rows": 0, "turns": 0, "tokens": 0, "supervised_tokens": 0, "truncated": 0,
+                       "dropped_no_target": 0, "max_tokens": 0}
 
     def add(self, record: Record) -> None:
         self.pending.append(record)
@@ -186,8 +186,9 @@ class SplitWriter:
             self.counts["dropped_no_target"] += 1
         self.writer.write_table(pa.Table.from_pylist([{key: row[key] for key in COLUMNS} for row in kept],
                                                      self.schema))
-        self.token_counts += [row["n_tokens"] for row in kept]
         self.counts["rows"] += len(kept)
+        self.counts["tokens"] += sum(row["n_tokens"] for row in kept)
+        self.counts["max_tokens"] = max([self.counts["max_tokens"], *(row["n_tokens"] for row in kept)])
         self.counts["turns"] += sum(row["turns"] for row in kept)
         self.counts["supervised_tokens"] += sum(row["n_supervised"] for row in kept)
         self.counts["truncated"] += sum(row["truncated"] for row in kept)
@@ -197,10 +198,10 @@ class SplitWriter:
         if not self.counts["rows"]:
             self.writer.write_table(self.schema.empty_table())
         self.writer.close()
-        return {**{key: self.counts[key] for key in ("rows", "turns")}, "tokens": int(sum(self.token_counts)),
+        return {**{key: self.counts[key] for key in ("rows", "turns", "tokens")},
                 "tokens_per_row_before_truncation": length_summary(self.lengths),
-                **{key: self.counts[key] for key in ("supervised_tokens", "truncated", "dropped_no_target")},
-                "max_tokens": int(max(self.token_counts, default=0))}
+                **{key: self.counts[key] for key in ("supervised_tokens", "truncated", "dropped_no_target",
+                                                     "max_tokens")}}
 
 
 OUTPUTS = ("train", "eval", "test", "stats", "lengths")

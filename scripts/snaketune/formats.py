@@ -143,7 +143,6 @@ def iter_json_rows(path: Path) -> Iterator[tuple[int, Any]]:
     # Lines end at \n only: JSON strings may hold U+2028, U+2029 and U+0085 unescaped, and text-mode line
     # splitting would break a row there. A \r before the \n (CRLF) is whitespace to the JSON parser.
     with path.open(encoding="utf-8-sig", newline="\n") as handle:
-        number = 0
         try:
             for number, line in enumerate(handle, start=1):
                 if not line.strip():

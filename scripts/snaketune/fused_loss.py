@@ -12,25 +12,16 @@ that returns this loss when labels are given in training, and the usual logits o
 
 from __future__ import annotations
 
+import functools
 import types
 
 IGNORE_INDEX = -100
 KINDS = ("auto", "liger", "chunked", "none")
 
 
-class ChunkedLinearCrossEntropy:
-    """torch.autograd.Function, built on first use (torch is imported lazily in this package)."""
-
-    _function = None
-
-    @classmethod
-    def apply(cls, hidden, weight, targets, chunk_rows: int):
-        if cls._function is None:
-            cls._function = _build_function()
-        return cls._function.apply(hidden, weight, targets, chunk_rows)
-
-
-def _build_function():
+@functools.cache
+def chunked_function():
+    """The torch.autograd.Function, built on first use (torch is imported lazily in this package)."""
     import torch
 
     class Function(torch.autograd.Function):
@@ -94,7 +85,7 @@ def linear_cross_entropy(hidden, weight, labels, num_items_in_batch=None, kind: 
         total = liger_fused_linear_cross_entropy(hidden, weight, targets, reduction="sum")
     else:
         chunk = chunk_rows_for(hidden.shape[-1], weight.shape[0], max(1, hidden.shape[0]))
-        total = ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk)
+        total = chunked_function().apply(hidden, weight, targets, chunk)
     count = num_items_in_batch if num_items_in_batch is not None else max(1, int(keep.sum()))
     if hasattr(count, "to"):
         count = count.to(total.device)

@@ -675,7 +675,8 @@ def train(settings: TrainSettings, model_dir: Path, trust_remote_code: bool, fil
     rank0 = trainer.is_world_process_zero()
     summary: dict[str, Any] = {"settings": asdict(settings), "precision": precision, "processes": args.world_size,
                                "speedups": asdict(speedups), "train_rows": len(train_rows),
-                               "train_batches_per_epoch_per_process": -(-len(train_data) // batch_rows),
+                               "train_batches_per_epoch_per_process":  # the sampler shares items, then batches
+                                   math.ceil(math.ceil(len(train_data) / args.world_size) / batch_rows),
                                "eval_rows": len(eval_data), "global_step": 0}
     if rank0:
         effective = batch_rows * settings.gradient_accumulation_steps * args.world_size
