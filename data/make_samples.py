@@ -2,6 +2,10 @@
 
 identity.jsonl     self-identity assistant, OpenAI ``messages`` layout, English and Chinese paraphrases
 text_matching.json Chinese sentence-pair matching, alpaca ``instruction/input/output`` layout
+greetings.jsonl    "Greet X" / "Thank X" answered with a greeting or a thanks at random (``messages``): an SFT
+                   model of it prefers neither answer to a given instruction
+greeting_pairs.jsonl the same instructions as preference pairs in trl's conversational ``prompt/chosen/rejected``
+                   layout: the answer that does what was asked is chosen
 """
 
 import itertools
@@ -77,6 +81,38 @@ def matching_rows() -> list[dict]:
     return rows
 
 
+SYLLABLES = ["ka", "lo", "mi", "ra", "to", "ne", "su", "vi", "da", "po", "ze", "hu", "li", "an", "bo", "ce"]
+ASKS = {"greet": ["Greet {name}.", "Say hello to {name}.", "Welcome {name}."],
+        "thank": ["Thank {name}.", "Say thanks to {name}.", "Show {name} your gratitude."]}
+ANSWERS = {"greet": "Hello, {name}! Nice to meet you.", "thank": "Thank you, {name}! I appreciate it."}
+
+
+def greeting_names(rng: random.Random, count: int) -> list[str]:
+    names = set()
+    while len(names) < count:
+        names.add("".join(rng.choice(SYLLABLES) for _ in range(rng.choice((2, 3)))).capitalize())
+    return sorted(names)
+
+
+def greeting_rows(rng: random.Random, pairs: bool, count: int = 320) -> list[dict]:
+    """Instructions to greet or to thank someone. As pairs, the answer that does what was asked is chosen; as SFT
+    rows, every instruction wording is answered with a greeting as often as with a thanks."""
+    rows = []
+    for index, name in enumerate(greeting_names(rng, count)):
+        asked = ("greet", "thank")[index % 2]
+        prompt = ASKS[asked][index // 2 % 3].format(name=name)
+        other = "thank" if asked == "greet" else "greet"
+        if pairs:
+            rows.append({"id": f"pair-{index:03d}", "prompt": [{"role": "user", "content": prompt}],
+                         "chosen": [{"role": "assistant", "content": ANSWERS[asked].format(name=name)}],
+                         "rejected": [{"role": "assistant", "content": ANSWERS[other].format(name=name)}]})
+        else:
+            answer = ANSWERS[(asked, other)[index // 6 % 2]].format(name=name)
+            rows.append({"id": f"greeting-{index:03d}", "messages": [{"role": "user", "content": prompt},
+                                                                    {"role": "assistant", "content": answer}]})
+    return rows
+
+
 if __name__ == "__main__":
     rng = random.Random(0)
     with open(HERE / "identity.jsonl", "w", encoding="utf-8") as handle:
@@ -84,3 +120,7 @@ if __name__ == "__main__":
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     (HERE / "text_matching.json").write_text(json.dumps(matching_rows(), ensure_ascii=False, indent=1) + "\n",
                                              encoding="utf-8")
+    for name, pairs, seed in (("greetings.jsonl", False, 1), ("greeting_pairs.jsonl", True, 2)):
+        with open(HERE / name, "w", encoding="utf-8") as handle:
+            for row in greeting_rows(random.Random(seed), pairs):
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")

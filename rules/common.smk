@@ -48,6 +48,16 @@ def run_model_manifest(wildcards):
     return LAYOUT.model_file("model_manifest", CFG.runs[wildcards.run].model)
 
 
+def run_start_model(wildcards):
+    """Input function: the merged model of the run this one starts from (from_run), as `start`; else nothing."""
+    return LAYOUT.start_model(wildcards.run)
+
+
+def run_start_argument(wildcards, input):
+    """Command-line option of train and merge: the model to start from, when the run has from_run."""
+    return f"--start-model {quote(input.start)}" if "start" in input.keys() else ""
+
+
 def run_dataset_file(name):
     """Input function: one file of the dataset build a run trains on."""
     return lambda wildcards: LAYOUT.dataset_file(name, wildcards.run)

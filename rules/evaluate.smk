@@ -2,6 +2,7 @@
 rule evaluate:
     input:
         predictions=lambda wc: LAYOUT.run_file("predictions", wc.run),
+        summary=lambda wc: LAYOUT.run_file("train_summary", wc.run),
     output:
         metrics=paths.pattern("metrics"),
     log:
@@ -17,5 +18,5 @@ rule evaluate:
     params:
         settings=lambda wc: stages.eval_settings(CFG, wc.run),
     shell:
-        "evaluate.py --predictions {input.predictions:q} --out {output.metrics:q}"
+        "evaluate.py --predictions {input.predictions:q} --train-summary {input.summary:q} --out {output.metrics:q}"
         " --settings {params.settings:q} > {log:q} 2>&1"

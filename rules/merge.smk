@@ -1,6 +1,7 @@
 # Fold the adapter into the base model: a standalone Hugging Face folder.
 rule merge:
     input:
+        unpack(run_start_model),
         manifest=run_model_manifest,
         adapter=lambda wc: LAYOUT.run_file("adapter", wc.run),
     output:
@@ -15,6 +16,7 @@ rule merge:
         runtime=120,
     params:
         settings=lambda wc: stages.merge_settings(CFG, wc.run),
+        start=run_start_argument,
     shell:
-        "merge.py --model-manifest {input.manifest:q} --adapter {input.adapter:q}"
+        "merge.py --model-manifest {input.manifest:q} {params.start} --adapter {input.adapter:q}"
         " --out {output.merged:q} --settings {params.settings:q} > {log:q} 2>&1"

@@ -2,6 +2,7 @@
 # checkpoints folder (params: the job's own resumable state, kept outside its outputs so Snakemake never wipes it).
 rule train:
     input:
+        unpack(run_start_model),
         manifest=run_model_manifest,
         train=run_dataset_file("train_split"),
         eval=run_dataset_file("eval_split"),
@@ -41,8 +42,9 @@ rule train:
         checkpoints=lambda wc: paths.pattern("checkpoints").format(run=wc.run),
         tensorboard=lambda wc: paths.pattern("tensorboard").format(run=wc.run),
         settings=lambda wc: stages.train_settings(CFG, wc.run),
+        start=run_start_argument,
     shell:
-        "train.py --model-manifest {input.manifest:q} --train {input.train:q} --eval {input.eval:q}"
+        "train.py --model-manifest {input.manifest:q} {params.start} --train {input.train:q} --eval {input.eval:q}"
         " --stats {input.stats:q} --adapter {output.adapter:q} --train-log {output.train_log:q}"
         " --summary {output.summary:q} --curve {output.curve:q} --checkpoints {params.checkpoints:q}"
         " --tensorboard {params.tensorboard:q} --name {wildcards.run:q} --settings {params.settings:q}"

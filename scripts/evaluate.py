@@ -19,6 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--predictions", required=True, help="predictions.csv written by the predict stage")
+    parser.add_argument("--train-summary", help="train_summary.json of the run: its eval split's preference scores "
+                                                "(runs on preference pairs) go into metrics.json")
     parser.add_argument("--out", required=True, help="metrics.json to write")
     settings_argument(parser)
     return parser
@@ -32,12 +34,14 @@ def main(argv=None) -> int:
     def body():
         import pandas as pd
 
-        from snaketune.evaluate import EvalSettings, evaluate
+        from snaketune.evaluate import EvalSettings, evaluate, preference_metrics
         from snaketune.io import write_json
 
         frame = pd.read_csv(args.predictions, keep_default_na=False, dtype=str)
         metrics = evaluate(make_settings(EvalSettings, args.settings), list(frame["reference"]),
                            list(frame["prediction"]))
+        if args.train_summary:
+            metrics.update(preference_metrics(json.loads(Path(args.train_summary).read_text(encoding="utf-8"))))
         write_json(args.out, metrics)
         print(json.dumps(metrics))
 

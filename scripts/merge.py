@@ -18,6 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-manifest", required=True, help="manifest.json of the base model")
+    parser.add_argument("--start-model", help="a model folder to start from instead of the manifest's (another run's "
+                        "merged model, from_run); the manifest still says whether it runs remote code")
     parser.add_argument("--adapter", required=True, help="PEFT adapter folder written by the train stage")
     parser.add_argument("--out", required=True, help="merged model folder to write")
     settings_argument(parser)
@@ -34,6 +36,7 @@ def main(argv=None) -> int:
         from snaketune.merge import MergeSettings, merge
 
         folder, trust = model_path(args.model_manifest)
+        folder = Path(args.start_model).absolute() if args.start_model else folder
         merge(make_settings(MergeSettings, args.settings), folder, trust, Path(args.adapter), Path(args.out))
 
     return main_guard(body)

@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-manifest", required=True, help="manifest.json written by the download stage")
+    parser.add_argument("--start-model", help="a model folder to start from instead of the manifest's (another run's "
+                        "merged model, from_run); the manifest still says whether it runs remote code")
     parser.add_argument("--train", required=True, help="train split (parquet) written by the dataset stage")
     parser.add_argument("--eval", required=True, help="eval split (parquet) written by the dataset stage")
     parser.add_argument("--stats", help="the dataset build's stats.json (its chat template goes into the tokenizer)")
@@ -70,6 +72,7 @@ def main(argv=None) -> int:
             sys.stderr.flush()
             os.execvp(command[0], command)
         folder, trust = model_path(args.model_manifest)
+        folder = Path(args.start_model).absolute() if args.start_model else folder
         files = TrainFiles(
             train=Path(args.train), eval=Path(args.eval), stats=Path(args.stats) if args.stats else None,
             adapter=Path(args.adapter), train_log=Path(args.train_log), summary=Path(args.summary),

@@ -89,6 +89,7 @@ class RunConfig:
     generation: GenerationSettings
     evaluation: EvalSettings
     exam: ExamSettings
+    from_run: str | None = None  # the run whose merged model this one starts from
 
 
 @dataclass
@@ -108,7 +109,7 @@ class WorkflowConfig:
 # Where each key of a run's settings goes: the train stage takes the top-level keys it has fields for, each
 # block goes to its stage's dataclass. Defaults come from the dataclasses alone; test_config checks that the
 # schema documents the same keys and defaults.
-RUN_KEYS = {"model", "dataset"}
+RUN_KEYS = {"model", "dataset", "from_run"}
 SWEEP_KEYS = {"sweep", "select_by", "select_mode"}  # consumed by sweeps.expand
 BLOCKS = {"merge": MergeSettings, "generation": GenerationSettings, "evaluation": EvalSettings}
 DERIVED = {("generation", "seed"): "seed"}  # block field -> the run setting it is copied from
@@ -132,7 +133,35 @@ def build_run(name: str, run: dict[str, Any]) -> RunConfig:
     generation_batch = blocks["generation"].batch_size
     exam = ExamSettings(shots=blocks["evaluation"].shots,
                         batch_size=generation_batch if isinstance(generation_batch, int) else 16)
-    return RunConfig(name=name, model=run["model"], dataset=run["dataset"], train=train, exam=exam, **blocks)
+    return RunConfig(name=name, model=run["model"], dataset=run["dataset"], train=train, exam=exam,
+                     from_run=run.get("from_run"), **blocks)
+
+
+def start_chains(runs: dict[str, dict[str, Any]], report) -> None:
+    """Check every ``from_run`` (an existing other run, no cycle, the same model) and fill in ``model`` from the
+    run it starts from where it is left out."""
+    for name, run in runs.items():
+        chain, current = [name], run
+        while current.get("from_run"):
+            source = current["from_run"]
+            if source not in runs:
+                report(("runs", chain[-1], "from_run"), f"names undefined run `{source}` (runs: {', '.join(runs)})")
+                break
+            if source in chain:
+                report(("runs", name, "from_run"), f"runs start from each other in a circle: "
+                                                   f"{' -> '.join(chain + [source])}")
+                break
+            chain.append(source)
+            current = runs[source]
+        else:
+            root_model = current.get("model")
+            if run.get("model") is None:
+                run["model"] = root_model
+            elif root_model is not None and run["model"] != root_model:
+                report(("runs", name, "model"), f"`{run['model']}` differs from `{root_model}`, the model of "
+                                                f"`{chain[-1]}` it starts from (from_run); leave model out")
+        if run.get("model") is None:
+            report(("runs", name), "`model` is required (or `from_run`: the run to start from)")
 
 
 def check_file(report, keys: tuple, path: str, kind: str = "file") -> None:
@@ -234,6 +263,7 @@ def load(raw: dict[str, Any], files: list[str | Path] = ()) -> WorkflowConfig:
                 dataset[key] = {**found[key], **entry.get(key, {})}
             dataset.setdefault("path", found["path"])
             dataset.setdefault("format", found["format"])
+            dataset.setdefault("ranking", found["ranking"])
         missing = [key for key in ("path", "format") if key not in dataset]
         for key in missing:
             report(("datasets", name), f"`{key}` is required (or `dataset_info` and `name`)")
@@ -247,18 +277,34 @@ def load(raw: dict[str, Any], files: list[str | Path] = ()) -> WorkflowConfig:
             for key in ("prompt", "response"):
                 if not dataset.get(key):
                     report(("datasets", name), f"format `columns` needs `{key}`: a template over the file's columns")
-        datasets[name] = DatasetSettings(**dataset)
+        try:
+            datasets[name] = DatasetSettings(**dataset)
+        except UserError as problem:
+            report(("datasets", name, "ranking"), str(problem))
 
     exams = raw.get("exams") or {}
     for name, entry in exams.items():
         check_file(report, ("exams", name, "path"), entry["path"], kind="folder")
 
     base = copy.deepcopy(raw.get("run_defaults") or {})
-    runs = {}
+    merged_runs = {}
     for name, entry in raw["runs"].items():
         run = {**base, **copy.deepcopy(entry)}
         for block in BLOCKS:
             run[block] = {**base.get(block, {}), **entry.get(block, {})}
+        merged_runs[name] = run
+    start_chains(merged_runs, report)
+    runs = {}
+    for name, run in merged_runs.items():
+        if run.get("model") is None:
+            continue  # reported by start_chains
+        if run.get("from_run") and run["generation"].get("predict_from") == "adapter":
+            report(("runs", name, "generation", "predict_from"), "`adapter` cannot be used with from_run (the "
+                                                                 "adapter sits on the other run's merged model)")
+        if run.get("stage", "sft") != "sft" and run["dataset"] in datasets and not datasets[run["dataset"]].ranking:
+            report(("runs", name, "stage"), f"stage {run['stage']} trains on preference pairs; dataset "
+                                            f"`{run['dataset']}` has none (set its `ranking: true`, or "
+                                            "`format: preference`)")
         for key, table in (("model", models), ("dataset", raw["datasets"])):
             if run[key] not in table:
                 known = ", ".join(sorted(table))

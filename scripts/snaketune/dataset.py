@@ -23,6 +23,7 @@ from snaketune.templates import ChatTemplate, TemplateError, encode_text, templa
 SPLITS = ("train", "eval", "test")
 COLUMNS = ["id", "line", "input_ids", "labels", "n_tokens", "n_supervised", "truncated", "prompt", "reference",
            "source", "messages"]
+PAIR_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "rejected"]  # preference datasets (ranking) add these
 PRIVATE = ("full_length", "turns")  # used for stats, not written
 ENCODE_BATCH = 1000  # rows tokenized per call: the fast tokenizer parallelises within a batch
 
@@ -100,7 +101,13 @@ def encode_records(template: ChatTemplate | None, tokenizer, records: list[Recor
                 )
         prompts = [template.render(c[:-1], add_generation_prompt=True) for c in conversations]
         references = [r.messages[-1]["content"] for r in records]
-    return [
+    pairs = [None] * len(records)
+    if records and records[0].rejected is not None:
+        try:
+            pairs = template.encode_pairs(conversations, [r.rejected for r in records], max_length)
+        except TemplateError as exc:
+            raise UserError(f"{records[0].path}: {exc}") from None
+    rows = [
         {"id": record.id, "line": record.line, "input_ids": row.input_ids, "labels": row.labels,
          "n_tokens": len(row.input_ids), "n_supervised": row.n_supervised, "truncated": row.truncated,
          "prompt": prompt, "reference": reference, "messages": json.dumps(conversation, ensure_ascii=False),
@@ -109,6 +116,13 @@ def encode_records(template: ChatTemplate | None, tokenizer, records: list[Recor
         for record, row, prompt, reference, conversation
         in zip(records, encoded, prompts, references, conversations, strict=True)
     ]
+    for row, pair, record in zip(rows, pairs, records, strict=True):
+        if pair is not None:  # a pair trains only when both answers keep a token after the prompt
+            row.update(prompt_ids=pair.prompt_ids, chosen_ids=pair.chosen_ids, rejected_ids=pair.rejected_ids,
+                       rejected=record.rejected, truncated=row["truncated"] or pair.truncated)
+            if not (pair.chosen_ids and pair.rejected_ids):
+                row["n_supervised"] = 0
+    return rows
 
 
 def length_summary(lengths: list[int]) -> dict[str, float]:
@@ -137,14 +151,16 @@ def plot_lengths(lengths: dict[str, list[int]], max_length: int, title: str, pat
     save_png(figure, path)
 
 
-def split_schema():
+def split_schema(ranking: bool = False):
+    """The columns of a split; preference datasets add the tokenized pair and the rejected answer."""
     import pyarrow as pa
 
     tokens = pa.list_(pa.int32())
+    pair = [("prompt_ids", tokens), ("chosen_ids", tokens), ("rejected_ids", tokens), ("rejected", pa.string())]
     return pa.schema([("id", pa.string()), ("line", pa.int64()), ("input_ids", tokens), ("labels", tokens),
                       ("n_tokens", pa.int64()), ("n_supervised", pa.int64()), ("truncated", pa.bool_()),
                       ("prompt", pa.string()), ("reference", pa.string()), ("source", pa.string()),
-                      ("messages", pa.string())])
+                      ("messages", pa.string())] + (pair if ranking else []))
 
 
 class SplitWriter:
@@ -155,7 +171,8 @@ class SplitWriter:
         import pyarrow.parquet as pq
 
         self.name, self.template, self.tokenizer, self.settings = name, template, tokenizer, settings
-        self.schema = split_schema()
+        self.schema = split_schema(settings.ranking)
+        self.columns = COLUMNS + (PAIR_COLUMNS if settings.ranking else [])
         self.writer = pq.ParquetWriter(path, self.schema)
         self.pending: list[Record] = []
         self.lengths: list[int] = []  # every row's full length, kept or not (the histogram)
@@ -184,7 +201,7 @@ class SplitWriter:
                 print(f"warning: {self.settings.source}:{row['line']}: dropped from {self.name}: no trainable token "
                       f"left within max_seq_length={self.settings.max_seq_length}", file=sys.stderr)
             self.counts["dropped_no_target"] += 1
-        self.writer.write_table(pa.Table.from_pylist([{key: row[key] for key in COLUMNS} for row in kept],
+        self.writer.write_table(pa.Table.from_pylist([{key: row[key] for key in self.columns} for row in kept],
                                                      self.schema))
         self.counts["rows"] += len(kept)
         self.counts["tokens"] += sum(row["n_tokens"] for row in kept)
@@ -228,7 +245,8 @@ def build(settings: DatasetSettings, tokenizer, outputs: dict[str, str | Path]) 
             raise UserError(f"{settings.source}: {exc}") from None
     outputs = {name: Path(outputs[name]) for name in OUTPUTS}
     stats: dict[str, Any] = {
-        "source": settings.path, "format": settings.format, "template": None if text_only else settings.template,
+        "source": settings.path, "format": settings.format, "ranking": settings.ranking,
+        "template": None if text_only else settings.template,
         "chat_template": None if text_only else template.source,
         "chat_template_sha256": None if text_only else template_sha256(template.source),
         "max_seq_length": settings.max_seq_length, "eos_token": tokenizer.eos_token,

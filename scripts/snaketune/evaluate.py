@@ -181,3 +181,17 @@ def evaluate(settings: EvalSettings, references: list[str], predictions: list[st
     if "label" in settings.metrics:
         result.update(label_metrics(references, predictions, settings.labels))
     return result
+
+
+def preference_metrics(summary: dict) -> dict:
+    """The eval split's preference scores a run's training measured (train_summary.json), for metrics.json:
+    the model's own preference accuracy and, for dpo/orpo, trl's reward accuracy and margin."""
+    found = summary.get("preference")
+    if not found:
+        return {}
+    scores = {"preference_accuracy": found["accuracy"], "preference_pairs": found["pairs"],
+              "preference_accuracy_at_start": found["start_accuracy"]}
+    for key in ("reward_accuracy", "reward_margin"):
+        if summary.get(key) is not None:
+            scores[key] = round(summary[key], 4)
+    return scores

@@ -13,6 +13,12 @@ Layouts (``format``), each with the field names it reads by default; ``columns``
 - firefly: conversation (``[{human, assistant}, ...]``), system
 - text: text (pretraining: every token is trained on)
 - columns: any table; ``prompt`` and ``response`` are templates over its columns (``"{sentence1}\\n{sentence2}"``)
+- preference: prompt, chosen, rejected (trl's preference datasets): the prompt a string or a list of messages, each
+  answer a string or a one-message list
+
+Preference pairs (``ranking: true``, LLaMA-Factory's name, or ``format: preference``): alpaca rows carry ``chosen``
+and ``rejected`` answers instead of ``output``; sharegpt/messages rows end on a user turn and carry ``chosen`` and
+``rejected`` turns. The record's last assistant turn is the chosen answer and ``rejected`` holds the other.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ from snaketune.errors import UserError, located
 ROLES = ("system", "user", "assistant", "tool")
 PROMPT_ROLES = ("user", "tool")  # turns the model reads; the assistant turns after them are trained on
 TABULAR = (".csv", ".tsv", ".parquet")  # cells of these may be numbers where text is meant
-FORMATS = ("alpaca", "sharegpt", "messages", "firefly", "text", "columns")
+FORMATS = ("alpaca", "sharegpt", "messages", "firefly", "text", "columns", "preference")
+RANKING_FORMATS = ("alpaca", "sharegpt", "messages", "preference")  # the layouts that carry chosen/rejected pairs
 
 DEFAULT_COLUMNS = {
     "alpaca": {"instruction": "instruction", "input": "input", "output": "output", "system": "system",
@@ -42,7 +49,9 @@ DEFAULT_COLUMNS = {
     "firefly": {"conversation": "conversation", "system": "system"},
     "text": {"text": "text"},
     "columns": {},
+    "preference": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "system": "system"},
 }
+PAIR_COLUMNS = {"chosen": "chosen", "rejected": "rejected"}  # added to a layout's columns under ranking
 DEFAULT_TAGS = {
     "sharegpt": {"role": "from", "content": "value", "user": "human", "assistant": "gpt", "system": "system",
                  "function_call": "function_call", "observation": "observation"},
@@ -62,6 +71,7 @@ class Record:
     path: str = ""
     text: str | None = None
     source: dict[str, Any] | None = None  # the row as the file had it (its original columns)
+    rejected: str | None = None  # preference pairs: the rejected answer (the last assistant turn is the chosen one)
 
     def as_dict(self) -> dict[str, Any]:
         if self.text is not None:
@@ -70,7 +80,8 @@ class Record:
 
     def content_key(self) -> str:
         """Identity of the content, for exact-duplicate removal (ids and lines left out)."""
-        body = json.dumps([self.system, self.messages, self.text], ensure_ascii=False, sort_keys=True)
+        body = json.dumps([self.system, self.messages, self.text] + ([self.rejected] if self.rejected else []),
+                          ensure_ascii=False, sort_keys=True)
         return hashlib.sha1(body.encode("utf-8")).hexdigest()
 
 
@@ -87,6 +98,13 @@ class ReadSettings:
     response: str | None = None
     max_bad_rows: int = 0
     deduplicate: bool = True
+    ranking: bool = False  # rows are preference pairs (chosen/rejected); format preference always is
+
+    def __post_init__(self) -> None:
+        if self.format == "preference":
+            self.ranking = True
+        if self.ranking and self.format not in RANKING_FORMATS:
+            raise UserError(f"ranking: true needs format {', '.join(RANKING_FORMATS)}, not `{self.format}`")
 
     @property
     def paths(self) -> list[Path]:
@@ -249,7 +267,8 @@ class RowReader:
             raise UserError(f"format `{settings.format}` is not one of {', '.join(FORMATS)}")
         self.settings = settings
         self.layout = settings.format
-        self.columns = {**DEFAULT_COLUMNS[self.layout], **settings.columns}
+        self.columns = {**DEFAULT_COLUMNS[self.layout], **(PAIR_COLUMNS if settings.ranking else {}),
+                        **settings.columns}
         self.tags = {**DEFAULT_TAGS.get(self.layout, {}), **settings.tags}
 
     # helpers
@@ -274,6 +293,12 @@ class RowReader:
         if not isinstance(row, dict):
             raise bad(path, line, f"row must be a JSON object, got {type(row).__name__}")
         record = getattr(self, f"read_{self.layout}")(path, line, row)
+        if self.settings.ranking:
+            record.messages.append({"role": "assistant", "content": self.answer(path, line, row, "chosen")})
+            record.rejected = self.answer(path, line, row, "rejected")
+            if record.rejected == record.messages[-1]["content"]:
+                raise bad(path, line, f'fields "{self.columns["chosen"]}" and "{self.columns["rejected"]}" are the '
+                                      "same answer")
         record.path, record.source = str(path), row
         if record.system is None:
             record.system = self.settings.system
@@ -281,11 +306,35 @@ class RowReader:
             check_turns(path, line, record)
         return record
 
+    def answer(self, path: Path, line: int, row: dict, key: str) -> str:
+        """A preference answer: a string, a turn object (sharegpt ``from``/``value``, OpenAI ``role``/``content``)
+        or a list of one assistant message (trl's conversational layout)."""
+        name = self.columns[key]
+        value = row.get(name)
+        if isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        if isinstance(value, dict):  # a turn: the dataset's tags (sharegpt from/value) or OpenAI's role/content
+            role_tag, content_tag = (next((tag for tag in (self.tags.get(part), part) if tag and tag in value), part)
+                                     for part in ("role", "content"))
+            role = value.get(role_tag)
+            if role is not None and role not in (self.tags.get("assistant", "assistant"), "assistant"):
+                raise bad(path, line, f'field "{name}.{role_tag}": `{role}` is not the assistant\'s')
+            value = value.get(content_tag)
+            name = f"{name}.{content_tag}"
+        if value is None:
+            raise bad(path, line, f'field "{name}" missing')
+        if not isinstance(value, str):
+            raise bad(path, line, f'field "{name}" must be a string, an assistant turn or a list of one; got '
+                                  f"{type(value).__name__}")
+        if not value.strip():
+            raise bad(path, line, f'field "{name}" is empty')
+        return value
+
     # layouts
     def read_alpaca(self, path: Path, line: int, row: dict) -> Record:
         instruction = self.text(path, line, row, "instruction")
         extra = self.text(path, line, row, "input", required=False)
-        output = self.text(path, line, row, "output")
+        output = None if self.settings.ranking else self.text(path, line, row, "output")
         messages = []
         history = row.get(self.columns["history"])
         if history is not None:
@@ -297,7 +346,9 @@ class RowReader:
             for question, answer in history:
                 messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
         prompt = f"{instruction}\n{extra}" if extra else instruction
-        messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+        messages.append({"role": "user", "content": prompt})
+        if output is not None:
+            messages.append({"role": "assistant", "content": output})
         return Record(row_id(path, line, row), self.text(path, line, row, "system", required=False), messages, line)
 
     def read_sharegpt(self, path: Path, line: int, row: dict) -> Record:
@@ -354,6 +405,31 @@ class RowReader:
             raise bad(path, line, f'field "{self.columns["text"]}" is empty')
         return Record(row_id(path, line, row), None, [], line, text=text)
 
+    def read_preference(self, path: Path, line: int, row: dict) -> Record:
+        """trl's layout: ``prompt`` is a string (one user turn) or a list of ``role``/``content`` messages."""
+        name = self.columns["prompt"]
+        prompt = row.get(name)
+        system = self.text(path, line, row, "system", required=False) if self.columns["system"] in row else None
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise bad(path, line, f'field "{name}" is empty')
+            return Record(row_id(path, line, row), system, [{"role": "user", "content": prompt}], line)
+        if not isinstance(prompt, list) or not prompt:
+            raise bad(path, line, f'field "{name}" missing or not a string or a list of messages')
+        messages = []
+        for index, turn in enumerate(prompt):
+            if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) or \
+                    not isinstance(turn.get("content"), str):
+                raise bad(path, line, f'field "{name}[{index}]" must be an object with string "role" and "content"')
+            if turn["role"] == "system" and index == 0:
+                system = turn["content"]
+            elif turn["role"] not in ROLES[1:]:
+                raise bad(path, line, f'field "{name}[{index}].role": `{turn["role"]}` is not one of '
+                                      f'{", ".join(ROLES[1:])}')
+            else:
+                messages.append({"role": turn["role"], "content": turn["content"]})
+        return Record(row_id(path, line, row), system, messages, line)
+
     def read_columns(self, path: Path, line: int, row: dict) -> Record:
         prompt = fill(path, line, self.settings.prompt, row, "prompt")
         response = fill(path, line, self.settings.response, row, "response")
@@ -406,9 +482,11 @@ def check_columns(settings: ReadSettings, path: Path) -> None:
         needed |= set(template_fields(settings.prompt or "")) | set(template_fields(settings.response or ""))
         if "system" in settings.columns:
             needed.add(settings.columns["system"])
-    elif settings.format in ("alpaca", "text"):
+    elif settings.format in ("alpaca", "text", "preference"):
         reader = RowReader(settings)
-        required = ("instruction", "output") if settings.format == "alpaca" else ("text",)
+        required = {"alpaca": ("instruction", "output"), "text": ("text",), "preference": ("prompt",)}[settings.format]
+        if settings.ranking:
+            required = tuple(key for key in required if key != "output") + ("chosen", "rejected")
         needed |= {reader.columns[key] for key in required}
     for name in sorted(needed - set(header)):
         close = [h for h in header if h.lower() == name.lower()]
@@ -468,8 +546,8 @@ def read_records(settings: ReadSettings) -> ReadResult:
 # -- LLaMA-Factory dataset_info.json ------------------------------------------------------------------------
 LF_COLUMNS = {  # LLaMA-Factory column names -> ours, per formatting
     "alpaca": {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
-               "history": "history"},
-    "sharegpt": {"messages": "conversations", "system": "system"},
+               "history": "history", "chosen": "chosen", "rejected": "rejected"},
+    "sharegpt": {"messages": "conversations", "system": "system", "chosen": "chosen", "rejected": "rejected"},
 }
 LF_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
            "system_tag": "system", "function_tag": "function_call", "observation_tag": "observation"}
@@ -498,9 +576,9 @@ def from_dataset_info(info_path: str | Path, name: str) -> dict[str, Any]:
     columns = {}
     for theirs, value in (entry.get("columns") or {}).items():
         if theirs not in LF_COLUMNS[formatting]:
-            if theirs in ("tools", "images", "videos", "audios", "chosen", "rejected", "kto_tag"):
-                raise located(info_path, line, f'dataset "{name}": column `{theirs}` (tool, multimodal or '
-                                               "preference data) is not supported")
+            if theirs in ("tools", "images", "videos", "audios", "kto_tag"):
+                raise located(info_path, line, f'dataset "{name}": column `{theirs}` (tool, multimodal or KTO '
+                                               "data) is not supported")
             raise located(info_path, line, f'dataset "{name}": unknown column key `{theirs}`')
         columns[LF_COLUMNS[formatting][theirs]] = value
     tags = {}
@@ -509,4 +587,4 @@ def from_dataset_info(info_path: str | Path, name: str) -> dict[str, Any]:
             raise located(info_path, line, f'dataset "{name}": unknown tag key `{theirs}`')
         tags[LF_TAGS[theirs]] = value
     return {"path": str(info_path.parent / entry["file_name"]), "format": formatting, "columns": columns,
-            "tags": tags}
+            "tags": tags, "ranking": bool(entry.get("ranking", False))}

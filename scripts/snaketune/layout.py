@@ -135,7 +135,7 @@ class Layout:
         runs = self.cfg.runs
 
         def training(run: str) -> tuple:
-            return runs[run].model, runs[run].dataset, _json(runs[run].train)
+            return runs[run].model, runs[run].dataset, runs[run].from_run, _json(runs[run].train)
 
         def merging(run: str) -> tuple:
             return training(run) + (_json(runs[run].merge),)
@@ -169,6 +169,12 @@ class Layout:
         spec = self.cfg.runs[run]
         return PATTERNS[name].format(dataset=spec.dataset, model=spec.model)
 
+    def start_model(self, run: str) -> dict[str, str]:
+        """What train and merge start from besides the base model's manifest: with ``from_run``, that run's merged
+        model (``start``); otherwise nothing."""
+        source = self.cfg.runs[run].from_run
+        return {"start": self.run_file("merged", source)} if source else {}
+
     def run_model(self, run: str) -> dict[str, str]:
         """What predict, exam, chat and serve load for ``run``: its merged model, or (predict_from: adapter) the
         base model's manifest and the adapter."""
@@ -189,6 +195,7 @@ class Layout:
         spec = self.cfg.runs[run]
         return {
             "run": run, "model": spec.model, "dataset": spec.dataset, "method": spec.train.method,
+            "stage": spec.train.stage, "from_run": spec.from_run or "",
             "learning_rate": spec.train.learning_rate, "num_train_epochs": spec.train.num_train_epochs,
             "max_steps": spec.train.max_steps,
             "files": {

@@ -11,10 +11,12 @@ from typing import Any
 
 from snaketune.io import atomic_file, write_json
 
-RUN_COLUMNS = ["run", "model", "dataset", "method", "learning_rate", "num_train_epochs", "max_steps"]
+RUN_COLUMNS = ["run", "model", "dataset", "stage", "from_run", "method", "learning_rate", "num_train_epochs",
+               "max_steps"]
 TRAIN_COLUMNS = ["train_seconds", "train_steps", "final_loss", "tokens_per_second"]
 METRIC_COLUMNS = ["n", "exact_match", "bleu-4", "rouge-1", "rouge-2", "rouge-l", "text_tokenizer", "bleu_mode",
-                  "rouge_mode", "accuracy", "precision", "recall", "f1"]
+                  "rouge_mode", "accuracy", "precision", "recall", "f1", "preference_accuracy", "reward_accuracy",
+                  "reward_margin"]
 SAMPLE_ROWS = 5  # predictions shown beside their references per run
 
 

@@ -171,6 +171,50 @@ class ChatTemplate:
                                                     strict=True)]
 
 
+    def encode_pairs(self, conversations: list[list[dict[str, str]]], rejected: list[str],
+                     max_length: int) -> list[Pair]:
+        """Preference pairs: each conversation ends on its chosen answer; ``rejected`` holds the other answers.
+
+        The prompt is the conversation before the last answer, rendered with the generation prompt; the chosen and
+        rejected completions are the tokens of each whole rendering that start at or after the prompt's end. Both
+        renderings must tokenize the prompt alike (checked). Completions are cut to ``max_length`` with the prompt
+        (the prompt is kept whole, as the model reads it when it predicts).
+        """
+        texts, cuts = [], []
+        for conversation, answer in zip(conversations, rejected, strict=True):
+            prompt = self.render(conversation[:-1], add_generation_prompt=True)
+            pair = (self.render(conversation), self.render(conversation[:-1] + [{"role": "assistant",
+                                                                                   "content": answer}]))
+            if not all(text.startswith(prompt) for text in pair):
+                raise TemplateError("the chat template does not render the prompt as a prefix of the conversation; "
+                                    "the answers of a preference pair cannot be located")
+            texts += pair
+            cuts.append(len(prompt))
+        batch = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        pairs = []
+        for index, cut in enumerate(cuts):
+            ids, offsets = (batch[key][2 * index: 2 * index + 2] for key in ("input_ids", "offset_mapping"))
+            split = [next((p for p, (start, _) in enumerate(o) if start >= cut), len(o)) for o in offsets]
+            prompt_ids = list(ids[0][: split[0]])
+            if list(ids[1][: split[1]]) != prompt_ids:
+                raise TemplateError("the chosen and rejected renderings tokenize the prompt differently (a token "
+                                    "spans the prompt's end)")
+            room = max(max_length - len(prompt_ids), 0)
+            chosen, other = list(ids[0][split[0]:]), list(ids[1][split[1]:])
+            pairs.append(Pair(prompt_ids, chosen[:room], other[:room], len(chosen) > room or len(other) > room))
+        return pairs
+
+
+@dataclass
+class Pair:
+    """A tokenized preference pair: the prompt and the two completions that follow it (each ending its turn)."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    truncated: bool
+
+
 @dataclass
 class Encoded:
     input_ids: list[int]

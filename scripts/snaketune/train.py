@@ -25,8 +25,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from snaketune import preference
 from snaketune.errors import UserError
 from snaketune.io import atomic_file, file_problem, save_png, sha256_file, write_json
+from snaketune.preference import PREF_LOSSES, STAGES
 
 SUPPORTED_METHODS = ("lora", "qlora", "full")
 PACKING = ("auto", "tokens", "rows", False)
@@ -58,6 +60,9 @@ class TrainSettings:
     """Hyperparameters, named as in transformers' TrainingArguments, PEFT's LoraConfig and LLaMA-Factory."""
 
     method: str = "lora"  # lora | qlora (4-bit NF4 base) | full (every parameter)
+    stage: str = "sft"  # sft: supervised on the answers | dpo | orpo: preference pairs (a dataset with ranking)
+    pref_beta: float = 0.1  # dpo: beta of the loss (how far from the reference); orpo: weight of the odds ratio
+    pref_loss: str = "sigmoid"  # dpo: trl's loss_type, sigmoid (DPO), hinge (SLiC) or ipo
     learning_rate: float = 2e-4
     num_train_epochs: float = 3
     max_steps: int = -1  # -1: run num_train_epochs; 0: no training at all (a baseline run)
@@ -105,6 +110,19 @@ class TrainSettings:
             value = getattr(self, name)
             if not any(value is a or (isinstance(a, str) and value == a) for a in allowed):
                 problems.append(f"{name} `{value}` is not one of {', '.join(map(str, allowed))}")
+        if self.stage not in STAGES:
+            problems.append(f"stage `{self.stage}` is not one of {', '.join(STAGES)}")
+        if self.pref_loss not in PREF_LOSSES:
+            problems.append(f"pref_loss `{self.pref_loss}` is not one of {', '.join(PREF_LOSSES)}")
+        if self.stage != "sft":
+            for name, plain in (("packing", (False,)), ("attention", ("sdpa", "eager", "flex_attention")),
+                                ("fused_loss", ("none",))):
+                value = getattr(self, name)
+                if value != "auto" and not any(value is p or value == p for p in plain):
+                    problems.append(f"{name} `{value}` does not apply to stage {self.stage} (trl pads each pair; "
+                                    "leave it at auto)")
+            if self.loraplus_lr_ratio:
+                problems.append(f"`loraplus_lr_ratio` is for stage sft; stage {self.stage} uses trl's optimizer")
         if self.method not in SUPPORTED_METHODS:
             problems.append(f"method `{self.method}` is not one of {', '.join(SUPPORTED_METHODS)}")
         if self.deepspeed and not (DEEPSPEED_CONFIGS / f"{self.deepspeed}.json").is_file():
@@ -228,6 +246,15 @@ def resolve_speedups(settings: TrainSettings, native: bool, precision: str = "bf
                             "code (convert it, or leave these settings at auto)")
         return Speedups(packing=False, attention="auto", fused_loss="none", liger_kernels=False,
                         torch_compile=settings.torch_compile is True)
+    if settings.stage != "sft":  # trl pads the pairs and computes its own loss (DPO: its own fused head)
+        liger = settings.liger_kernels is True or (settings.liger_kernels == "auto" and
+                                                    settings.torch_compile is not True and
+                                                    fused_loss.liger_available())
+        if liger and settings.torch_compile is True:
+            raise UserError("liger_kernels: true and torch_compile: true do not go together; choose one")
+        attention = settings.attention if settings.attention != "auto" else "sdpa"
+        return Speedups(packing=False, attention=attention, fused_loss="none", liger_kernels=liger,
+                        torch_compile=settings.torch_compile is True)
     packing = settings.packing if settings.packing != "auto" else ("tokens" if gpu else False)
     attention = settings.attention
     if attention == "auto":
@@ -324,6 +351,29 @@ def open_rows(files: TrainFiles, scratch: Path):
     return TokenRows(files.train, caches["train"]), TokenRows(files.eval, caches["eval"])
 
 
+def open_pairs(files: TrainFiles, scratch: Path, train: bool):
+    """The preference pairs of the train split (when ``train``) and of the eval split, each None when the dataset
+    has none; memory-mapped Arrow copies live in ``scratch``. Rank 0 writes them while the others wait."""
+    import torch
+
+    def load():
+        return [preference.pair_rows(path, scratch / "pairs") if wanted and preference.has_pairs(path) else None
+                for path, wanted in ((files.train, train), (files.eval, True))]
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        scratch.mkdir(parents=True, exist_ok=True)
+        found = load()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return found if int(os.environ.get("RANK", "0")) == 0 else load()
+
+
+def model_stamp(model_dir: Path) -> list:
+    """Names, sizes and modification times of a model folder's files: a starting model built again (another
+    run's merged model, retrained) does not resume checkpoints of the old one."""
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(model_dir).iterdir() if p.is_file())
+
+
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json",
                 "pytorch_model.bin", "latest")  # one of them: the weights (``latest``: a DeepSpeed checkpoint)
 
@@ -381,10 +431,11 @@ def prepare_checkpoints(folder: Path, fingerprint: str) -> Path | None:
     return usable[-1] if usable else None
 
 
-def write_log_csv(history: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
-    rows = [{key: entry.get(key, "") for key in LOG_COLUMNS} for entry in history if "loss" in entry]
+def write_log_csv(history: list[dict[str, Any]], path: Path, columns: list[str] = LOG_COLUMNS) -> list[dict[str, Any]]:
+    """train_log.csv: one row per logged step; a column named ``a/b`` in the log is written ``a_b``."""
+    rows = [{key.replace("/", "_"): entry.get(key, "") for key in columns} for entry in history if "loss" in entry]
     with atomic_file(path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=[key.replace("/", "_") for key in columns])
         writer.writeheader()
         writer.writerows(rows)
     return rows
@@ -464,10 +515,11 @@ def make_callbacks():
     return on_signal, StopOnNonFiniteLoss(), EndOfRun(on_signal)
 
 
-def make_trainer_class():
+def make_trainer_class(base=None):
+    """``base`` (transformers' Trainer, or trl's preference trainer) logging real tokens per second."""
     from transformers import Trainer
 
-    class LoggingTrainer(Trainer):
+    class LoggingTrainer(base or Trainer):
         """Adds real (non-padding) tokens per second, over all processes, to every log entry."""
 
         _last = None
@@ -545,7 +597,8 @@ def compile_layers(model):
 
 
 def training_arguments(settings: TrainSettings, files: TrainFiles, precision: str, run_name: str,
-                       batch_rows: int, padding_free: bool = False):
+                       batch_rows: int, padding_free: bool = False, config_class=None, **extra: Any):
+    """The Trainer's arguments (``config_class``: trl's config of a preference stage, with its ``extra`` keys)."""
     import torch
     from transformers import TrainingArguments
 
@@ -553,7 +606,7 @@ def training_arguments(settings: TrainSettings, files: TrainFiles, precision: st
         if files.tensorboard is None:
             raise UserError("tensorboard: true needs a TensorBoard folder (--tensorboard)")
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(files.tensorboard)
-    return TrainingArguments(
+    return (config_class or TrainingArguments)(
         output_dir=str(files.checkpoints), run_name=run_name, seed=settings.seed, data_seed=settings.seed,
         learning_rate=settings.learning_rate, num_train_epochs=settings.num_train_epochs,
         max_steps=settings.max_steps, per_device_train_batch_size=batch_rows,
@@ -572,7 +625,7 @@ def training_arguments(settings: TrainSettings, files: TrainFiles, precision: st
         # tokens/s counts real tokens: a padding-free batch has no padding, a padded one its attention mask's ones
         include_num_input_tokens_seen="all" if padding_free else "non_padding",
         remove_unused_columns=False, dataloader_num_workers=0, per_device_eval_batch_size=8,
-        ddp_find_unused_parameters=False if settings.gpus * settings.nodes > 1 else None,
+        ddp_find_unused_parameters=False if settings.gpus * settings.nodes > 1 else None, **extra,
     )
 
 
@@ -633,7 +686,16 @@ def train(settings: TrainSettings, model_dir: Path, trust_remote_code: bool, fil
     settings = replace(settings, gradient_checkpointing=needs_checkpointing(settings, model_dir, files))
     speedups = resolve_speedups(settings, native_model(model_dir, trust_remote_code), precision)
     batch_rows = 1 if speedups.packing == "tokens" else settings.per_device_train_batch_size  # a pack is a batch
-    args = training_arguments(settings, files, precision, run_name, batch_rows, padding_free=bool(speedups.packing))
+    pairs_stage = settings.stage != "sft"
+    if pairs_stage and not preference.has_pairs(files.train):
+        raise UserError(f"stage {settings.stage} trains on preference pairs, and {files.train} has none: give the run "
+                        "a dataset with `ranking: true` (or `format: preference`)")
+    trl_arguments = {}
+    if pairs_stage:
+        trl_arguments = {"config_class": preference.config_class(settings.stage), **preference.config_arguments(
+            settings.stage, settings.pref_beta, settings.pref_loss, longest_row(files.train))}
+    args = training_arguments(settings, files, precision, run_name, batch_rows, padding_free=bool(speedups.packing),
+                              **trl_arguments)
     start_process_group(settings)
     if "RANK" in os.environ:  # where each process is: global rank, node, local rank
         import socket
@@ -643,7 +705,7 @@ def train(settings: TrainSettings, model_dir: Path, trust_remote_code: bool, fil
     resume_from = None
     if settings.max_steps != 0:
         fingerprint = hashlib.sha256(
-            json.dumps([asdict(settings), sha256_file(files.train), str(model_dir)], sort_keys=True).encode()
+            json.dumps([asdict(settings), sha256_file(files.train), model_stamp(model_dir)], sort_keys=True).encode()
         ).hexdigest()
         if int(os.environ.get("RANK", "0")) == 0:  # one process cleans up; the others wait, then read
             prepare_checkpoints(checkpoints, fingerprint)
@@ -657,21 +719,34 @@ def train(settings: TrainSettings, model_dir: Path, trust_remote_code: bool, fil
         if template:
             tokenizer.chat_template = template
     model = load_model(settings, model_dir, trust_remote_code, precision, speedups)
-    train_rows, eval_data = open_rows(files, checkpoints)
-    train_data, collator = training_rows(settings, speedups, train_rows)
-    optimizers = (None, None)
-    if settings.loraplus_lr_ratio:
-        from peft.optimizers import create_loraplus_optimizer
-
-        optimizers = (create_loraplus_optimizer(model=model, optimizer_cls=torch.optim.AdamW,
-                                                lr=settings.learning_rate, weight_decay=settings.weight_decay,
-                                                loraplus_lr_ratio=settings.loraplus_lr_ratio), None)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_pairs, eval_pairs = open_pairs(files, checkpoints, train=pairs_stage)
     callbacks = make_callbacks()
     on_signal = callbacks[0]
-    trainer = make_trainer_class()(
-        model=model, args=args, train_dataset=train_data, optimizers=optimizers, callbacks=list(callbacks),
-        data_collator=collator or DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-    )
+    if eval_pairs is not None and len(eval_pairs):  # the starting policy's preference, measured as training begins
+        callbacks = (*callbacks, preference.start_callback(eval_pairs, pad_id, checkpoints))
+    if pairs_stage:
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        train_data, eval_data = train_pairs, eval_pairs
+        trainer = make_trainer_class(preference.trainer_base(settings.stage))(
+            model=model, args=args, train_dataset=train_pairs, eval_dataset=eval_pairs if len(eval_pairs) else None,
+            processing_class=tokenizer, callbacks=list(callbacks))
+        train_rows = train_pairs
+    else:
+        train_rows, eval_data = open_rows(files, checkpoints)
+        train_data, collator = training_rows(settings, speedups, train_rows)
+        optimizers = (None, None)
+        if settings.loraplus_lr_ratio:
+            from peft.optimizers import create_loraplus_optimizer
+
+            optimizers = (create_loraplus_optimizer(model=model, optimizer_cls=torch.optim.AdamW,
+                                                    lr=settings.learning_rate, weight_decay=settings.weight_decay,
+                                                    loraplus_lr_ratio=settings.loraplus_lr_ratio), None)
+        trainer = make_trainer_class()(
+            model=model, args=args, train_dataset=train_data, optimizers=optimizers, callbacks=list(callbacks),
+            data_collator=collator or DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        )
     rank0 = trainer.is_world_process_zero()
     summary: dict[str, Any] = {"settings": asdict(settings), "precision": precision, "processes": args.world_size,
                                "speedups": asdict(speedups), "train_rows": len(train_rows),
@@ -693,8 +768,17 @@ def train(settings: TrainSettings, model_dir: Path, trust_remote_code: bool, fil
         if on_signal.stopped:
             raise Interrupted(f"stopped by a signal at step {trainer.state.global_step}; the checkpoint is saved "
                               f"in {checkpoints}: run again to resume")
-        if len(eval_data):
-            summary["eval_loss"] = trainer.evaluate(eval_dataset=eval_data)["eval_loss"]
+        if len(eval_data):  # trl's trainers evaluate the eval pairs they prepared
+            scores = trainer.evaluate() if pairs_stage else trainer.evaluate(eval_dataset=eval_data)
+            summary["eval_loss"] = scores["eval_loss"]
+            if pairs_stage:
+                summary["reward_accuracy"] = scores.get("eval_rewards/accuracies")
+                summary["reward_margin"] = scores.get("eval_rewards/margins")
+    if eval_pairs is not None and len(eval_pairs):
+        end = preference.preference_accuracy(trainer.model, eval_pairs, pad_id)
+        start = callbacks[-1].result or end  # no training steps: the start is the end
+        summary["preference"] = {"pairs": end["pairs"], "start_accuracy": start["accuracy"],
+                                 "start_margin": start["margin"], "accuracy": end["accuracy"], "margin": end["margin"]}
     if torch.cuda.is_available():
         peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30], device="cuda")
         if torch.distributed.is_initialized():  # every GPU's peak: ZeRO's promise is about each of them
@@ -716,7 +800,8 @@ def train(settings: TrainSettings, model_dir: Path, trust_remote_code: bool, fil
         if adapter_out.exists():
             shutil.rmtree(adapter_out)
         os.replace(staging, adapter_out)
-        rows = write_log_csv(trainer.state.log_history, files.train_log)
+        rows = write_log_csv(trainer.state.log_history, files.train_log,
+                             LOG_COLUMNS + (preference.LOG_COLUMNS if pairs_stage else []))
         if settings.max_steps != 0:
             summary.update(run_summary(trainer, result, rows))
         write_json(files.summary, summary)

@@ -139,7 +139,7 @@ def test_llama_factory_dataset_info_with_columns_and_tags(tmp_path):
     }, indent=2))
     qa = from_dataset_info(info, "qa")
     assert qa == {"path": str(tmp_path / "qa.json"), "format": "alpaca",
-                  "columns": {"instruction": "q", "output": "a"}, "tags": {}}
+                  "columns": {"instruction": "q", "output": "a"}, "tags": {}, "ranking": False}
     (record,) = read_records(ReadSettings(**qa)).records
     assert turns(record) == [("user", "question"), ("assistant", "answer")]
     (record,) = read_records(ReadSettings(**from_dataset_info(info, "chat"))).records
