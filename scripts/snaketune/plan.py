@@ -141,7 +141,10 @@ def train_gpu_gib(shape: Shape, train, max_seq_length: int) -> float:
         base = linear * 0.52 + 4 * (p - linear) if train.method == "qlora" else 2 * p
         base = base / processes if zero.startswith("zero3") else base
         trainable = base + 16 * shape.lora_params(train.lora_rank, train.lora_target)
-    tokens = train.per_device_train_batch_size * max_seq_length
+    if train.stage == "dpo" and train.method == "full":  # the reference: a frozen bf16 copy (lora: adapter off)
+        trainable += 2 * p / (processes if zero.startswith("zero3") else 1)
+    pairs = 1 if train.stage == "sft" else 2  # dpo/orpo: a chosen and a rejected sequence per row
+    tokens = train.per_device_train_batch_size * max_seq_length * pairs
     per_layer = tokens * (10 * shape.hidden + 4 * shape.intermediate) * 2  # saved inputs of each linear, bf16
     checkpointed = tokens * shape.hidden * 2
     # auto turns checkpointing on where the run would not fit without it: the least the run needs is with it
