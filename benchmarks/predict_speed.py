@@ -11,9 +11,10 @@ at a time, greedy, in float32.
 Builds a random-init float32 model of the given shape with the builtin tokenizer, writes a test split of chat
 prompts of varied length, runs snaketune.predict.predict over all rows with the stage's defaults and with the
 baseline, and over the first ``--reference-rows`` rows one at a time, and prints (and with --out writes) one JSON
-object: seconds and rows/s of each, the default's speedup over the baseline, and how many answers differ from the
-one-at-a-time ones. Target (issue 17): at least 2x the baseline on 500 rows of 64 new tokens, no answer
-different.
+object: seconds and rows/s of each (the whole call, model loading included, and the generation alone: the sum of the
+batches' times), the default's speedup over the baseline for both, and how many answers differ from the
+one-at-a-time ones. ``--profile`` adds the top operators of one more run of the default. Target (issue 17): at
+least 2x the baseline on 500 rows of 64 new tokens, no answer different.
 """
 
 import argparse
@@ -44,6 +45,8 @@ def main() -> int:
     parser.add_argument("--reference-rows", type=int, default=48, help="rows generated one at a time to compare")
     parser.add_argument("--repeats", type=int, default=1, help="times each stack runs, in turns; the best counts")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one more run of the stage default (torch.profiler): the top operators")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
 
@@ -69,7 +72,7 @@ def main() -> int:
         prompts = [render(tokenizer, [{"role": "user", "content": q}], add_generation_prompt=True) for q in questions]
         pd.DataFrame({"id": [f"q{i}" for i in range(args.rows)], "prompt": prompts,
                       "reference": [""] * args.rows}).to_parquet(tmp / "test.parquet")
-        timings, outputs = {}, {}
+        timings, outputs, generating = {}, {}, {}
         pd.read_parquet(tmp / "test.parquet").head(8).to_parquet(tmp / "warm.parquet")  # load, CUDA init
         predict(GenerationSettings(max_new_tokens=4, batch_size=8), tmp / "model", tmp / "warm.parquet",
                 tmp / "warm.csv", tmp / "warm.partial")
@@ -82,7 +85,22 @@ def main() -> int:
                 predict(generation, tmp / "model", tmp / "test.parquet", tmp / f"{name}.csv",
                         tmp / f"{name}.partial")
                 timings[name] = min(timings.get(name, float("inf")), time.perf_counter() - start)
-                outputs[name] = pd.read_csv(tmp / f"{name}.csv", keep_default_na=False)["prediction"].tolist()
+                written = pd.read_csv(tmp / f"{name}.csv", keep_default_na=False)
+                outputs[name] = written["prediction"].tolist()
+                # the batches' own time (the CSV's per-row share of its batch), without loading the model
+                generating[name] = min(generating.get(name, float("inf")), written["generation_seconds"].sum())
+        profile = None
+        if args.profile:
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as profiler
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            with profiler(activities=activities) as recorded:
+                predict(stacks["stage-default"], tmp / "model", tmp / "test.parquet", tmp / "profiled.csv",
+                        tmp / "profiled.partial")
+            sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+            profile = recorded.key_averages().table(sort_by=sort, row_limit=25)
+            print(profile)
         reference_rows = min(args.reference_rows, args.rows)
         pd.read_parquet(tmp / "test.parquet").head(reference_rows).to_parquet(tmp / "reference.parquet")
         start = time.perf_counter()
@@ -97,13 +115,19 @@ def main() -> int:
         f"cpu ({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})",
         "stacks": {name: {"settings": {"batch_size": generation.batch_size, "decoder": generation.decoder},
                           "seconds": round(timings[name], 2), "rows_per_second": round(args.rows / timings[name], 2),
+                          "generation_seconds": round(generating[name], 2),
+                          "generation_rows_per_second": round(args.rows / generating[name], 2),
                           "answers_that_differ_from_one_at_a_time":
                               sum(a != b for a, b in zip(outputs[name][:reference_rows], one, strict=True))}
                    for name, generation in stacks.items()},
         "one_at_a_time": {"rows": reference_rows, "seconds": round(one_seconds, 2),
                           "rows_per_second": round(reference_rows / one_seconds, 2)},
     }
-    result["speedup"] = round(timings[f"generate-batch-{args.baseline_batch}"] / timings["stage-default"], 2)
+    baseline = f"generate-batch-{args.baseline_batch}"
+    result["speedup"] = round(timings[baseline] / timings["stage-default"], 2)
+    result["generation_speedup"] = round(generating[baseline] / generating["stage-default"], 2)
+    if profile:
+        result["profile"] = profile.splitlines()
     print(json.dumps(result))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -177,9 +177,12 @@ def run_stage(model_dir, rows, n_steps, checkpointing: bool, pack_tokens: int, w
     data.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_parquet(data / "train.parquet")
     pd.DataFrame(rows[:2]).to_parquet(data / "eval.parquet")
-    longest = max(len(r["input_ids"]) for r in rows)
-    per_device = max(1, pack_tokens // longest)  # packs of per_device x the longest row
-    accumulation = max(1, round(16_384 / (per_device * longest * 0.9)))
+    from snaketune.train import pack_capacity
+
+    lengths = [len(r["input_ids"]) for r in rows]
+    per_device = max(1, round(pack_tokens * len(lengths) / sum(lengths)))  # packs of per_device x the mean row
+    capacity = pack_capacity(TrainSettings(per_device_train_batch_size=per_device), lengths)
+    accumulation = max(1, round(16_384 / (capacity * 0.9)))
     run = work / f"stage-{checkpointing}"
     files = TrainFiles(train=data / "train.parquet", eval=data / "eval.parquet", stats=None,
                        adapter=run / "adapter", train_log=run / "train_log.csv", summary=run / "summary.json",
@@ -196,7 +199,7 @@ def run_stage(model_dir, rows, n_steps, checkpointing: bool, pack_tokens: int, w
     return {"tokens_per_second": round(statistics.median(speeds), 1), "peak_memory_gib": summary["peak_memory_gib"],
             "losses": [round(x, 5) for x in log["loss"]], "speedups": summary["speedups"],
             "per_device_train_batch_size": per_device, "gradient_accumulation_steps": accumulation,
-            "pack_tokens": per_device * longest}
+            "pack_tokens": capacity}
 
 
 def main() -> int:

@@ -8,6 +8,8 @@ padded to the longest one, and costs only the tokens that are there.
 
 Batches can also be sized in tokens (``pack_rows``): rows are shuffled with the seed, then laid into packs of at
 most ``capacity`` tokens (first fit), so every step sees about the same number of tokens however long the rows are.
+The train stage sizes packs as the real tokens of a padded batch on average (``train.pack_capacity``), so a pack
+holds ``per_device_train_batch_size`` rows on average.
 """
 
 from __future__ import annotations

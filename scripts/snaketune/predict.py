@@ -80,34 +80,118 @@ def generate_batch(model, tokenizer, prompts: list[str], settings: GenerationSet
     return [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
+GROUPED_DECODE = "grouped_decode"  # attention for decoding steps (see grouped_decode_attention)
+
+
+def grouped_decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                             **kwargs):
+    """transformers' sdpa attention, except for a decoding step (one query position): there the query heads that
+    share a key/value head are multiplied with it as a group, two matmuls and a softmax in float32.
+
+    With padded rows (a mask), sdpa would first copy the keys and values once per query head (grouped-query
+    models), then run a kernel that pads the single query to a 64-row tile: on an H100 those two took half of
+    the decoding time of 500 rows (benchmarks/README.md). Sliding windows and soft-capped scores go to sdpa.
+    """
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.shape[2] != 1 or kwargs.get("sliding_window") or kwargs.get("softcap") or dropout:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    batch, heads, _, dim = query.shape
+    grouped = query.view(batch, key.shape[1], heads // key.shape[1], dim)
+    scores = torch.matmul(grouped, key.transpose(-1, -2)) * (dim**-0.5 if scaling is None else scaling)
+    if attention_mask is not None:
+        mask = attention_mask[..., : key.shape[-2]]  # (batch, 1, 1, keys): broadcast over the groups
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    return torch.matmul(weights, value).reshape(batch, 1, heads, dim), None
+
+
+def use_grouped_decode(model) -> bool:
+    """Switch a model on transformers' sdpa attention to ``grouped_decode_attention``; False where it is not."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "_attn_implementation", None) != "sdpa":
+        return False
+    AttentionInterface.register(GROUPED_DECODE, grouped_decode_attention)
+    AttentionMaskInterface.register(GROUPED_DECODE, sdpa_mask)
+    try:
+        base.set_attn_implementation(GROUPED_DECODE)
+    except (ValueError, ImportError, AttributeError):  # remote code, or a model that fixes its attention
+        return False
+    return True
+
+
 STOP_CHECK_EVERY = 8  # decoding steps between checks that every row has ended (each check waits for the GPU)
+PREFILL_TOKENS = 16_384  # prompt positions (padding included) each prefill pass reads at most
 
 
-def greedy_tokens(model, input_ids, attention_mask, max_new_tokens: int, pad_token_id: int):
-    """The greedy tokens ``model.generate`` gives for left-padded rows (same positions, mask, cache and end of
-    row: the generation config's eos ids, then padding), from a loop that does only that: it asks for the last
-    position's logits alone and waits for the GPU once every STOP_CHECK_EVERY steps instead of at every step."""
+def prefill(model, input_ids, mask, positions, budget: int = PREFILL_TOKENS):
+    """Read the prompts into a KV cache and return it with the logits of each row's last position.
+
+    The rows of a batch are sorted by length (``predict`` sorts them), so consecutive rows have prompts of about
+    the same length: they are read a chunk of ``budget`` positions at a time, each chunk cut to its own longest
+    prompt, and the chunks' caches are left-padded (zeros, masked out) into the one cache the decoding steps share.
+    A batch of hundreds of rows then reads its short prompts without the long ones' padding. Models whose cache is
+    not plain per-layer keys and values (sliding windows, ...) read the whole batch in one pass.
+    """
     import torch
     from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    width = input_ids.shape[1]
+    rows = max(1, budget // width)
+    chunks = [slice(start, start + rows) for start in range(0, len(input_ids), rows)]
+    caches, logits = [], []
+    for chunk in chunks:
+        cut = width - int(mask[chunk].sum(-1).max()) if len(chunks) > 1 else 0
+        cache = DynamicCache(config=model.config)
+        logits.append(model(input_ids=input_ids[chunk, cut:], attention_mask=mask[chunk, cut:],
+                            position_ids=positions[chunk, cut:], past_key_values=cache, use_cache=True,
+                            logits_to_keep=1).logits[:, -1])
+        if len(chunks) > 1 and not all(type(layer) is DynamicLayer for layer in cache.layers):
+            return prefill(model, input_ids, mask, positions, budget=len(input_ids) * width)
+        caches.append((cut, cache))
+    if len(caches) == 1:
+        return caches[0][1], logits[0]
+    joined = DynamicCache(config=model.config)
+    for index in range(len(caches[0][1].layers)):
+        keys, values = ([torch.nn.functional.pad(getattr(cache.layers[index], name), (0, 0, cut, 0))
+                         for cut, cache in caches] for name in ("keys", "values"))
+        for _, cache in caches:  # free each chunk's tensors as they are joined
+            cache.layers[index].keys = cache.layers[index].values = None
+        joined.update(torch.cat(keys), torch.cat(values), index)
+    return joined, torch.cat(logits)
+
+
+def greedy_tokens(model, input_ids, attention_mask, max_new_tokens: int, pad_token_id: int,
+                  prefill_tokens: int = PREFILL_TOKENS):
+    """The greedy tokens ``model.generate`` gives for left-padded rows (same positions, mask, cache and end of
+    row: the generation config's eos ids, then padding), from a loop that does only that: it reads the prompts in
+    chunks of similar length (``prefill``), asks for the last position's logits alone and waits for the GPU once
+    every STOP_CHECK_EVERY steps instead of at every step."""
+    import torch
 
     eos = model.generation_config.eos_token_id
     eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=input_ids.device)
     mask = attention_mask
     positions = (mask.long().cumsum(-1) - 1).masked_fill_(mask == 0, 1)
-    cache = DynamicCache(config=model.config)
+    cache, logits = prefill(model, input_ids, mask, positions, prefill_tokens)
     ended = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
-    step_ids, tokens = input_ids, []
+    tokens = []
     for step in range(max_new_tokens):
-        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1]
         token = logits.float().argmax(-1).masked_fill_(ended, pad_token_id)
         tokens.append(token)
         ended |= torch.isin(token, eos)
-        if (step + 1) % STOP_CHECK_EVERY == 0 and bool(ended.all()):
+        if step + 1 == max_new_tokens or (step + 1) % STOP_CHECK_EVERY == 0 and bool(ended.all()):
             break
         mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
         positions = positions[:, -1:] + 1
-        step_ids = token[:, None]
+        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]
     return torch.stack(tokens, dim=1)
 
 
@@ -197,6 +281,8 @@ def predict(settings: GenerationSettings, model_dir: Path, test_path: Path, out_
     tokenizer, model = load_for_generation(model_dir, adapter_dir, trust_remote_code)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
+    if settings.decoder == "greedy" and not settings.do_sample:
+        use_grouped_decode(model)
     import pyarrow.parquet as pq
 
     wanted = ["id", "prompt", "reference"] + (["source"] if "source" in pq.read_schema(test_path).names else [])

@@ -91,8 +91,8 @@ class TrainSettings:
     nodes: int = 1  # machines the job spans (Slurm: one torchrun per node through srun)
     tensorboard: bool = False  # also write TensorBoard events to results/runs/{run}/tensorboard
     # speed: each switchable; auto is the fastest correct choice on the machine the job runs on
-    packing: str | bool = "auto"  # tokens: packs of per_device_train_batch_size x the longest row's tokens, end
-    #                               to end; rows: each batch's rows end to end; false: padded to the longest (the
+    packing: str | bool = "auto"  # tokens: rows end to end in packs of per_device_train_batch_size x the mean row's
+    #                               tokens; rows: each batch's rows end to end; false: padded to the longest (the
     #                               reference); auto: tokens on a GPU, false on the CPU
     attention: str = "auto"  # varlen: flash attention row by row within a pack (needs packing); auto: varlen for
     #                          packed rows on a GPU in bf16/fp16, flex_attention in fp32, else sdpa
@@ -322,13 +322,25 @@ def needs_checkpointing(settings: TrainSettings, model_dir: Path, files: TrainFi
     return needed
 
 
+def pack_capacity(settings: TrainSettings, lengths) -> int:
+    """Tokens per pack: the real tokens a padded batch of ``per_device_train_batch_size`` rows holds on average
+    (never less than the longest row). A pack then holds that many rows on average, so an epoch has as many
+    steps as the padded run and the learning rate, schedule and batch size keep their meaning."""
+    import numpy as np
+
+    lengths = np.asarray(lengths)
+    if not len(lengths):
+        return 1
+    return int(max(lengths.max(), math.ceil(settings.per_device_train_batch_size * lengths.mean())))
+
+
 def training_rows(settings: TrainSettings, speedups: Speedups, rows):
     """The training dataset and its collator: packs of rows end to end, single rows end to end, or padded rows."""
     from snaketune.packing import PackedRows, flatten_rows, pack_rows
 
     if speedups.packing == "tokens":
-        capacity = settings.per_device_train_batch_size * int(max(rows.lengths, default=1))
-        return PackedRows(rows, pack_rows(rows.lengths, capacity, settings.seed)), flatten_rows
+        return PackedRows(rows, pack_rows(rows.lengths, pack_capacity(settings, rows.lengths), settings.seed)), \
+            flatten_rows
     if speedups.packing == "rows":
         return rows, flatten_rows
     return rows, None

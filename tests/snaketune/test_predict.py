@@ -1,6 +1,7 @@
 """Predict: batched greedy generation equals one-by-one, and the CSV survives any generated text."""
 
 import pandas as pd
+import pytest
 
 from snaketune.predict import GenerationSettings, predict
 from snaketune.templates import render
@@ -154,13 +155,20 @@ def test_predictions_open_in_excel_and_carry_the_original_columns(tmp_path, tiny
     assert all(row["sentence1"] in row["prompt"] and row["label"] == row["reference"] for _, row in frame.iterrows())
 
 
-def test_the_greedy_loop_gives_generates_tokens_and_stops_where_it_stops(tiny_model, tiny_tokenizer):
+@pytest.mark.parametrize("rows_per_prefill, grouped", [(None, False), (1, False), (3, False), (None, True), (3, True)],
+                         ids=["one prefill", "a row a prefill", "chunks of 3", "grouped decoding attention",
+                              "chunks and grouped attention"])
+def test_the_greedy_loop_gives_generates_tokens_and_stops_where_it_stops(tiny_model, tiny_tokenizer,
+                                                                          rows_per_prefill, grouped):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from snaketune.predict import greedy_tokens
+    from snaketune.predict import greedy_tokens, use_grouped_decode
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    reference_model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()  # generate with sdpa throughout
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval() if grouped else reference_model
+    if grouped:  # the tiny model has 2 query heads per key/value head: the grouping is exercised
+        assert use_grouped_decode(model) and model.config._attn_implementation == "grouped_decode"
     tokenizer = tiny_tokenizer
     tokenizer.padding_side = "left"
     questions = ["你好", "Who are you? Tell me everything about yourself.", "1 2 3", "判断下面两个句子的意思是否相同"]
@@ -170,16 +178,18 @@ def test_the_greedy_loop_gives_generates_tokens_and_stops_where_it_stops(tiny_mo
 
     def both(new_tokens):
         with torch.no_grad():
-            reference = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False,
-                                       pad_token_id=tokenizer.pad_token_id)[:, inputs["input_ids"].shape[1]:]
+            reference = reference_model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False,
+                                                 pad_token_id=tokenizer.pad_token_id)[:, inputs["input_ids"].shape[1]:]
+            width = inputs["input_ids"].shape[1]  # prompts read in chunks, each cut to its own longest prompt
+            budget = {"prefill_tokens": rows_per_prefill * width} if rows_per_prefill else {}
             ours = greedy_tokens(model, inputs["input_ids"], inputs["attention_mask"], new_tokens,
-                                 tokenizer.pad_token_id)
+                                 tokenizer.pad_token_id, **budget)
         return reference, ours
 
     reference, ours = both(20)
     assert torch.equal(ours, reference)
     # make a token the first row emits at its fourth step an end of row: rows end there and are padded after
-    model.generation_config.eos_token_id = int(reference[0, 3])
+    model.generation_config.eos_token_id = reference_model.generation_config.eos_token_id = int(reference[0, 3])
     reference, ours = both(20)
     assert (reference == tokenizer.pad_token_id).any()
     assert torch.equal(ours[:, : reference.shape[1]], reference)
