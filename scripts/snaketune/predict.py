@@ -281,8 +281,8 @@ def predict(settings: GenerationSettings, model_dir: Path, test_path: Path, out_
     tokenizer, model = load_for_generation(model_dir, adapter_dir, trust_remote_code)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
-    if settings.decoder == "greedy" and not settings.do_sample:
-        use_grouped_decode(model)
+    if settings.decoder == "greedy" and not settings.do_sample and device == "cuda":  # measured there (the CPU's
+        use_grouped_decode(model)  # sdpa neither copies keys per head nor pads a query into a tile)
     import pyarrow.parquet as pq
 
     wanted = ["id", "prompt", "reference"] + (["source"] if "source" in pq.read_schema(test_path).names else [])
