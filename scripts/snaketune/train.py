@@ -608,6 +608,19 @@ def compile_layers(model):
     return model
 
 
+def deepspeed_config(settings: TrainSettings) -> str | dict:
+    """The DeepSpeed config file ``settings.deepspeed`` names; for stage dpo under ZeRO-3, that config with parameter
+    prefetching off. trl's DPO gathers the output head itself for its fused log-probabilities, and with two or
+    more processes a head that the prefetcher has in flight cannot be released after it (DeepSpeed: "Cannot
+    partition a param in flight"; tests/snaketune/test_preference.py runs it)."""
+    path = DEEPSPEED_CONFIGS / f"{settings.deepspeed}.json"
+    if settings.stage != "dpo" or not settings.deepspeed.startswith("zero3"):
+        return str(path)
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["zero_optimization"]["stage3_prefetch_bucket_size"] = 0
+    return config
+
+
 def training_arguments(settings: TrainSettings, files: TrainFiles, precision: str, run_name: str,
                        batch_rows: int, padding_free: bool = False, config_class=None, **extra: Any):
     """The Trainer's arguments (``config_class``: trl's config of a preference stage, with its ``extra`` keys)."""
@@ -628,7 +641,7 @@ def training_arguments(settings: TrainSettings, files: TrainFiles, precision: st
         bf16=precision == "bf16", fp16=precision == "fp16",
         gradient_checkpointing=settings.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if settings.gradient_checkpointing else None,
-        deepspeed=str(DEEPSPEED_CONFIGS / f"{settings.deepspeed}.json") if settings.deepspeed else None,
+        deepspeed=deepspeed_config(settings) if settings.deepspeed else None,
         logging_steps=settings.logging_steps, logging_first_step=True, save_strategy="steps",
         logging_nan_inf_filter=False,  # the default hides a NaN loss behind earlier values; we stop on it
         save_steps=settings.save_steps, save_total_limit=settings.save_total_limit,
