@@ -608,16 +608,27 @@ def compile_layers(model):
     return model
 
 
+KEEP_WHOLE_IN_ONE_PROCESS = True  # ZeRO-3 in a single process: parameters stay whole (see deepspeed_config)
+
+
 def deepspeed_config(settings: TrainSettings) -> str | dict:
-    """The DeepSpeed config file ``settings.deepspeed`` names; for stage dpo under ZeRO-3, that config with parameter
-    prefetching off. trl's DPO gathers the output head itself for its fused log-probabilities, and with two or
-    more processes a head that the prefetcher has in flight cannot be released after it (DeepSpeed: "Cannot
-    partition a param in flight"; tests/snaketune/test_preference.py runs it)."""
+    """The DeepSpeed config ``settings.deepspeed`` names, adjusted for ZeRO-3 where the file cannot know the run:
+
+    - in a single process, without offloaded parameters, every parameter persists: one process has nothing to
+      shard them with, and gathering and releasing each layer's weights around every use only costs time;
+    - for stage dpo, parameter prefetching is off. trl's DPO gathers the output head itself for its fused
+      log-probabilities, and with two or more processes a head that the prefetcher has in flight cannot be released
+      after it (DeepSpeed: "Cannot partition a param in flight"; tests/snaketune/test_preference.py runs it).
+    """
     path = DEEPSPEED_CONFIGS / f"{settings.deepspeed}.json"
-    if settings.stage != "dpo" or not settings.deepspeed.startswith("zero3"):
+    if not settings.deepspeed.startswith("zero3"):
         return str(path)
     config = json.loads(path.read_text(encoding="utf-8"))
-    config["zero_optimization"]["stage3_prefetch_bucket_size"] = 0
+    zero = config["zero_optimization"]
+    if KEEP_WHOLE_IN_ONE_PROCESS and settings.gpus * settings.nodes == 1 and "offload_param" not in zero:
+        zero["stage3_param_persistence_threshold"] = 2**62
+    if settings.stage == "dpo":
+        zero["stage3_prefetch_bucket_size"] = 0
     return config
 
 

@@ -254,6 +254,21 @@ def test_a_nan_loss_stops_with_what_to_change(built, tmp_path):
     assert "lower learning_rate (now 1e+30)" in line and not (tmp_path / "adapter").exists()
 
 
+def test_zero3_keeps_parameters_whole_in_one_process_and_dpo_runs_without_prefetching():
+    from snaketune.train import deepspeed_config
+
+    def zero(**settings):
+        config = deepspeed_config(TrainSettings(method="full", **settings))
+        return config["zero_optimization"] if isinstance(config, dict) else config
+
+    assert zero(deepspeed="zero3")["stage3_param_persistence_threshold"] >= 2**40  # nothing to shard with
+    assert zero(deepspeed="zero3", gpus=2)["stage3_param_persistence_threshold"] == "auto"
+    assert zero(deepspeed="zero3", nodes=2)["stage3_param_persistence_threshold"] == "auto"
+    assert zero(deepspeed="zero3", gpus=2, stage="dpo")["stage3_prefetch_bucket_size"] == 0
+    assert zero(deepspeed="zero3", gpus=2)["stage3_prefetch_bucket_size"] == "auto"
+    assert str(zero(deepspeed="zero2")).endswith("zero2.json")  # other stages: the file as it is
+
+
 def test_hopper_arch_suffix_is_made_readable_for_deepspeed():
     env = {"TORCH_CUDA_ARCH_LIST": "8.0;9.0a"}
     assert fix_cuda_arch_list(env) == "8.0;9.0" and env["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0"
