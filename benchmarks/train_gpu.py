@@ -130,7 +130,8 @@ def read_run(run_dir: Path) -> dict:
     }
 
 
-def run_case(name: str, work: Path, steps: int, length: int, overrides: dict | None = None) -> dict:
+def run_case(name: str, work: Path, steps: int, length: int, overrides: dict | None = None,
+             profile: str | None = None) -> dict:
     shape, method_settings = CASES[name]
     manifest = build_model(shape, work / "models" / shape)
     data = build_dataset(work / "data" / f"len{length}", rows=64, length=length, vocab=1100)
@@ -152,7 +153,13 @@ def run_case(name: str, work: Path, steps: int, length: int, overrides: dict | N
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
         result["killed_after_checkpoint"] = steps // 2
-    completed = subprocess.run(train_command(manifest, data, run_dir, settings), capture_output=True, text=True)
+    environment = dict(os.environ)
+    if profile:  # benchmarks/profiling/sitecustomize.py profiles these steps of every process
+        environment.update(SNAKETUNE_PROFILE=str(work / f"{name}.profile.json"), SNAKETUNE_PROFILE_STEPS=profile,
+                           PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "benchmarks" / "profiling"),
+                                                                    os.environ.get("PYTHONPATH")])))
+    completed = subprocess.run(train_command(manifest, data, run_dir, settings), capture_output=True, text=True,
+                               env=environment)
     result["wall_seconds"] = round(time.monotonic() - began, 1)
     if completed.returncode != 0:
         result["error"] = completed.stderr[-3000:]
@@ -160,6 +167,8 @@ def run_case(name: str, work: Path, steps: int, length: int, overrides: dict | N
     result["resumed_from"] = next((line.split("resume from ")[1] for line in completed.stderr.splitlines()
                                    if "resume from " in line), None)
     result.update(read_run(run_dir))
+    if profile and (work / f"{name}.profile.json").is_file():
+        result["profile"] = json.loads((work / f"{name}.profile.json").read_text())
     if settings["method"] == "full":  # the consolidated folder must load on its own, in a fresh process
         check = subprocess.run([sys.executable, "-c", "import sys; from transformers import AutoModelForCausalLM; "
                                 "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
@@ -178,6 +187,8 @@ def main() -> int:
     parser.add_argument("--work", default="/tmp/snaketune-bench", help="scratch folder for models and runs")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=JSON",
                         help="override train settings of every case, e.g. gradient_checkpointing=false")
+    parser.add_argument("--profile", metavar="FIRST-LAST",
+                        help="profile these optimizer steps (torch.profiler and cProfile), e.g. 6-9; kept in the JSON")
     parser.add_argument("--out", required=True, help="results JSON")
     args = parser.parse_args()
 
@@ -187,8 +198,8 @@ def main() -> int:
     for name in args.cases:
         print(f"== {name}", flush=True)
         overrides = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.set)}
-        case = run_case(name, Path(args.work), args.steps, args.seq_len, overrides)
-        print(json.dumps({k: v for k, v in case.items() if k not in ("config", "settings")}), flush=True)
+        case = run_case(name, Path(args.work), args.steps, args.seq_len, overrides, args.profile)
+        print(json.dumps({k: v for k, v in case.items() if k not in ("config", "settings", "profile")}), flush=True)
         results["cases"].append(case)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

@@ -3,7 +3,7 @@
 Estimates, in GiB, from the parameter count and the run's settings (bytes per parameter as each stage holds it):
 
 - train: base weights (bf16: 2 B/param; QLoRA: NF4 ~0.52 B/param on the decoder layers, embeddings and head in
-  fp32 as peft's kbit preparation leaves them; full with DeepSpeed: bf16 weights and grads, fp32 grads, master
+  bf16, fp32 in an fp16 run; full with DeepSpeed: bf16 weights and grads, fp32 grads, master
   copy and two Adam moments = 20 B/param, the weights divided over the GPUs by ZeRO-3, the rest by ZeRO-1/2/3,
   off the GPU with offload) + trainable LoRA weights at 16 B/param (fp32 weight, grad, two Adam moments) +
   activations of ``per_device_train_batch_size x max_seq_length`` tokens (each layer's saved inputs, all layers'
@@ -137,8 +137,9 @@ def train_gpu_gib(shape: Shape, train, max_seq_length: int) -> float:
         trainable = 8 * p
     else:
         linear = shape.layers * (shape.layer_params - 2 * shape.hidden)
-        # QLoRA: NF4 with double-quantized scales; peft's prepare_model_for_kbit_training makes the rest fp32
-        base = linear * 0.52 + 4 * (p - linear) if train.method == "qlora" else 2 * p
+        # QLoRA: NF4 with double-quantized scales; the rest bf16 (fp32 in an fp16 or fp32 run: train.load_model)
+        rest = 4 if train.precision in ("fp16", "fp32") else 2
+        base = linear * 0.52 + rest * (p - linear) if train.method == "qlora" else 2 * p
         base = base / processes if zero.startswith("zero3") else base
         trainable = base + 16 * shape.lora_params(train.lora_rank, train.lora_target)
     if train.stage == "dpo" and train.method == "full":  # the reference: a frozen bf16 copy (lora: adapter off)

@@ -535,6 +535,17 @@ def make_trainer_class(base=None):
         """Adds real (non-padding) tokens per second, over all processes, to every log entry."""
 
         _last = None
+        _flops_per_token = None
+
+        def floating_point_ops(self, inputs) -> int:
+            """transformers counts the model's parameters anew at every step (50 ms a step for a 14B model, one
+            sixteenth of its step); counted once here."""
+            ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
+            if ids is None or not ids.numel():
+                return super().floating_point_ops(inputs)
+            if self._flops_per_token is None:
+                self._flops_per_token = super().floating_point_ops(inputs) / ids.numel()
+            return int(self._flops_per_token * ids.numel())
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
             now, seen = time.monotonic(), self.state.num_input_tokens_seen
@@ -578,11 +589,18 @@ def load_model(settings: TrainSettings, model_dir: Path, trust_remote_code: bool
     if speedups.fused_loss != "none":
         speedups.fused_loss = fused_loss.install(model, speedups.fused_loss)
     if settings.method == "full":
+        if settings.deepspeed and zero3_whole(settings) and decoder_layers(model) is not None:
+            from deepspeed.utils import set_z3_leaf_modules
+
+            set_z3_leaf_modules(model, [type(decoder_layers(model)[0])])
         return compile_layers(model) if speedups.torch_compile else model
 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    if settings.method == "qlora":
+    if settings.method == "qlora" and precision != "bf16":
+        # fp16: the frozen embeddings, norms and head go to fp32, as in LoRA's fp16 runs. In bf16 they stay bf16:
+        # peft's fp32 copies cost 3 GiB for a 14B model, and the fp32 residual stream they make was cast back to
+        # bf16 at every linear layer, forward and backward (a sixth of a step's GPU time, benchmarks/README.md)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(
@@ -597,25 +615,41 @@ def load_model(settings: TrainSettings, model_dir: Path, trust_remote_code: bool
 def compile_layers(model):
     """Compile each decoder layer in place (regional compilation: one graph for all layers, shapes dynamic so
     packs of any length reuse it); the rest of the model stays eager."""
-    import torch
-
-    layers = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) and
-              type(m[0]).__name__.endswith("DecoderLayer")]
-    if not layers:
+    layers = decoder_layers(model)
+    if layers is None:
         raise UserError("torch_compile: true found no decoder layers to compile in this model")
-    for layer in layers[0]:
+    for layer in layers:
         layer.compile(dynamic=True)
     return model
+
+
+def decoder_layers(model):
+    """The model's list of decoder layers, or None."""
+    import torch
+
+    return next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) and
+                 type(m[0]).__name__.endswith("DecoderLayer")), None)
 
 
 KEEP_WHOLE_IN_ONE_PROCESS = True  # ZeRO-3 in a single process: parameters stay whole (see deepspeed_config)
 
 
+def zero3_whole(settings: TrainSettings) -> bool:
+    """ZeRO-3 in a single process with its parameters on the GPU: they stay whole (``deepspeed_config``), and each
+    decoder layer is one ZeRO-3 leaf module (``load_model``): hooks per layer instead of per linear layer."""
+    one_process = settings.gpus * settings.nodes == 1
+    if not (KEEP_WHOLE_IN_ONE_PROCESS and one_process and settings.deepspeed.startswith("zero3")):
+        return False
+    config = json.loads((DEEPSPEED_CONFIGS / f"{settings.deepspeed}.json").read_text(encoding="utf-8"))
+    return "offload_param" not in config["zero_optimization"]
+
+
 def deepspeed_config(settings: TrainSettings) -> str | dict:
     """The DeepSpeed config ``settings.deepspeed`` names, adjusted for ZeRO-3 where the file cannot know the run:
 
-    - in a single process, without offloaded parameters, every parameter persists: one process has nothing to
-      shard them with, and gathering and releasing each layer's weights around every use only costs time;
+    - in a single process, without offloaded parameters (``zero3_whole``), every parameter persists: one process
+      has nothing to shard them with, and gathering and releasing each layer's weights around every use, flushing
+      gradients a parameter at a time and DeepSpeed's own linear function only cost time;
     - for stage dpo, parameter prefetching is off. trl's DPO gathers the output head itself for its fused
       log-probabilities, and with two or more processes a head that the prefetcher has in flight cannot be released
       after it (DeepSpeed: "Cannot partition a param in flight"; tests/snaketune/test_preference.py runs it).
@@ -625,8 +659,10 @@ def deepspeed_config(settings: TrainSettings) -> str | dict:
         return str(path)
     config = json.loads(path.read_text(encoding="utf-8"))
     zero = config["zero_optimization"]
-    if KEEP_WHOLE_IN_ONE_PROCESS and settings.gpus * settings.nodes == 1 and "offload_param" not in zero:
-        zero["stage3_param_persistence_threshold"] = 2**62
+    if zero3_whole(settings):
+        zero.update(stage3_param_persistence_threshold=2**62,  # no layer's weights are gathered or released
+                    reduce_bucket_size=500_000_000,  # "auto" (hidden x hidden) flushed gradients once per parameter
+                    memory_efficient_linear=False)  # only spares a gathered weight that is never released here
     if settings.stage == "dpo":
         zero["stage3_prefetch_bucket_size"] = 0
     return config

@@ -254,6 +254,21 @@ def test_a_nan_loss_stops_with_what_to_change(built, tmp_path):
     assert "lower learning_rate (now 1e+30)" in line and not (tmp_path / "adapter").exists()
 
 
+def test_zero3_in_one_process_trains_with_whole_decoder_layers_and_saves_a_loadable_model(built, tmp_path,
+                                                                                          tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    settings = {**FAST, "method": "full", "deepspeed": "zero3", "max_steps": 20, "learning_rate": 0.003}
+    result = run_train(built, tmp_path, settings)
+    assert "processes 1" in result.stderr
+    log = losses(tmp_path)
+    assert log["step"].iloc[-1] == 20 and log["loss"].iloc[-1] < 0.8 * log["loss"].iloc[0]
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert trained.state_dict().keys() == base.state_dict().keys()
+    assert all(trained.state_dict()[k].shape == v.shape for k, v in base.state_dict().items())
+
+
 def test_zero3_keeps_parameters_whole_in_one_process_and_dpo_runs_without_prefetching():
     from snaketune.train import deepspeed_config
 
@@ -261,8 +276,13 @@ def test_zero3_keeps_parameters_whole_in_one_process_and_dpo_runs_without_prefet
         config = deepspeed_config(TrainSettings(method="full", **settings))
         return config["zero_optimization"] if isinstance(config, dict) else config
 
-    assert zero(deepspeed="zero3")["stage3_param_persistence_threshold"] >= 2**40  # nothing to shard with
-    assert zero(deepspeed="zero3", gpus=2)["stage3_param_persistence_threshold"] == "auto"
+    whole = zero(deepspeed="zero3")
+    assert whole["stage3_param_persistence_threshold"] >= 2**40  # nothing to shard with
+    assert whole["reduce_bucket_size"] >= 10**8 and whole["memory_efficient_linear"] is False
+    assert zero(deepspeed="zero3_offload")["stage3_param_persistence_threshold"] >= 2**40  # the optimizer only
+    sharded = zero(deepspeed="zero3", gpus=2)
+    assert sharded["stage3_param_persistence_threshold"] == sharded["reduce_bucket_size"] == "auto"
+    assert "memory_efficient_linear" not in sharded
     assert zero(deepspeed="zero3", nodes=2)["stage3_param_persistence_threshold"] == "auto"
     assert zero(deepspeed="zero3", gpus=2, stage="dpo")["stage3_prefetch_bucket_size"] == 0
     assert zero(deepspeed="zero3", gpus=2)["stage3_prefetch_bucket_size"] == "auto"
@@ -284,3 +304,23 @@ def test_hopper_arch_suffix_is_made_readable_for_deepspeed():
 def test_known_bad_combinations_are_refused_before_any_work(settings, message):
     with pytest.raises(UserError, match=message):
         TrainSettings(**settings)
+
+
+def test_qlora_in_bf16_keeps_the_frozen_weights_bf16_and_trains_fp32_adapters(tiny_model):
+    """peft's kbit preparation would make the embeddings, norms and head fp32 (3 GiB more for a 14B model and an
+    fp32 residual stream cast back to bf16 at every linear layer); in bf16 only the adapters are fp32. In an fp32
+    (or fp16) run everything that is not 4-bit is fp32."""
+    from snaketune.train import load_model, resolve_speedups
+
+    def dtypes(precision):
+        settings = TrainSettings(method="qlora")
+        model = load_model(settings, tiny_model, False, precision, resolve_speedups(settings, True, precision))
+        kinds = {}
+        for name, parameter in model.named_parameters():
+            if type(parameter).__name__ != "Params4bit":
+                kind = "adapter" if "lora_" in name else "base"
+                kinds.setdefault(kind, set()).add((str(parameter.dtype), parameter.requires_grad))
+        return kinds
+
+    assert dtypes("bf16") == {"base": {("torch.bfloat16", False)}, "adapter": {("torch.float32", True)}}
+    assert dtypes("fp32") == {"base": {("torch.float32", False)}, "adapter": {("torch.float32", True)}}
