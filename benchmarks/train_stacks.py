@@ -163,7 +163,10 @@ def run_library(model_dir, rows, steps, attention: str, checkpointing: bool, pac
 
 
 STAGE_VARIANTS = {"default": {}, "nocompile": {"torch_compile": False, "liger_kernels": False},
-                  "liger": {"torch_compile": False, "liger_kernels": True}, "chunked": {"fused_loss": "chunked"}}
+                  "liger": {"torch_compile": False, "liger_kernels": True}, "chunked": {"fused_loss": "chunked"},
+                  # QLoRA through the stage: its default (compiled layers), and as it was before (Liger, eager);
+                  # run qlora before qloraliger, as Liger patches transformers' classes for the whole process
+                  "qlora": {"method": "qlora"}, "qloraliger": {"method": "qlora", "torch_compile": False}}
 
 
 def run_stage(model_dir, rows, n_steps, checkpointing: bool, pack_tokens: int, work: Path, variant: str) -> dict:
@@ -187,11 +190,12 @@ def run_stage(model_dir, rows, n_steps, checkpointing: bool, pack_tokens: int, w
     files = TrainFiles(train=data / "train.parquet", eval=data / "eval.parquet", stats=None,
                        adapter=run / "adapter", train_log=run / "train_log.csv", summary=run / "summary.json",
                        curve=run / "loss.png", checkpoints=run / "checkpoints")
-    settings = TrainSettings(method="lora", lora_rank=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_dropout=0.0,
-                             learning_rate=1e-4, max_steps=n_steps, per_device_train_batch_size=per_device,
-                             gradient_accumulation_steps=accumulation, logging_steps=1, save_steps=10_000,
-                             lr_scheduler_type="constant", precision="bf16", gradient_checkpointing=checkpointing,
-                             **STAGE_VARIANTS[variant])
+    settings = TrainSettings(**{
+        "method": "lora", "lora_rank": LORA["r"], "lora_alpha": LORA["lora_alpha"], "lora_dropout": 0.0,
+        "learning_rate": 1e-4, "max_steps": n_steps, "per_device_train_batch_size": per_device,
+        "gradient_accumulation_steps": accumulation, "logging_steps": 1, "save_steps": 10_000,
+        "lr_scheduler_type": "constant", "precision": "bf16", "gradient_checkpointing": checkpointing,
+        **STAGE_VARIANTS[variant]})
     torch.cuda.reset_peak_memory_stats()
     summary = train(settings, model_dir, False, files, run_name="stage-default")
     log = pd.read_csv(files.train_log)

@@ -200,7 +200,7 @@ def on_a_gpu(monkeypatch):
 @pytest.mark.parametrize("method, precision, expected", [
     ("lora", "bf16", ("tokens", "varlen", "chunked", False, True)),
     ("lora", "fp32", ("tokens", "flex_attention", "chunked", False, True)),
-    ("qlora", "bf16", ("tokens", "varlen", "chunked", False, False)),
+    ("qlora", "bf16", ("tokens", "varlen", "chunked", False, True)),
     ("full", "bf16", ("tokens", "varlen", "chunked", False, False)),
 ])
 def test_auto_picks_the_measured_fast_path_on_a_gpu(on_a_gpu, method, precision, expected):
