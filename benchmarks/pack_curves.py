@@ -33,6 +33,8 @@ TINY = {"source": "builtin", "architecture": "qwen2", "seed": 0, "vocab_size": 2
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--accumulation", type=int, default=1,
+                        help="gradient_accumulation_steps: rows a step = 8 x this (the issue's workload: ~50)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -45,7 +47,7 @@ def main() -> int:
 
     base = {"learning_rate": 0.005, "per_device_train_batch_size": 8, "logging_steps": 1, "save_steps": 10_000,
             "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "warmup_steps": 0, "max_steps": args.steps,
-            "seed": 42}
+            "seed": 42, "gradient_accumulation_steps": args.accumulation}
     runs = {"padded": {"packing": False}, "rows": {"packing": "rows"}, "tokens": {"packing": "tokens"},
             "padded, another seed": {"packing": False, "seed": 43}}
     with tempfile.TemporaryDirectory() as tmp:

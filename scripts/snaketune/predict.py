@@ -144,6 +144,8 @@ def prefill(model, input_ids, mask, positions, budget: int = PREFILL_TOKENS):
 
     width = input_ids.shape[1]
     rows = max(1, budget // width)
+    if not all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers):
+        rows = len(input_ids)  # chunks' caches can be joined only where every layer keeps all its keys and values
     chunks = [slice(start, start + rows) for start in range(0, len(input_ids), rows)]
     caches, logits = [], []
     for chunk in chunks:
@@ -152,8 +154,6 @@ def prefill(model, input_ids, mask, positions, budget: int = PREFILL_TOKENS):
         logits.append(model(input_ids=input_ids[chunk, cut:], attention_mask=mask[chunk, cut:],
                             position_ids=positions[chunk, cut:], past_key_values=cache, use_cache=True,
                             logits_to_keep=1).logits[:, -1])
-        if len(chunks) > 1 and not all(type(layer) is DynamicLayer for layer in cache.layers):
-            return prefill(model, input_ids, mask, positions, budget=len(input_ids) * width)
         caches.append((cut, cache))
     if len(caches) == 1:
         return caches[0][1], logits[0]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -157,9 +158,10 @@ def config_class(stage: str):
     return ORPOConfig
 
 
-def config_arguments(stage: str, beta: float, loss: str, longest: int) -> dict[str, Any]:
-    """trl's settings for ``stage``: the loss and its beta; lengths are already cut by the dataset stage."""
+def config_arguments(stage: str, beta: float, loss: str, longest: Callable[[], int]) -> dict[str, Any]:
+    """trl's settings for ``stage``: the loss and its beta; lengths are already cut by the dataset stage.
+    ``longest`` (the longest row's tokens: a scan of the split) is called for ORPO only, whose config needs it."""
     common = {"beta": beta, "disable_dropout": True}
     if stage == "dpo":
         return {**common, "loss_type": [loss], "max_length": None, "precompute_ref_log_probs": False}
-    return {**common, "max_length": longest}
+    return {**common, "max_length": longest()}

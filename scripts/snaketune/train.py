@@ -335,13 +335,29 @@ def pack_capacity(settings: TrainSettings, lengths) -> int:
     return int(max(lengths.max(), math.ceil(settings.per_device_train_batch_size * lengths.mean())))
 
 
+def token_packs(settings: TrainSettings, lengths) -> list[list[int]]:
+    """Packs of ``pack_capacity`` tokens, the capacity raised (at most 6 tries) until there are no more packs
+    than the padded run has batches: packs are never full, so packs of exactly the mean batch's tokens would
+    make more, smaller steps an epoch than the padded run's."""
+    from snaketune.packing import pack_rows
+
+    capacity = pack_capacity(settings, lengths)
+    batches = math.ceil(len(lengths) / settings.per_device_train_batch_size)
+    packs = pack_rows(lengths, capacity, settings.seed)
+    for _ in range(6):
+        if len(packs) <= batches:
+            break
+        capacity = math.ceil(capacity * (1 + 0.5 * (len(packs) - batches) / batches)) + 1
+        packs = pack_rows(lengths, capacity, settings.seed)
+    return packs
+
+
 def training_rows(settings: TrainSettings, speedups: Speedups, rows):
     """The training dataset and its collator: packs of rows end to end, single rows end to end, or padded rows."""
-    from snaketune.packing import PackedRows, flatten_rows, pack_rows
+    from snaketune.packing import PackedRows, flatten_rows
 
     if speedups.packing == "tokens":
-        return PackedRows(rows, pack_rows(rows.lengths, pack_capacity(settings, rows.lengths), settings.seed)), \
-            flatten_rows
+        return PackedRows(rows, token_packs(settings, rows.lengths)), flatten_rows
     if speedups.packing == "rows":
         return rows, flatten_rows
     return rows, None
@@ -766,7 +782,7 @@ def train(settings: TrainSettings, model_dir: Path, trust_remote_code: bool, fil
     trl_arguments = {}
     if pairs_stage:
         trl_arguments = {"config_class": preference.config_class(settings.stage), **preference.config_arguments(
-            settings.stage, settings.pref_beta, settings.pref_loss, longest_row(files.train))}
+            settings.stage, settings.pref_beta, settings.pref_loss, lambda: longest_row(files.train))}
     args = training_arguments(settings, files, precision, run_name, batch_rows, padding_free=bool(speedups.packing),
                               **trl_arguments)
     start_process_group(settings)

@@ -194,3 +194,33 @@ def test_the_greedy_loop_gives_generates_tokens_and_stops_where_it_stops(tiny_mo
     assert (reference == tokenizer.pad_token_id).any()
     assert torch.equal(ours[:, : reference.shape[1]], reference)
     assert (ours[:, reference.shape[1]:] == tokenizer.pad_token_id).all()  # steps past the end are padding
+
+
+def test_a_model_with_sliding_window_layers_reads_its_prompts_in_one_prefill(tiny_model, tiny_tokenizer):
+    """Chunks' caches cannot be joined where a layer keeps only a window of keys: such a model reads the whole
+    batch at once, decided before any chunk is computed, and still gives generate's tokens."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from snaketune import predict
+
+    config = AutoConfig.from_pretrained(tiny_model)
+    config.update({"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 0,
+                   "layer_types": ["sliding_attention"] + ["full_attention"] * (config.num_hidden_layers - 1)})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    tiny_tokenizer.padding_side = "left"
+    prompts = [render(tiny_tokenizer, [{"role": "user", "content": q}], add_generation_prompt=True)
+               for q in ["你好", "Who are you? Tell me everything about yourself.", "1 2 3"]]
+    inputs = tiny_tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    forwards = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: forwards.append(kwargs["input_ids"].shape),
+                                    with_kwargs=True)
+    with torch.no_grad():
+        ours = predict.greedy_tokens(model, inputs["input_ids"], inputs["attention_mask"], 12,
+                                     tiny_tokenizer.pad_token_id, prefill_tokens=inputs["input_ids"].shape[1])
+        prefill_reads = forwards[0]
+        reference = model.generate(**inputs, max_new_tokens=12, do_sample=False,
+                                   pad_token_id=tiny_tokenizer.pad_token_id)[:, inputs["input_ids"].shape[1]:]
+    assert prefill_reads == inputs["input_ids"].shape  # one pass over all three rows, not a row a chunk
+    assert torch.equal(ours[:, : reference.shape[1]], reference)
