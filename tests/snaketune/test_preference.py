@@ -205,15 +205,16 @@ def test_each_method_learns_the_preference_and_logs_its_rewards(pairs, tmp_path,
     assert (tmp_path / "adapter" / ("model.safetensors" if method == "full" else "adapter_model.safetensors")).exists()
 
 
-@pytest.mark.parametrize("stage", ["dpo", "orpo"])
-def test_a_full_fine_tune_shards_over_two_zero3_processes(pairs, tmp_path, stage):
+@pytest.mark.parametrize("stage, gpus", [("dpo", 2), ("orpo", 2), ("dpo", 1)])
+def test_a_full_fine_tune_shards_over_two_zero3_processes(pairs, tmp_path, stage, gpus):
     """The expensive real run: DeepSpeed ZeRO-3 in two CPU processes under torchrun; DPO's reference is a second
-    sharded model, and its fused head needs prefetching off (train.deepspeed_config)."""
-    settings = {**FAST, "stage": stage, "method": "full", "deepspeed": "zero3", "gpus": 2, "learning_rate": 1e-3,
+    sharded model, and its fused head needs prefetching off (train.deepspeed_config). In one process the policy's
+    decoder layers are ZeRO-3 leaf modules with whole parameters (train.zero3_whole), the reference beside it."""
+    settings = {**FAST, "stage": stage, "method": "full", "deepspeed": "zero3", "gpus": gpus, "learning_rate": 1e-3,
                 "max_steps": 8, "save_steps": 4}
     run_train(pairs, tmp_path, settings)
     summary = json.loads((tmp_path / "train_summary.json").read_text())
-    assert summary["processes"] == 2 and summary["global_step"] == 8
+    assert summary["processes"] == gpus and summary["global_step"] == 8
     assert summary["preference"]["pairs"] == 24 and summary["reward_accuracy"] is not None
     assert (tmp_path / "adapter" / "model.safetensors").exists()  # the shards gathered into one model
 
