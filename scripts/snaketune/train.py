@@ -606,10 +606,11 @@ def load_model(settings: TrainSettings, model_dir: Path, trust_remote_code: bool
     if speedups.fused_loss != "none":
         speedups.fused_loss = fused_loss.install(model, speedups.fused_loss)
     if settings.method == "full":
-        if settings.deepspeed and zero3_whole(settings) and decoder_layers(model) is not None:
+        layers = decoder_layers(model)
+        if zero3_whole(settings) and layers is not None:
             from deepspeed.utils import set_z3_leaf_modules
 
-            set_z3_leaf_modules(model, [type(decoder_layers(model)[0])])
+            set_z3_leaf_modules(model, [type(layers[0])])
         return compile_layers(model) if speedups.torch_compile else model
 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -655,7 +656,7 @@ def zero3_whole(settings: TrainSettings) -> bool:
     """ZeRO-3 in a single process with its parameters on the GPU: they stay whole (``deepspeed_config``), and each
     decoder layer is one ZeRO-3 leaf module (``load_model``): hooks per layer instead of per linear layer."""
     one_process = settings.gpus * settings.nodes == 1
-    if not (KEEP_WHOLE_IN_ONE_PROCESS and one_process and settings.deepspeed.startswith("zero3")):
+    if not (KEEP_WHOLE_IN_ONE_PROCESS and one_process and (settings.deepspeed or "").startswith("zero3")):
         return False
     config = json.loads((DEEPSPEED_CONFIGS / f"{settings.deepspeed}.json").read_text(encoding="utf-8"))
     return "offload_param" not in config["zero_optimization"]
