@@ -4,7 +4,7 @@ family, built here) and the bundled identity data, through scripts/train.py: the
 logged loss per step, LoRA, batch 8.
 
 - ``rows``: each padded batch's rows laid end to end: the same rows a step, so the same losses;
-- ``tokens``: packs of 8 x the mean row's tokens, drawn in their own seeded order: other rows a step;
+- ``tokens``: each step's rows (the padded run's) dealt into its micro-batches by tokens, not by count;
 - ``padded, another seed``: the padded run again with seed 43 instead of 42, for the spread that another batch
   order alone gives.
 

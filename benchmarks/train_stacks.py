@@ -150,8 +150,29 @@ def run_recipe(model_dir, rows, steps, checkpointing=True) -> dict:
                                                              for i in range(0, len(step_rows), 8)))
 
 
+def pack_rows(lengths: list[int], capacity: int, seed: int, open_packs: int = 8) -> list[list[int]]:
+    """The library stacks' packing: rows in a seeded shuffle, each into the first of the last ``open_packs`` packs
+    of at most ``capacity`` tokens that has room, else a new pack (first fit over a window)."""
+    import random
+
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    packs: list[list[int]] = []
+    room: list[int] = []
+    for index in order:
+        window = range(max(0, len(packs) - open_packs), len(packs))
+        target = next((p for p in window if room[p] >= lengths[index]), None)
+        if target is None:
+            packs.append([])
+            room.append(max(capacity, lengths[index]))
+            target = len(packs) - 1
+        packs[target].append(index)
+        room[target] -= lengths[index]
+    return packs
+
+
 def run_library(model_dir, rows, steps, attention: str, checkpointing: bool, pack_tokens: int) -> dict:
-    from snaketune.packing import flatten_rows, pack_rows
+    from snaketune.packing import flatten_rows
 
     model = load_lora(model_dir, attention, checkpointing, liger=True)
 
@@ -180,12 +201,9 @@ def run_stage(model_dir, rows, n_steps, checkpointing: bool, pack_tokens: int, w
     data.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_parquet(data / "train.parquet")
     pd.DataFrame(rows[:2]).to_parquet(data / "eval.parquet")
-    from snaketune.train import pack_capacity
-
-    lengths = [len(r["input_ids"]) for r in rows]
-    per_device = max(1, round(pack_tokens * len(lengths) / sum(lengths)))  # packs of per_device x the mean row
-    capacity = pack_capacity(TrainSettings(per_device_train_batch_size=per_device), lengths)
-    accumulation = max(1, round(16_384 / (capacity * 0.9)))
+    mean_row = sum(len(r["input_ids"]) for r in rows) / len(rows)
+    per_device = max(1, round(pack_tokens / mean_row))  # micro-batches of about pack_tokens: per_device mean rows
+    accumulation = max(1, round(16_384 / (per_device * mean_row)))
     run = work / f"stage-{checkpointing}"
     files = TrainFiles(train=data / "train.parquet", eval=data / "eval.parquet", stats=None,
                        adapter=run / "adapter", train_log=run / "train_log.csv", summary=run / "summary.json",
@@ -202,14 +220,14 @@ def run_stage(model_dir, rows, n_steps, checkpointing: bool, pack_tokens: int, w
     speeds = log["tokens_per_second"].dropna().tolist()[2:]
     return {"tokens_per_second": round(statistics.median(speeds), 1), "peak_memory_gib": summary["peak_memory_gib"],
             "losses": [round(x, 5) for x in log["loss"]], "speedups": summary["speedups"],
-            "per_device_train_batch_size": per_device, "gradient_accumulation_steps": accumulation,
-            "pack_tokens": capacity}
+            "per_device_train_batch_size": per_device, "gradient_accumulation_steps": accumulation}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--pack-tokens", type=int, default=4096, help="tokens per packed micro-batch")
+    parser.add_argument("--pack-tokens", type=int, default=4096, help="tokens per packed micro-batch (the stage's: "
+                        "about this many, per_device_train_batch_size mean rows)")
     parser.add_argument("--prompt-share", type=float, default=0.25)
     # Liger patches transformers' classes for the whole process: stacks without it run first
     parser.add_argument("--stacks", nargs="+", default=[

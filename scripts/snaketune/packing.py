@@ -6,64 +6,41 @@ attention), so no token attends to another row. The first label of every row is 
 predict the next row's first token. A batch built this way gives the same loss and gradients as the same rows
 padded to the longest one, and costs only the tokens that are there.
 
-Batches can also be sized in tokens (``pack_rows``): rows are shuffled with the seed, then laid into packs of at
-most ``capacity`` tokens (first fit), so every step sees about the same number of tokens however long the rows are.
-The train stage sizes packs as the real tokens of a padded batch on average (``train.pack_capacity``), so a pack
-holds ``per_device_train_batch_size`` rows on average.
+With ``packing: tokens`` a step holds the rows the padded run's step holds (the same seeded order, the same
+rows a step), and they are dealt into the step's micro-batches by tokens instead of by count (``balance_step``):
+every micro-batch then holds about the same number of tokens, whatever the rows' lengths, and the loss curve is
+the padded run's. Packs cut to a fixed size in tokens would put other rows in each step, and their curve would
+drift from the padded one by as much as another seed's.
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 
 IGNORE_INDEX = -100
 
 
-def pack_rows(lengths: Sequence[int], capacity: int, seed: int, open_packs: int = 8) -> list[list[int]]:
-    """Row indices grouped into packs of at most ``capacity`` tokens; every row in exactly one pack.
+def balance_step(rows: Sequence[int], lengths: Sequence[int], packs: int) -> list[list[int]]:
+    """``rows`` (indices, with their ``lengths`` in tokens) dealt into ``packs`` micro-batches of even tokens.
 
-    The rows are taken in a seeded shuffle, and each goes into the first of the last ``open_packs`` packs that has
-    room for it, else starts a new pack (first fit over a window: packs fill well and rows stay shuffled). A row
-    longer than ``capacity`` is an error (the dataset stage truncates rows to its max_seq_length).
+    Longest row first, each into the pack holding the fewest tokens so far (greedy longest-processing-time: the
+    fullest pack exceeds the mean by less than the longest row). With at least as many rows as packs no pack is
+    empty. Packs come fullest first; each keeps its rows in ``rows``' order.
     """
-    if capacity < 1:
-        raise ValueError(f"pack capacity must be positive, not {capacity}")
-    order = list(range(len(lengths)))
-    random.Random(seed).shuffle(order)
-    packs: list[list[int]] = []
-    room: list[int] = []
-    for index in order:
-        length = int(lengths[index])
-        if length > capacity:
-            raise ValueError(f"row {index} has {length} tokens, more than a pack's {capacity}")
-        window = range(max(0, len(packs) - open_packs), len(packs))
-        target = next((p for p in window if room[p] >= length), None)
-        if target is None:
-            packs.append([])
-            room.append(capacity)
-            target = len(packs) - 1
-        packs[target].append(index)
-        room[target] -= length
-    return packs
-
-
-class PackedRows:
-    """A dataset whose items are packs: lists of rows of ``rows`` (anything indexable), grouped by ``packs``."""
-
-    def __init__(self, rows, packs: list[list[int]]):
-        self.rows = rows
-        self.packs = packs
-
-    def __len__(self) -> int:
-        return len(self.packs)
-
-    def __getitem__(self, index: int) -> list[dict]:
-        return [self.rows[i] for i in self.packs[index]]
+    if len(rows) < packs:
+        raise ValueError(f"{len(rows)} rows cannot fill {packs} packs")
+    tokens = [0] * packs
+    members: list[list[int]] = [[] for _ in range(packs)]
+    for position in sorted(range(len(rows)), key=lambda p: -int(lengths[p])):
+        emptiest = min(range(packs), key=tokens.__getitem__)
+        members[emptiest].append(position)
+        tokens[emptiest] += int(lengths[position])
+    order = sorted(range(packs), key=lambda p: -tokens[p])
+    return [[rows[p] for p in sorted(members[pack])] for pack in order]
 
 
 def flatten_rows(features: list) -> dict:
-    """One padding-free batch from rows (dicts with ``input_ids`` and ``labels``) or packs of rows.
+    """One padding-free batch from rows (dicts with ``input_ids`` and ``labels``).
 
     Returns tensors of shape (1, total tokens): input_ids, labels (the first of each row ignored) and
     position_ids; no attention mask, which is what lets transformers see the packed format; and the rows'
@@ -71,16 +48,15 @@ def flatten_rows(features: list) -> dict:
     """
     import torch
 
-    rows = [row for item in features for row in (item if isinstance(item, list) else [item])]
     input_ids, labels, positions = [], [], []
-    for row in rows:
+    for row in features:
         ids = list(row["input_ids"])
         input_ids += ids
         labels += [IGNORE_INDEX] + list(row["labels"])[1:]
         positions += range(len(ids))
     return {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels]),
             "position_ids": torch.tensor([positions]), "use_cache": False,
-            **row_bounds([len(row["input_ids"]) for row in rows])}
+            **row_bounds([len(row["input_ids"]) for row in features])}
 
 
 VARLEN = "varlen"  # the attention implementation name registered with transformers

@@ -91,9 +91,9 @@ class TrainSettings:
     nodes: int = 1  # machines the job spans (Slurm: one torchrun per node through srun)
     tensorboard: bool = False  # also write TensorBoard events to results/runs/{run}/tensorboard
     # speed: each switchable; auto is the fastest correct choice on the machine the job runs on
-    packing: str | bool = "auto"  # tokens: rows end to end in packs of per_device_train_batch_size x the mean row's
-    #                               tokens; rows: each batch's rows end to end; false: padded to the longest (the
-    #                               reference); auto: tokens on a GPU, false on the CPU
+    packing: str | bool = "auto"  # tokens: rows end to end, a step's rows (the padded run's) dealt into its
+    #                               micro-batches by tokens; rows: each batch's rows end to end; false: padded to
+    #                               the longest (the reference); auto: tokens on a GPU, false on the CPU
     attention: str = "auto"  # varlen: flash attention row by row within a pack (needs packing); auto: varlen for
     #                          packed rows on a GPU in bf16/fp16, flex_attention in fp32, else sdpa
     fused_loss: str = "auto"  # head + cross-entropy without full logits: chunked | liger | none; auto: chunked on
@@ -323,44 +323,30 @@ def needs_checkpointing(settings: TrainSettings, model_dir: Path, files: TrainFi
     return needed
 
 
-def pack_capacity(settings: TrainSettings, lengths) -> int:
-    """Tokens per pack: the real tokens a padded batch of ``per_device_train_batch_size`` rows holds on average
-    (never less than the longest row). A pack then holds that many rows on average, so an epoch has as many
-    steps as the padded run and the learning rate, schedule and batch size keep their meaning."""
-    import numpy as np
+def step_packs_sampler(rows, args):
+    """``packing: tokens``: each optimizer step's ``rows`` (TokenRows), as the padded run draws them, dealt into
+    its micro-batches (every process's) by tokens.
 
-    lengths = np.asarray(lengths)
-    if not len(lengths):
-        return 1
-    return int(max(lengths.max(), math.ceil(settings.per_device_train_batch_size * lengths.mean())))
+    transformers' BatchRebalanceSampler keeps a step's rows and shares them out among micro-batches and processes;
+    its cost is a padded batch's (rows x the longest, in groups of similar length), and it takes no seed. Packs
+    have no padding, so this one deals rows by their tokens (``packing.balance_step``) and shuffles with the run's
+    seed: the same order as the padded run's sampler (``torch.randperm`` seeded with seed + epoch).
+    """
+    from transformers.trainer_pt_utils import BatchRebalanceSampler
 
+    from snaketune.packing import balance_step
 
-def token_packs(settings: TrainSettings, lengths) -> list[list[int]]:
-    """Packs of ``pack_capacity`` tokens, the capacity raised (at most 6 tries) until there are no more packs
-    than the padded run has batches: packs are never full, so packs of exactly the mean batch's tokens would
-    make more, smaller steps an epoch than the padded run's."""
-    from snaketune.packing import pack_rows
+    class StepPacks(BatchRebalanceSampler):
+        def _assign(self, indices, lengths):
+            packs = balance_step(indices, lengths, self.dp_size * self.grad_accum)  # fullest first
+            return [[packs[slot * self.dp_size + rank] for slot in range(self.grad_accum)]
+                    for rank in range(self.dp_size)]
 
-    capacity = pack_capacity(settings, lengths)
-    batches = math.ceil(len(lengths) / settings.per_device_train_batch_size)
-    packs = pack_rows(lengths, capacity, settings.seed)
-    for _ in range(6):
-        if len(packs) <= batches:
-            break
-        capacity = math.ceil(capacity * (1 + 0.5 * (len(packs) - batches) / batches)) + 1
-        packs = pack_rows(lengths, capacity, settings.seed)
-    return packs
-
-
-def training_rows(settings: TrainSettings, speedups: Speedups, rows):
-    """The training dataset and its collator: packs of rows end to end, single rows end to end, or padded rows."""
-    from snaketune.packing import PackedRows, flatten_rows
-
-    if speedups.packing == "tokens":
-        return PackedRows(rows, token_packs(settings, rows.lengths)), flatten_rows
-    if speedups.packing == "rows":
-        return rows, flatten_rows
-    return rows, None
+    processes, accumulation = max(1, args.world_size), args.gradient_accumulation_steps
+    return StepPacks(lengths=rows.lengths.tolist(), dp_size=processes, grad_accum=accumulation,
+                     effective_batch_size=args.per_device_train_batch_size * accumulation * processes,
+                     seed=args.data_seed, rank=args.process_index if processes > 1 else 0,
+                     drop_last=args.dataloader_drop_last)
 
 
 def open_rows(files: TrainFiles, scratch: Path):
@@ -564,6 +550,12 @@ def make_trainer_class(base=None):
                 self._flops_per_token = super().floating_point_ops(inputs) / ids.numel()
             return int(self._flops_per_token * ids.numel())
 
+        def _get_train_sampler(self, train_dataset=None):
+            if self.args.train_sampling_strategy == "batch_rebalance":  # packing: tokens
+                rows = self.train_dataset if train_dataset is None else train_dataset
+                return step_packs_sampler(rows, self.args)
+            return super()._get_train_sampler(train_dataset)
+
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
             now, seen = time.monotonic(), self.state.num_input_tokens_seen
             if "loss" in logs and self._last is not None and now > self._last[0]:
@@ -687,7 +679,7 @@ def deepspeed_config(settings: TrainSettings) -> str | dict:
 
 
 def training_arguments(settings: TrainSettings, files: TrainFiles, precision: str, run_name: str,
-                       batch_rows: int, padding_free: bool = False, config_class=None, **extra: Any):
+                       packing: str | bool = False, config_class=None, **extra: Any):
     """The Trainer's arguments (``config_class``: trl's config of a preference stage, with its ``extra`` keys)."""
     import torch
     from transformers import TrainingArguments
@@ -699,7 +691,7 @@ def training_arguments(settings: TrainSettings, files: TrainFiles, precision: st
     return (config_class or TrainingArguments)(
         output_dir=str(files.checkpoints), run_name=run_name, seed=settings.seed, data_seed=settings.seed,
         learning_rate=settings.learning_rate, num_train_epochs=settings.num_train_epochs,
-        max_steps=settings.max_steps, per_device_train_batch_size=batch_rows,
+        max_steps=settings.max_steps, per_device_train_batch_size=settings.per_device_train_batch_size,
         gradient_accumulation_steps=settings.gradient_accumulation_steps,
         lr_scheduler_type=settings.lr_scheduler_type, warmup_steps=settings.warmup_steps,
         weight_decay=settings.weight_decay, max_grad_norm=settings.max_grad_norm, optim=settings.optim,
@@ -713,7 +705,9 @@ def training_arguments(settings: TrainSettings, files: TrainFiles, precision: st
         report_to=["tensorboard"] if settings.tensorboard else [],
         use_cpu=not torch.cuda.is_available(),
         # tokens/s counts real tokens: a padding-free batch has no padding, a padded one its attention mask's ones
-        include_num_input_tokens_seen="all" if padding_free else "non_padding",
+        include_num_input_tokens_seen="all" if packing else "non_padding",
+        # packing tokens: a step's rows dealt into its micro-batches by tokens (the trainer's step_packs_sampler)
+        train_sampling_strategy="batch_rebalance" if packing == "tokens" else "random",
         remove_unused_columns=False, dataloader_num_workers=0, per_device_eval_batch_size=8,
         ddp_find_unused_parameters=False if settings.gpus * settings.nodes > 1 else None, **extra,
     )
@@ -768,6 +762,8 @@ def train(settings: TrainSettings, model_dir: Path, trust_remote_code: bool, fil
     import torch
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq, set_seed
 
+    from snaketune.packing import flatten_rows
+
     die_with_launcher()
     prepare_environment(settings)
     set_seed(settings.seed)
@@ -775,7 +771,6 @@ def train(settings: TrainSettings, model_dir: Path, trust_remote_code: bool, fil
     checkpoints = files.checkpoints
     settings = replace(settings, gradient_checkpointing=needs_checkpointing(settings, model_dir, files))
     speedups = resolve_speedups(settings, native_model(model_dir, trust_remote_code), precision)
-    batch_rows = 1 if speedups.packing == "tokens" else settings.per_device_train_batch_size  # a pack is a batch
     pairs_stage = settings.stage != "sft"
     if pairs_stage and not preference.has_pairs(files.train):
         raise UserError(f"stage {settings.stage} trains on preference pairs, and {files.train} has none: give the run "
@@ -784,7 +779,7 @@ def train(settings: TrainSettings, model_dir: Path, trust_remote_code: bool, fil
     if pairs_stage:
         trl_arguments = {"config_class": preference.config_class(settings.stage), **preference.config_arguments(
             settings.stage, settings.pref_beta, settings.pref_loss, lambda: longest_row(files.train))}
-    args = training_arguments(settings, files, precision, run_name, batch_rows, padding_free=bool(speedups.packing),
+    args = training_arguments(settings, files, precision, run_name, packing=speedups.packing,
                               **trl_arguments)
     start_process_group(settings)
     if "RANK" in os.environ:  # where each process is: global rank, node, local rank
@@ -818,14 +813,12 @@ def train(settings: TrainSettings, model_dir: Path, trust_remote_code: bool, fil
     if pairs_stage:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        train_data, eval_data = train_pairs, eval_pairs
+        train_rows, eval_data = train_pairs, eval_pairs
         trainer = make_trainer_class(preference.trainer_base(settings.stage))(
             model=model, args=args, train_dataset=train_pairs, eval_dataset=eval_pairs if len(eval_pairs) else None,
             processing_class=tokenizer, callbacks=list(callbacks))
-        train_rows = train_pairs
     else:
         train_rows, eval_data = open_rows(files, checkpoints)
-        train_data, collator = training_rows(settings, speedups, train_rows)
         optimizers = (None, None)
         if settings.loraplus_lr_ratio:
             from peft.optimizers import create_loraplus_optimizer
@@ -834,21 +827,23 @@ def train(settings: TrainSettings, model_dir: Path, trust_remote_code: bool, fil
                                                     lr=settings.learning_rate, weight_decay=settings.weight_decay,
                                                     loraplus_lr_ratio=settings.loraplus_lr_ratio), None)
         trainer = make_trainer_class()(
-            model=model, args=args, train_dataset=train_data, optimizers=optimizers, callbacks=list(callbacks),
-            data_collator=collator or DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+            model=model, args=args, train_dataset=train_rows, optimizers=optimizers, callbacks=list(callbacks),
+            data_collator=flatten_rows if speedups.packing else
+            DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
         )
     rank0 = trainer.is_world_process_zero()
+    batches_per_epoch = (len(step_packs_sampler(train_rows, args)) if speedups.packing == "tokens" else  # else the
+                         math.ceil(math.ceil(len(train_rows) / args.world_size)  # sampler shares rows, then batches
+                                   / args.per_device_train_batch_size))
     summary: dict[str, Any] = {"settings": asdict(settings), "precision": precision, "processes": args.world_size,
                                "speedups": asdict(speedups), "train_rows": len(train_rows),
-                               "train_batches_per_epoch_per_process":  # the sampler shares items, then batches
-                                   math.ceil(math.ceil(len(train_data) / args.world_size) / batch_rows),
+                               "train_batches_per_epoch_per_process": batches_per_epoch,
                                "eval_rows": len(eval_data), "global_step": 0}
     if rank0:
-        effective = batch_rows * settings.gradient_accumulation_steps * args.world_size
-        unit = "packs" if speedups.packing == "tokens" else "rows"
+        effective = settings.per_device_train_batch_size * settings.gradient_accumulation_steps * args.world_size
         print(f"speed settings: {speedups}", file=sys.stderr)
         print(f"method {settings.method}, precision {precision}, processes {args.world_size}, effective batch "
-              f"{effective} {unit}, train rows {len(train_rows)}, resume from {resume_from}", file=sys.stderr)
+              f"{effective} rows, train rows {len(train_rows)}, resume from {resume_from}", file=sys.stderr)
 
     if settings.max_steps != 0:
         try:

@@ -11,9 +11,9 @@ from test_train import FAST, built, losses, run_train  # noqa: F401  (built is a
 
 from snaketune.errors import UserError
 from snaketune.fused_loss import install, linear_cross_entropy
-from snaketune.packing import flatten_rows, pack_rows, register_varlen_attention
+from snaketune.packing import balance_step, flatten_rows, register_varlen_attention
 from snaketune.token_rows import TokenRows
-from snaketune.train import TrainSettings, pack_capacity, resolve_speedups
+from snaketune.train import TrainSettings, resolve_speedups
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +48,58 @@ def loss_and_grads(model, batch):
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_packs_hold_every_row_once_within_capacity_and_follow_the_seed():
-    lengths = [5, 60, 33, 64, 1, 17, 40, 64, 2, 9] * 10
-    packs = pack_rows(lengths, capacity=128, seed=3)
-    assert sorted(i for pack in packs for i in pack) == list(range(len(lengths)))
-    assert all(sum(lengths[i] for i in pack) <= 128 for pack in packs)
-    assert sum(lengths) / (128 * len(packs)) > 0.8  # little room left empty
-    assert packs == pack_rows(lengths, capacity=128, seed=3) and packs != pack_rows(lengths, capacity=128, seed=4)
-    with pytest.raises(ValueError, match="row 1 has 60 tokens"):
-        pack_rows([5, 60], capacity=50, seed=0)
+def test_a_steps_rows_are_dealt_into_packs_of_even_tokens_each_row_once():
+    import numpy as np
+
+    lengths = np.clip(np.random.default_rng(0).lognormal(np.log(300), 0.8, 64).astype(int), 16, 2048)
+    rows = list(range(100, 164))  # the step's row indices; lengths[i] belongs to rows[i]
+    packs = balance_step(rows, lengths, 8)
+    assert sorted(i for pack in packs for i in pack) == rows
+    tokens = [sum(int(lengths[i - 100]) for i in pack) for pack in packs]
+    assert tokens == sorted(tokens, reverse=True)  # fullest first
+    assert max(tokens) - sum(tokens) / 8 < max(lengths)  # longest first into the emptiest pack
+    by_count = [int(lengths[i:i + 8].sum()) for i in range(0, 64, 8)]  # the padded run's micro-batches
+    assert max(tokens) / min(tokens) < 1.1 < max(by_count) / min(by_count)
+    assert all(pack == sorted(pack) for pack in packs)  # each keeps the step's order
+    assert [len(p) for p in balance_step([7, 8, 9], [5, 5, 5], 3)] == [1, 1, 1]  # no pack empty
+    with pytest.raises(ValueError, match="2 rows cannot fill 3 packs"):
+        balance_step([1, 2], [5, 5], 3)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_token_packs_hold_each_step_the_rows_of_the_padded_runs_step(processes):
+    """The padded run's sampler (accelerate's, seeded with data_seed + epoch) draws the rows; the token packs of
+    every process and micro-batch of a step hold exactly that step's rows, in packs of about even tokens."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from accelerate.data_loader import SeedableRandomSampler
+
+    from snaketune.train import step_packs_sampler
+
+    n, batch, accumulation = 203, 4, 3
+    lengths = np.random.default_rng(1).integers(10, 300, n)
+    step_rows = batch * accumulation * processes
+    for epoch in (0, 1):
+        padded = SeedableRandomSampler(range(n), data_seed=42)
+        padded.set_epoch(epoch)
+        order = list(padded)
+        samplers = []
+        for rank in range(processes):
+            args = SimpleNamespace(world_size=processes, process_index=rank, per_device_train_batch_size=batch,
+                                   gradient_accumulation_steps=accumulation, data_seed=42, dataloader_drop_last=False)
+            samplers.append(step_packs_sampler(SimpleNamespace(lengths=lengths), args))
+            samplers[-1].set_epoch(epoch)
+        packs = [list(sampler) for sampler in samplers]
+        steps = math.ceil(n / step_rows)
+        assert all(len(p) == len(sampler) == steps * accumulation for p, sampler in zip(packs, samplers, strict=True))
+        for step in range(steps - 1):  # the last step of an epoch holds the rest
+            mine = [pack for rank_packs in packs for pack in rank_packs[step * accumulation:(step + 1) * accumulation]]
+            assert sorted(i for pack in mine for i in pack) == sorted(order[step * step_rows:(step + 1) * step_rows])
+            tokens = [int(lengths[pack].sum()) for pack in mine]
+            assert max(tokens) - min(tokens) < lengths.max()
+        last = [i for rank_packs in packs for pack in rank_packs[(steps - 1) * accumulation:] for i in pack]
+        assert sorted(last) == sorted(order[(steps - 1) * step_rows:])
 
 
 def test_a_padding_free_batch_gives_the_padded_batch_loss_and_gradients(model, rows):
@@ -141,39 +184,22 @@ def test_the_fast_path_trains_with_the_reference_loss_at_every_step(built, tmp_p
     assert summary["tokens_seen"] == reference_summary["tokens_seen"] > 0  # tokens/s counts real tokens alike
 
 
-def test_packs_sized_in_tokens_train_on_every_row_without_padding(built, tmp_path):  # noqa: F811
-    run_train(built, tmp_path, {**FAST, "max_steps": 20, "packing": "tokens", "per_device_train_batch_size": 4})
-    summary = json.loads((tmp_path / "train_summary.json").read_text())
-    log = losses(tmp_path)
-    assert log["loss"].iloc[-1] < 0.8 * log["loss"].iloc[0]
-    # a pack holds the tokens of 4 average rows: an epoch has about as many steps as the padded run's (rows / 4),
-    # never more, so the learning rate, schedule and batch size mean what they mean there
-    padded_batches = math.ceil(summary["train_rows"] / 4)
-    assert 0.9 * padded_batches <= summary["train_batches_per_epoch_per_process"] <= padded_batches
+@pytest.mark.parametrize("accumulation", [1, 3])
+def test_token_packs_train_with_the_padded_runs_loss_at_every_step(built, tmp_path, accumulation):  # noqa: F811
+    """Issue 17: a loss curve equal to the padded run's with packs sized in tokens (same data, same seed)."""
+    common = {**FAST, "max_steps": 15, "logging_steps": 1, "per_device_train_batch_size": 4,
+              "gradient_accumulation_steps": accumulation}
+    run_train(built, tmp_path / "padded", {**common, "packing": False})
+    run_train(built, tmp_path / "tokens", {**common, "packing": "tokens"})
+    padded, tokens = losses(tmp_path / "padded"), losses(tmp_path / "tokens")
+    assert len(padded) == len(tokens) == 15
+    assert (padded["loss"] - tokens["loss"]).abs().max() < 1e-4
+    assert tokens["loss"].iloc[-1] < 0.8 * tokens["loss"].iloc[0]
+    summary = json.loads((tmp_path / "tokens" / "train_summary.json").read_text())
     assert summary["speedups"]["packing"] == "tokens"
-
-
-@pytest.mark.parametrize("rows, batch", [(1000, 8), (5000, 10)])
-def test_an_epoch_of_token_packs_has_at_most_the_padded_runs_steps_and_every_row_once(rows, batch):
-    import numpy as np
-
-    from snaketune.packing import pack_rows
-    from snaketune.train import token_packs
-
-    lengths = np.clip(np.random.default_rng(0).lognormal(np.log(300), 0.8, rows).astype(int), 16, 2048)
-    settings = TrainSettings(per_device_train_batch_size=batch)
-    batches = math.ceil(rows / batch)
-    assert len(pack_rows(lengths, pack_capacity(settings, lengths), settings.seed)) > batches  # never quite full
-    packs = token_packs(settings, lengths)
-    assert 0.98 * batches <= len(packs) <= batches
-    assert sorted(i for pack in packs for i in pack) == list(range(rows))
-    assert max(sum(lengths[i] for i in pack) for pack in packs) <= 1.05 * pack_capacity(settings, lengths)
-
-
-def test_a_pack_holds_a_padded_batchs_real_tokens_and_never_less_than_the_longest_row():
-    settings = TrainSettings(per_device_train_batch_size=4)
-    assert pack_capacity(settings, [10, 20, 30, 40]) == 100  # 4 x the mean row
-    assert pack_capacity(TrainSettings(per_device_train_batch_size=2), [1, 1, 1, 500]) == 500  # the longest fits
+    # an epoch has the padded run's optimizer steps, so the schedule and batch size keep their meaning
+    steps = math.ceil(summary["train_rows"] / (4 * accumulation))
+    assert summary["train_batches_per_epoch_per_process"] == steps * accumulation
 
 
 def test_a_remote_code_model_keeps_the_plain_path_and_refuses_an_explicit_fast_one():
