@@ -184,11 +184,12 @@ def test_the_fast_path_trains_with_the_reference_loss_at_every_step(built, tmp_p
     assert summary["tokens_seen"] == reference_summary["tokens_seen"] > 0  # tokens/s counts real tokens alike
 
 
-@pytest.mark.parametrize("accumulation", [1, 3])
-def test_token_packs_train_with_the_padded_runs_loss_at_every_step(built, tmp_path, accumulation):  # noqa: F811
+@pytest.mark.parametrize("method, accumulation", [("lora", 1), ("lora", 3), ("qlora", 3), ("full", 3)])
+def test_token_packs_train_with_the_padded_runs_loss_at_every_step(built, tmp_path, method,  # noqa: F811
+                                                                   accumulation):
     """Issue 17: a loss curve equal to the padded run's with packs sized in tokens (same data, same seed)."""
-    common = {**FAST, "max_steps": 15, "logging_steps": 1, "per_device_train_batch_size": 4,
-              "gradient_accumulation_steps": accumulation}
+    common = {**FAST, "method": method, "max_steps": 15, "logging_steps": 1, "per_device_train_batch_size": 4,
+              "gradient_accumulation_steps": accumulation, "learning_rate": 0.003 if method == "full" else 0.01}
     run_train(built, tmp_path / "padded", {**common, "packing": False})
     run_train(built, tmp_path / "tokens", {**common, "packing": "tokens"})
     padded, tokens = losses(tmp_path / "padded"), losses(tmp_path / "tokens")
