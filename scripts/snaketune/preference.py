@@ -4,7 +4,8 @@ The dataset stage renders every pair with the model's chat template and stores `
 ``rejected_ids`` (the completions end their turn, end-of-turn token included). trl's trainers would tokenize text
 again; here they take those ids as they are, so SFT, DPO, ORPO, predict and chat all read one rendering.
 
-- DPO: trl's ``DPOTrainer`` (loss ``pref_loss``, ``beta`` = ``pref_beta``). The reference is the starting policy:
+- DPO: trl's ``DPOTrainer`` (loss ``pref_loss``, ``beta`` = ``pref_beta``, plus ``pref_ftx`` x trl's ``sft`` loss
+  on the chosen answers). The reference is the starting policy:
   for LoRA/QLoRA the same model with the adapter turned off, for a full fine-tune a frozen copy trl loads.
 - ORPO: trl's ``ORPOTrainer`` (``trl.experimental.orpo``); no reference; ``pref_beta`` weighs the odds-ratio term
   against the chosen answers' negative log-likelihood.
@@ -158,10 +159,13 @@ def config_class(stage: str):
     return ORPOConfig
 
 
-def config_arguments(stage: str, beta: float, loss: str, longest: Callable[[], int]) -> dict[str, Any]:
-    """trl's settings for ``stage``: the loss and its beta; lengths are already cut by the dataset stage.
-    ``longest`` (the longest row's tokens: a scan of the split) is called for ORPO only, whose config needs it."""
+def config_arguments(stage: str, beta: float, loss: str, longest: Callable[[], int],
+                     ftx: float = 0.0) -> dict[str, Any]:
+    """trl's settings for ``stage``: the loss and its beta, plus trl's ``sft`` loss on the chosen answers weighted
+    ``ftx`` for DPO (LLaMA-Factory's ``pref_ftx``); lengths are already cut by the dataset stage. ``longest`` (the
+    longest row's tokens: a scan of the split) is called for ORPO only, whose config needs it."""
     common = {"beta": beta, "disable_dropout": True}
     if stage == "dpo":
-        return {**common, "loss_type": [loss], "max_length": None, "precompute_ref_log_probs": False}
+        losses = {"loss_type": [loss, "sft"], "loss_weights": [1.0, ftx]} if ftx else {"loss_type": [loss]}
+        return {**common, **losses, "max_length": None, "precompute_ref_log_probs": False}
     return {**common, "max_length": longest()}

@@ -63,6 +63,7 @@ class TrainSettings:
     stage: str = "sft"  # sft: supervised on the answers | dpo | orpo: preference pairs (a dataset with ranking)
     pref_beta: float = 0.1  # dpo: beta of the loss (how far from the reference); orpo: weight of the odds ratio
     pref_loss: str = "sigmoid"  # dpo: trl's loss_type, sigmoid (DPO), hinge (SLiC) or ipo
+    pref_ftx: float = 0.0  # dpo: weight of a supervised loss on the chosen answers added to DPO's (LLaMA-Factory's)
     learning_rate: float = 2e-4
     num_train_epochs: float = 3
     max_steps: int = -1  # -1: run num_train_epochs; 0: no training at all (a baseline run)
@@ -114,6 +115,8 @@ class TrainSettings:
             problems.append(f"stage `{self.stage}` is not one of {', '.join(STAGES)}")
         if self.pref_loss not in PREF_LOSSES:
             problems.append(f"pref_loss `{self.pref_loss}` is not one of {', '.join(PREF_LOSSES)}")
+        if self.pref_ftx and self.stage != "dpo":
+            problems.append(f"`pref_ftx` is for stage dpo (orpo has its supervised loss already), not {self.stage}")
         if self.stage != "sft":
             for name, plain in (("packing", (False,)), ("attention", ("sdpa", "eager", "flex_attention")),
                                 ("fused_loss", ("none",))):
@@ -778,7 +781,8 @@ def train(settings: TrainSettings, model_dir: Path, trust_remote_code: bool, fil
     trl_arguments = {}
     if pairs_stage:
         trl_arguments = {"config_class": preference.config_class(settings.stage), **preference.config_arguments(
-            settings.stage, settings.pref_beta, settings.pref_loss, lambda: longest_row(files.train))}
+            settings.stage, settings.pref_beta, settings.pref_loss, lambda: longest_row(files.train),
+            settings.pref_ftx)}
     args = training_arguments(settings, files, precision, run_name, packing=speedups.packing,
                               **trl_arguments)
     start_process_group(settings)

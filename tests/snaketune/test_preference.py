@@ -159,7 +159,9 @@ def test_a_run_started_from_another_takes_its_model(tmp_path, monkeypatch):
     ({"x": {"dataset": "greetings"}}, "runs.x: `model` is required (or `from_run`: the run to start from)"),
     ({"x": {"from_run": "greet-sft", "dataset": "greeting-pairs", "stage": "dpo", "packing": "tokens"}},
      "packing `tokens` does not apply to stage dpo"),
-], ids=["undefined", "circle", "other model", "no pairs", "no model", "packing"])
+    ({"x": {"model": "tiny-qwen2", "dataset": "greeting-pairs", "stage": "orpo", "pref_ftx": 0.5}},
+     "`pref_ftx` is for stage dpo (orpo has its supervised loss already), not orpo"),
+], ids=["undefined", "circle", "other model", "no pairs", "no model", "packing", "pref_ftx"])
 def test_a_wrong_preference_run_is_one_line_naming_file_line_and_field(tmp_path, monkeypatch, runs, message):
     lines = config_errors(runs, tmp_path, monkeypatch)
     assert any(message in line and line.startswith(str(tmp_path / "config.yaml") + ":") for line in lines), lines
@@ -203,6 +205,20 @@ def test_each_method_learns_the_preference_and_logs_its_rewards(pairs, tmp_path,
     assert preference["pairs"] == 24 and preference["margin"] > preference["start_margin"]
     assert summary["reward_accuracy"] is not None and summary["speedups"]["packing"] is False
     assert (tmp_path / "adapter" / ("model.safetensors" if method == "full" else "adapter_model.safetensors")).exists()
+
+
+def test_pref_ftx_adds_a_supervised_loss_that_keeps_the_chosen_answers_likely(pairs, tmp_path):
+    """DPO alone may widen the margin by making both answers less likely (the chosen one too); the supervised term
+    on the chosen answers (trl's sft loss, weight pref_ftx) pulls the chosen answers up against the reference."""
+    settings = {**FAST, "stage": "dpo", "max_steps": 24}
+    run_train(pairs, tmp_path / "dpo", settings)
+    run_train(pairs, tmp_path / "ftx", {**settings, "pref_ftx": 1.0})
+    alone, with_ftx = (pd.read_csv(tmp_path / run / "train_log.csv") for run in ("dpo", "ftx"))
+    assert with_ftx["rewards_chosen"].iloc[-1] > max(alone["rewards_chosen"].iloc[-1], 0)
+    assert with_ftx["rewards_margins"].iloc[-1] > with_ftx["rewards_margins"].iloc[0]
+    summary = json.loads((tmp_path / "ftx" / "train_summary.json").read_text())
+    assert summary["settings"]["pref_ftx"] == 1.0 and summary["preference"]["margin"] > summary["preference"][
+        "start_margin"]
 
 
 @pytest.mark.parametrize("stage, gpus", [("dpo", 2), ("orpo", 2), ("dpo", 1)])
