@@ -15,9 +15,11 @@ if not workflow.overwrite_configfiles:
 
 include: "rules/common.smk"
 include: "rules/download.smk"
+include: "rules/replay.smk"
 include: "rules/dataset.smk"
 include: "rules/train.smk"
 include: "rules/merge.smk"
+include: "rules/export.smk"
 include: "rules/predict.smk"
 include: "rules/evaluate.smk"
 include: "rules/exam.smk"

@@ -28,6 +28,8 @@ wildcard_constraints:
     dataset="[A-Za-z0-9][A-Za-z0-9._-]*",
     run="[A-Za-z0-9][A-Za-z0-9._-]*",
     exam="[A-Za-z0-9][A-Za-z0-9._-]*",
+    test_set="[A-Za-z0-9][A-Za-z0-9._-]*",
+    gguf_type="f16|bf16|q8_0|f32",
     sweep="[A-Za-z0-9][A-Za-z0-9._-]*",
 
 
@@ -64,12 +66,44 @@ def run_dataset_file(name):
 
 
 def run_model_arguments(wildcards, input):
-    """Command-line model of predict and exam: the merged folder, or the base manifest and the adapter."""
+    """Command-line model of predict and exam: the merged folder, the base manifest and the adapter, or (a
+    baseline) the base manifest alone."""
     if "adapter" in input.keys():
         return (
             f"--model-manifest {quote(input.manifest)} --adapter {quote(input.adapter)}"
         )
+    if "manifest" in input.keys():
+        return f"--model-manifest {quote(input.manifest)}"
     return f"--model {quote(input.model)}"
+
+
+def dataset_source_arguments(wildcards, input):
+    """Command-line sources of a dataset build besides its settings' files: a replay dataset's generated answers
+    (--replay), or a mix's datasets (--mix-train, --mix-eval, --mix-stats: one each, in the mix's order; --mix-test:
+    the first one's test split)."""
+    if "replay" in input.keys():
+        return f"--replay {quote(input.replay)}"
+    if "mix_test" not in input.keys():
+        return ""
+    lists = " ".join(
+        f"--{name.replace('_', '-')} " + " ".join(quote(path) for path in input[name])
+        for name in ("mix_train", "mix_eval", "mix_stats")
+    )
+    return f"{lists} --mix-test {quote(input.mix_test)}"
+
+
+def run_train_summary(wildcards):
+    """Input function: the train summary of a run that trains (evaluate reads its preference scores); none for a
+    baseline, which has no train job."""
+    if not LAYOUT.trains(wildcards.run):
+        return {}
+    return {"summary": LAYOUT.run_file("train_summary", wildcards.run)}
+
+
+def run_train_summary_argument(wildcards, input):
+    return (
+        f"--train-summary {quote(input.summary)}" if "summary" in input.keys() else ""
+    )
 
 
 def quote(value):

@@ -1,9 +1,10 @@
 # Tokenize a dataset once per model: read any layout, split, render with the chat template, mask, write parquet.
-# Params and inputs are exactly what the build depends on: files, format settings, template, length, seed.
+# Params and inputs are exactly what the build depends on: files, format settings, template, length, seed. A replay
+# dataset reads the answers the replay rule generated; a mix reads its datasets' builds for the same model.
 rule dataset:
     input:
+        unpack(lambda wc: LAYOUT.dataset_inputs(wc.dataset, wc.model)),
         manifest=lambda wc: LAYOUT.model_file("model_manifest", wc.model),
-        data=lambda wc: stages.dataset_files(CFG, wc.dataset),
     output:
         train=paths.pattern("train_split"),
         eval=paths.pattern("eval_split"),
@@ -20,7 +21,8 @@ rule dataset:
         runtime=120,
     params:
         settings=lambda wc: stages.dataset_settings(CFG, wc.dataset),
+        sources=dataset_source_arguments,
     shell:
-        "dataset.py --model-manifest {input.manifest:q} --train {output.train:q}"
+        "dataset.py --model-manifest {input.manifest:q} {params.sources} --train {output.train:q}"
         " --eval {output.eval:q} --test {output.test:q} --stats {output.stats:q} --lengths {output.lengths:q}"
         " --settings {params.settings:q} > {log:q} 2>&1"

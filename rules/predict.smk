@@ -24,3 +24,22 @@ rule predict:
     shell:
         "predict.py {params.model_args} --test {input.test:q} --out {output.predictions:q}"
         " --partial {params.partial:q} --settings {params.settings:q} > {log:q} 2>&1"
+
+
+# The same generation on the test split of each dataset in the run's evaluation.test_sets.
+use rule predict as predict_test_set with:
+    input:
+        unpack(lambda wc: LAYOUT.run_model(wc.run)),
+        test=lambda wc: LAYOUT.test_set_split(wc.test_set, wc.run),
+    output:
+        predictions=paths.pattern("test_set_predictions"),
+    log:
+        paths.log("predict_test_set"),
+    benchmark:
+        paths.timing("predict_test_set")
+    params:
+        partial=lambda wc: paths.pattern("test_set_partial_predictions").format(
+            run=wc.run, test_set=wc.test_set
+        ),
+        settings=lambda wc: stages.generation_settings(CFG, wc.run),
+        model_args=run_model_arguments,

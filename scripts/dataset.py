@@ -9,6 +9,7 @@ Example:
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -25,6 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(f"--{split}", required=True, help=f"{split} split to write (parquet)")
     parser.add_argument("--stats", required=True, help="stats.json to write: rows, tokens, dropped and bad rows")
     parser.add_argument("--lengths", required=True, help="lengths.png to write: the token length histogram")
+    parser.add_argument("--replay", help="a replay dataset: the answers the replay stage generated (JSONL), read "
+                                         "instead of the settings' path")
+    mix = parser.add_argument_group("a mix of built datasets (settings' `mix`, in its order)")
+    for split in ("train", "eval", "stats"):
+        mix.add_argument(f"--mix-{split}", nargs="+", default=[], help=f"each dataset's {split} file")
+    mix.add_argument("--mix-test", help="the first dataset's test split: the mix's test split")
     settings_argument(parser)
     return parser
 
@@ -37,13 +44,26 @@ def main(argv=None) -> int:
     def body():
         from transformers import AutoTokenizer
 
-        from snaketune.dataset import OUTPUTS, DatasetSettings, build
+        from snaketune.dataset import OUTPUTS, DatasetSettings, MixPart, build, build_mix
         from snaketune.download import model_path
+        from snaketune.errors import UserError
 
         settings = make_settings(DatasetSettings, args.settings)
+        outputs = {name: getattr(args, name) for name in OUTPUTS}
+        if settings.mix:
+            files = [args.mix_train, args.mix_eval, args.mix_stats]
+            if not args.mix_test or any(len(paths) != len(settings.mix) for paths in files):
+                raise UserError(f"a mix of {len(settings.mix)} datasets needs that many --mix-train, --mix-eval "
+                                "and --mix-stats files, and --mix-test")
+            parts = [MixPart(name, weight, Path(train), Path(eval_), Path(stats)) for (name, weight), train, eval_,
+                     stats in zip(settings.mix.items(), *files, strict=True)]
+            print(json.dumps(build_mix(settings, parts, Path(args.mix_test), outputs)["splits"]))
+            return
+        if args.replay:
+            settings = dataclasses.replace(settings, path=args.replay, format="messages")
         folder, trust = model_path(args.model_manifest)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust)
-        print(json.dumps(build(settings, tokenizer, {name: getattr(args, name) for name in OUTPUTS})["splits"]))
+        print(json.dumps(build(settings, tokenizer, outputs)["splits"]))
 
     return main_guard(body)
 

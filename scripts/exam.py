@@ -44,7 +44,7 @@ def main(argv=None) -> int:
         exam = load_exam(args.name, args.exam)  # bad CSVs fail before the model loads
         folder, trust, adapter = model_source(args)
         claim(1)
-        tokenizer, model = load_for_generation(folder, adapter, trust)
+        tokenizer, model = load_for_generation(folder, adapter, trust, settings.dtype)
         model.to("cuda" if torch.cuda.is_available() else "cpu")
         result = score_exam(model, tokenizer, exam, settings.shots, settings.batch_size)
         write_json(args.out, result)

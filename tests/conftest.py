@@ -19,11 +19,18 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 # The per-run jobs a change to one run's training replans, in the sorted order planned_jobs returns.
 RUN_STAGES = ["evaluate", "merge", "predict", "train"]
+BASELINE_STAGES = ["evaluate", "predict"]  # a baseline run (max_steps: 0) has no train or merge job
+BASELINE_RUNS = {"identity-base"}  # the default config's baselines
+
+
+def run_stages(run: str) -> list[str]:
+    """The per-run jobs a change to ``run``'s training replans (the default config's runs)."""
+    return BASELINE_STAGES if run in BASELINE_RUNS else RUN_STAGES
 
 TINY_MODEL = {
     "source": "builtin", "architecture": "qwen2", "seed": 0, "vocab_size": 2048, "hidden_size": 32,
     "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
-    "max_position_embeddings": 256, "initializer_range": 0.2, "trust_remote_code": False,
+    "max_position_embeddings": 256, "initializer_range": 0.2, "tie_word_embeddings": False, "trust_remote_code": False,
     "tokenizer_corpus": [str(REPO / "data" / "identity.jsonl"), str(REPO / "data" / "text_matching.json")],
 }
 

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO, RUN_STAGES, TINY_MODEL, planned_jobs, scratch_workflow, snakemake, workflow_env
+from conftest import REPO, RUN_STAGES, TINY_MODEL, planned_jobs, run_stages, scratch_workflow, snakemake, workflow_env
 
 GEN_SMALL, GEN_FULL = "gen-generation.max_new_tokens1", "gen-generation.max_new_tokens40"
 
@@ -61,7 +61,7 @@ def test_pointing_a_dataset_at_another_file_rebuilds_it_and_its_runs(demo, defau
     runs = ["identity-lora", "identity-base"]
     assert planned_jobs(result) == sorted(
         [("dataset", "dataset=identity, model=tiny-qwen2"), ("report", "")]
-        + [(rule, f"run={run}") for run in runs for rule in RUN_STAGES]
+        + [(rule, f"run={run}") for run in runs for rule in run_stages(run)]
         + [("exam", f"run={run}, exam=mmcu-sample") for run in runs])
 
 

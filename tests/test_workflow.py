@@ -21,10 +21,15 @@ def test_demo_writes_every_stage_output(demo):
         assert json.loads((built / "stats.json").read_text())["splits"]["train"]["rows"] > 0
     for run in ("identity-lora", "identity-base", "matching-lora"):
         folder = results / "runs" / run
-        assert (folder / "adapter" / "adapter_config.json").is_file()
-        assert (folder / "adapter" / "adapter_model.safetensors").is_file()
-        assert list((folder / "merged").glob("*.safetensors"))
-        assert (folder / "loss.png").read_bytes()[:4] == b"\x89PNG"
+        if run == "identity-base":  # a baseline (max_steps: 0) has no train or merge job: it reads the base
+            assert not (folder / "adapter").exists() and not (folder / "merged").exists()
+            assert not (folder / "train_log.csv").exists() and not (demo / "logs/train" / f"{run}.log").exists()
+            assert "computing in torch.float32" in (demo / "logs/predict" / f"{run}.log").read_text()
+        else:
+            assert (folder / "adapter" / "adapter_config.json").is_file()
+            assert (folder / "adapter" / "adapter_model.safetensors").is_file()
+            assert list((folder / "merged").glob("*.safetensors"))
+            assert (folder / "loss.png").read_bytes()[:4] == b"\x89PNG"
         predictions = pd.read_csv(folder / "predictions.csv", keep_default_na=False)
         assert list(predictions.columns)[:4] == ["id", "prompt", "reference", "prediction"]
         metrics = json.loads((folder / "metrics.json").read_text())
@@ -47,6 +52,8 @@ def test_demo_writes_every_stage_output(demo):
     board = pd.read_csv(results / "leaderboard.csv").set_index("run")
     assert board.loc["identity-lora", "mmcu-sample_accuracy"] == exam["accuracy"]
     assert board.loc["identity-lora", "train_seconds"] > 0
+    assert (board.loc["identity-base", "method"], board.loc["identity-base", "train_steps"]) == ("none", 0)
+    assert board.loc["identity-base", "mmcu-sample_ties"] == 0  # float32 on the CPU: no exact ties
     matching = json.loads((results / "runs/matching-lora/metrics.json").read_text())
     assert set(matching["confusion"]) == {"相同", "不同"} and 0 <= matching["f1"] <= 1
     assert board.loc["matching-lora", "accuracy"] == matching["accuracy"]

@@ -39,7 +39,7 @@ def model_source_arguments(parser: argparse.ArgumentParser) -> argparse._Mutuall
     """--model (a model folder), or --model-manifest with --adapter (a base and its adapter)."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="merged (or any Hugging Face) model folder")
-    source.add_argument("--model-manifest", help="base model's manifest.json (with --adapter)")
+    source.add_argument("--model-manifest", help="base model's manifest.json (with --adapter, or alone: the base)")
     parser.add_argument("--adapter", help="adapter folder written by the train stage (with --model-manifest)")
     return source
 
@@ -50,11 +50,11 @@ def model_source(args: argparse.Namespace):
 
     from snaketune.download import model_path
 
-    if args.model_manifest or args.adapter:
-        if not (args.model_manifest and args.adapter):
-            raise UserError("--model-manifest and --adapter go together")
+    if args.adapter and not args.model_manifest:
+        raise UserError("--adapter needs --model-manifest: the base model it sits on")
+    if args.model_manifest:  # the base with its adapter, or alone (a baseline run)
         folder, trust = model_path(args.model_manifest)
-        return folder, trust, Path(args.adapter)
+        return folder, trust, Path(args.adapter) if args.adapter else None
     folder = Path(args.model).absolute()  # a folder on disk, never a hub name
     if not (folder / "config.json").is_file():
         raise UserError(f"--model: `{args.model}` is not a model folder (no config.json)")

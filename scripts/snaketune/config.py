@@ -34,13 +34,15 @@ SOURCE_KEYS = {
     "builtin": {
         "architecture", "seed", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
         "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "initializer_range",
-        "tokenizer_corpus",
+        "tokenizer_corpus", "tie_word_embeddings",
     },
     "local": {"path", "copy", "convert"},
+    "gguf": {"path", "dtype"},
     "modelscope": {"id", "revision", "cache_dir", "convert"},
     "huggingface": {"id", "revision", "cache_dir", "convert"},
 }
-SOURCE_REQUIRED = {"builtin": {"tokenizer_corpus"}, "local": {"path"}, "modelscope": {"id"}, "huggingface": {"id"}}
+SOURCE_REQUIRED = {"builtin": {"tokenizer_corpus"}, "local": {"path"}, "gguf": {"path"}, "modelscope": {"id"},
+                   "huggingface": {"id"}}
 
 
 def load_schema() -> dict[str, Any]:
@@ -90,6 +92,7 @@ class RunConfig:
     evaluation: EvalSettings
     exam: ExamSettings
     from_run: str | None = None  # the run whose merged model this one starts from
+    export: list[str] = field(default_factory=list)  # gguf types to write the run's model as (f16, q8_0 ...)
 
 
 @dataclass
@@ -109,7 +112,7 @@ class WorkflowConfig:
 # Where each key of a run's settings goes: the train stage takes the top-level keys it has fields for, each
 # block goes to its stage's dataclass. Defaults come from the dataclasses alone; test_config checks that the
 # schema documents the same keys and defaults.
-RUN_KEYS = {"model", "dataset", "from_run"}
+RUN_KEYS = {"model", "dataset", "from_run", "export"}
 SWEEP_KEYS = {"sweep", "select_by", "select_mode"}  # consumed by sweeps.expand
 BLOCKS = {"merge": MergeSettings, "generation": GenerationSettings, "evaluation": EvalSettings}
 DERIVED = {("generation", "seed"): "seed"}  # block field -> the run setting it is copied from
@@ -131,10 +134,12 @@ def build_run(name: str, run: dict[str, Any]) -> RunConfig:
                 values[key] = getattr(train, source)
         blocks[block] = cls(**values)
     generation_batch = blocks["generation"].batch_size
-    exam = ExamSettings(shots=blocks["evaluation"].shots,
+    exam = ExamSettings(shots=blocks["evaluation"].shots, dtype=blocks["generation"].dtype,
                         batch_size=generation_batch if isinstance(generation_batch, int) else 16)
+    export = list(dict.fromkeys("f16" if item == "gguf" else item.removeprefix("gguf:")
+                                for item in run.get("export") or []))
     return RunConfig(name=name, model=run["model"], dataset=run["dataset"], train=train, exam=exam,
-                     from_run=run.get("from_run"), **blocks)
+                     from_run=run.get("from_run"), export=export, **blocks)
 
 
 def start_chains(runs: dict[str, dict[str, Any]], report) -> None:
@@ -239,8 +244,10 @@ def load(raw: dict[str, Any], files: list[str | Path] = ()) -> WorkflowConfig:
         models[name] = {**_defaults(props), **entry}
         if "cache_dir" in allowed and models[name]["cache_dir"] is None:
             models[name]["cache_dir"] = raw.get("model_cache_dir")
-        if source == "local" and "path" in entry:
-            check_file(report, ("models", name, "path"), entry["path"], kind="folder")
+        if source in ("local", "gguf") and "path" in entry:
+            check_file(report, ("models", name, "path"), entry["path"], kind="folder" if source == "local" else "file")
+        if source == "gguf" and not str(entry.get("path", ".gguf")).endswith(".gguf"):
+            report(("models", name, "path"), f"`{entry['path']}` is not a .gguf file")
         for index, corpus in enumerate(entry.get("tokenizer_corpus") or []):
             check_file(report, ("models", name, "tokenizer_corpus", index), corpus)
 
@@ -264,6 +271,21 @@ def load(raw: dict[str, Any], files: list[str | Path] = ()) -> WorkflowConfig:
             dataset.setdefault("path", found["path"])
             dataset.setdefault("format", found["format"])
             dataset.setdefault("ranking", found["ranking"])
+        made = [key for key in ("mix", "replay") if key in dataset]
+        clashes = [(key, other) for key in made[:1] for other in ("path", "format", "dataset_info", *made[1:])
+                   if other in entry]
+        for key, other in clashes:
+            report(("datasets", name, other), f"`{other}` does not go with `{key}` (a {key} dataset's rows come "
+                                              f"from {'its datasets' if key == 'mix' else 'its prompts'})")
+        if clashes:
+            continue
+        for key in made:  # built from other datasets, or from the model's own answers: no file layout to name
+            dataset.update(path=dataset["replay"] if key == "replay" else [], format="messages")
+            if key == "replay":
+                check_file(report, ("datasets", name, "replay"), dataset["replay"])
+                if not str(dataset["replay"]).endswith((".txt", ".jsonl")):
+                    report(("datasets", name, "replay"), "a prompt file is .txt (a prompt a line) or .jsonl "
+                                                         '({"prompt": ...} a line)')
         missing = [key for key in ("path", "format") if key not in dataset]
         for key in missing:
             report(("datasets", name), f"`{key}` is required (or `dataset_info` and `name`)")
@@ -271,7 +293,7 @@ def load(raw: dict[str, Any], files: list[str | Path] = ()) -> WorkflowConfig:
             continue
         where = ("datasets", name, "dataset_info" if "path" not in entry and "dataset_info" in entry else "path")
         paths = [dataset["path"]] if isinstance(dataset["path"], str) else dataset["path"]
-        for index, path in enumerate(paths):
+        for index, path in enumerate(paths if not made else []):
             check_file(report, where if isinstance(dataset["path"], str) else where + (index,), path)
         if dataset.get("format") == "columns":
             for key in ("prompt", "response"):
@@ -281,6 +303,21 @@ def load(raw: dict[str, Any], files: list[str | Path] = ()) -> WorkflowConfig:
             datasets[name] = DatasetSettings(**dataset)
         except UserError as problem:
             report(("datasets", name, "ranking"), str(problem))
+
+    for name, dataset in datasets.items():
+        for part in dataset.mix or {}:
+            where = ("datasets", name, "mix", part)
+            if part not in datasets:
+                report(where, f"names undefined dataset `{part}` (defined: {', '.join(sorted(datasets))})")
+            elif datasets[part].mix:
+                report(where, f"`{part}` is a mix itself; list its datasets here instead")
+            elif datasets[part].test_only:
+                report(where, f"`{part}` has test_size: all (test rows only); score on it with evaluation.test_sets")
+            elif datasets[part].ranking != datasets[next(iter(dataset.mix))].ranking:
+                report(where, "preference (ranking) and plain datasets cannot be mixed")
+        parts = [datasets[part] for part in dataset.mix or {} if part in datasets]
+        if parts:  # a mix trains as its datasets do
+            dataset.ranking, dataset.max_seq_length = parts[0].ranking, max(p.max_seq_length for p in parts)
 
     exams = raw.get("exams") or {}
     for name, entry in exams.items():
@@ -309,6 +346,13 @@ def load(raw: dict[str, Any], files: list[str | Path] = ()) -> WorkflowConfig:
             if run[key] not in table:
                 known = ", ".join(sorted(table))
                 report(("runs", name, key), f"names undefined {key} `{run[key]}` (defined: {known})")
+        if run["dataset"] in datasets and datasets[run["dataset"]].test_only:
+            report(("runs", name, "dataset"), f"dataset `{run['dataset']}` has test_size: all (test rows only); "
+                                              "train on another and score on it with evaluation.test_sets")
+        for test_set in run["evaluation"].get("test_sets", []):
+            if test_set not in datasets:
+                report(("runs", name, "evaluation", "test_sets"), f"names undefined dataset `{test_set}` "
+                                                                  f"(defined: {', '.join(sorted(datasets))})")
         for exam in run["evaluation"].get("exams", []):
             if exam not in exams:
                 known = ", ".join(sorted(exams)) or "none; add a top-level `exams:` entry"

@@ -35,12 +35,19 @@ class DatasetSettings(ReadSettings):
     template: str = "auto"
     max_seq_length: int = 512
     eval_size: float = 0.1
-    test_size: float = 0.1
+    test_size: float | str = 0.1  # all: every row is a test row (a test set, never trained on)
     seed: int = 0
+    replay: str | None = None  # a prompt file the base model answers itself (snaketune.replay); rows = answers
+    replay_max_new_tokens: int = 256
+    mix: dict[str, float] | None = None  # a mixture of other datasets' builds, name -> weight of its train rows
 
     @property
     def source(self) -> str:
         return self.path if isinstance(self.path, str) else ", ".join(self.path)
+
+    @property
+    def test_only(self) -> bool:
+        return self.test_size == "all"
 
 
 def split_sizes(n: int, eval_size: float, test_size: float) -> tuple[int, int]:
@@ -55,6 +62,8 @@ def split_sizes(n: int, eval_size: float, test_size: float) -> tuple[int, int]:
 def split_assignment(n: int, settings: DatasetSettings) -> bytearray:
     """The split of each of ``n`` rows (an index into SPLITS): a shuffle with the dataset seed, cut into test,
     eval, then train; the same seed gives the same split."""
+    if settings.test_only:
+        return bytearray([SPLITS.index("test")]) * n
     n_eval, n_test = split_sizes(n, settings.eval_size, settings.test_size)
     if n_eval + n_test >= n:
         raise UserError(
@@ -263,7 +272,7 @@ def build(settings: DatasetSettings, tokenizer, outputs: dict[str, str | Path]) 
                 bar.update()
         for name, writer in writers.items():
             stats["splits"][name] = writer.close()
-        if not stats["splits"]["train"]["rows"]:
+        if not stats["splits"]["train"]["rows"] and not settings.test_only:
             raise UserError(f"{settings.source}: no training row keeps a trainable token within max_seq_length")
     lengths = {name: writer.lengths for name, writer in writers.items()}
     kept = sum(split["rows"] for split in stats["splits"].values())
@@ -274,5 +283,74 @@ def build(settings: DatasetSettings, tokenizer, outputs: dict[str, str | Path]) 
         print(f"warning: {warning}", file=sys.stderr)
         stats["warnings"] = [warning]
     plot_lengths(lengths, settings.max_seq_length, settings.source, outputs["lengths"])
+    write_json(outputs["stats"], stats)
+    return stats
+
+
+@dataclass
+class MixPart:
+    """One dataset of a mix: its name, weight and build (the files the dataset stage wrote for it)."""
+
+    name: str
+    weight: float
+    train: Path
+    eval: Path
+    stats: Path
+
+
+def mix_indices(rows: int, weight: float, rng: random.Random) -> list[int]:
+    """The train rows a weight takes: every row ``int(weight)`` times, then a seeded sample of the fraction left
+    (0.5: half of the rows, 2: every row twice), in file order."""
+    whole = int(weight)
+    sample = sorted(rng.sample(range(rows), round((weight - whole) * rows)))
+    return [index for _ in range(whole) for index in range(rows)] + sample
+
+
+def split_counts(table) -> dict[str, Any]:
+    """The counts stats.json reports for a split, from its parquet table."""
+    tokens = table.column("n_tokens").to_pylist()
+    return {"rows": table.num_rows, "tokens": sum(tokens), "tokens_per_row_before_truncation": length_summary(tokens),
+            "supervised_tokens": sum(table.column("n_supervised").to_pylist()),
+            "truncated": sum(table.column("truncated").to_pylist()), "max_tokens": max(tokens, default=0)}
+
+
+def build_mix(settings: DatasetSettings, parts: list[MixPart], test: Path,
+              outputs: dict[str, str | Path]) -> dict[str, Any]:
+    """Write a mix of built datasets: each part's train rows taken by its weight, every part's eval rows, and
+    ``test`` (the first part's test split) as the test split. The parts must share the chat template their rows
+    were rendered with (train saves it with the model)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    outputs = {name: Path(outputs[name]) for name in OUTPUTS}
+    part_stats = [json.loads(part.stats.read_text(encoding="utf-8")) for part in parts]
+    templates = {stats.get("chat_template") for stats in part_stats}
+    if len(templates) > 1:
+        raise UserError(f"mix: {', '.join(p.name for p in parts)} were rendered with different chat templates; "
+                        "give them the same `template`")
+    rng = random.Random(settings.seed)
+    schema = split_schema(settings.ranking)
+    train, taken = [], {}
+    for part in parts:
+        table = pq.read_table(part.train, schema=schema)
+        indices = mix_indices(table.num_rows, part.weight, rng)
+        train.append(table.take(pa.array(indices, pa.int64())))
+        taken[part.name] = {"weight": part.weight, "train_rows": table.num_rows, "train_rows_taken": len(indices)}
+    splits = {"train": pa.concat_tables(train),
+              "eval": pa.concat_tables([pq.read_table(part.eval, schema=schema) for part in parts]),
+              "test": pq.read_table(test, schema=schema)}
+    if not splits["train"].num_rows:
+        raise UserError(f"mix: the weights {settings.mix} take no training row")
+    for name, table in splits.items():
+        with atomic_file(outputs[name]) as tmp:
+            pq.write_table(table, tmp)
+    stats = {"mix": taken, "format": "mix", "ranking": settings.ranking, "template": part_stats[0].get("template"),
+             "chat_template": part_stats[0].get("chat_template"),
+             "chat_template_sha256": part_stats[0].get("chat_template_sha256"),
+             "max_seq_length": max(stats["max_seq_length"] for stats in part_stats),
+             "eos_token": part_stats[0].get("eos_token"), "test_split_from": parts[0].name,
+             "splits": {name: split_counts(table) for name, table in splits.items()}}
+    plot_lengths({name: table.column("n_tokens").to_pylist() for name, table in splits.items()},
+                 stats["max_seq_length"], f"mix of {', '.join(taken)}", outputs["lengths"])
     write_json(outputs["stats"], stats)
     return stats

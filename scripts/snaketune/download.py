@@ -1,4 +1,4 @@
-"""Base models: the builtin tiny model, local folders, ModelScope and Hugging Face downloads.
+"""Base models: the builtin tiny model, local folders, GGUF files, ModelScope and Hugging Face downloads.
 
 Every source ends in the same contract: ``results/models/{model}/manifest.json`` naming where the model folder
 is (``path``), where it came from and the size and sha256 of each file. Later stages read only the manifest.
@@ -112,7 +112,8 @@ def build_builtin(settings: dict[str, Any], out: Path) -> None:
         vocab_size=len(tokenizer), hidden_size=settings["hidden_size"],
         intermediate_size=settings["intermediate_size"], num_hidden_layers=settings["num_hidden_layers"],
         num_attention_heads=settings["num_attention_heads"], num_key_value_heads=settings["num_key_value_heads"],
-        max_position_embeddings=settings["max_position_embeddings"], tie_word_embeddings=False,
+        max_position_embeddings=settings["max_position_embeddings"],
+        tie_word_embeddings=settings["tie_word_embeddings"],
         initializer_range=settings["initializer_range"],
         bos_token_id=None, eos_token_id=eos, pad_token_id=pad,
     )
@@ -121,6 +122,48 @@ def build_builtin(settings: dict[str, Any], out: Path) -> None:
     model.generation_config = GenerationConfig(
         eos_token_id=[eos, pad], pad_token_id=pad, bos_token_id=None, do_sample=False,
     )
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def gguf_architecture(path: Path) -> str:
+    """The ``general.architecture`` a GGUF file declares (read from its header; no tensor is loaded)."""
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(path).fields["general.architecture"]
+    except (KeyError, ValueError, OSError) as exc:
+        raise UserError(f"gguf model: `{path}` is not a readable GGUF file ({exc})") from None
+    return bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
+def import_gguf(settings: dict[str, Any], out: Path) -> None:
+    """Write a GGUF file as a Hugging Face folder in ``out``: its weights dequantized to safetensors in
+    ``settings["dtype"]``, the tokenizer, chat template and generation config its metadata holds."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GgufConfig
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    path = Path(settings["path"])
+    if not path.is_file() or path.suffix != ".gguf":
+        raise UserError(f"gguf model: `{path}` is not a .gguf file")
+    architecture = gguf_architecture(path)
+    if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
+        raise UserError(f"gguf model: {path}: architecture `{architecture}` cannot be dequantized by transformers "
+                        f"(it reads {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))})")
+    print(f"dequantizing {path} ({architecture}) to {settings['dtype']}", file=sys.stderr)
+    folder, name = str(path.parent.absolute()), path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=getattr(torch, settings["dtype"]),
+                                                 quantization_config=GgufConfig(dequantize=True))
+    # The weights are plain tensors now: drop the marker that says they are GGUF blocks, or saving refuses.
+    model.hf_quantizer, model.is_quantized = None, False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = name
+    model.generation_config = GenerationConfig(
+        bos_token_id=model.config.bos_token_id, eos_token_id=model.config.eos_token_id,
+        pad_token_id=model.config.pad_token_id, do_sample=False)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
@@ -169,6 +212,9 @@ def fetch(settings: dict[str, Any], out: str | Path) -> dict[str, Any]:
         if source == "builtin":
             build_builtin(settings, staging)
             folder, stored = staging, out
+        elif source == "gguf":
+            import_gguf(settings, staging)
+            folder, stored = staging, out
         elif source == "local":
             folder = Path(settings["path"])
             check_model_folder(folder, "local model")
@@ -182,12 +228,14 @@ def fetch(settings: dict[str, Any], out: str | Path) -> dict[str, Any]:
             check_model_folder(folder, f"{source} download of `{settings['id']}`")
             stored = folder
         converted = None
-        if source != "builtin":
+        if source in ("local", "modelscope", "huggingface"):
             converted = convert_if_remote(settings, folder, staging)
             if converted:
                 folder, stored = staging, out
         manifest = {
             "source": source,
+            **({"gguf_sha256": sha256_file(settings["path"]), "gguf_size": Path(settings["path"]).stat().st_size}
+               if source == "gguf" else {}),
             "id": settings.get("id") or settings.get("path") or f"builtin-{settings.get('architecture')}",
             "revision": settings.get("revision"),
             "path": os.path.relpath(stored) if not Path(stored).is_absolute() else str(stored),

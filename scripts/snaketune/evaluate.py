@@ -33,6 +33,7 @@ class EvalSettings:
     labels: dict[str, list[str]] = field(default_factory=dict)  # label -> texts that mean it (the label itself too)
     exams: list[str] = field(default_factory=list)  # multiple-choice exams (scored by the exam rule)
     shots: int = 0
+    test_sets: list[str] = field(default_factory=list)  # datasets whose test split the run is also scored on
 
 
 def tokenize(text: str, how: str) -> list[str]:
@@ -118,6 +119,18 @@ def exact_match(references: list[str], predictions: list[str]) -> float:
     return hits / len(references)
 
 
+def contains(references: list[str], predictions: list[str]) -> float:
+    """Share of predictions that contain their reference, or one of its alternatives written ``a | b``, ignoring
+    case and Unicode width: a short-answer question ("What is the capital of France?" -> "Paris") scored on a
+    model's free-form sentence."""
+    def found(reference: str, prediction: str) -> bool:
+        text = normalize_answer(prediction).lower()
+        return any(normalize_answer(option).lower() in text for option in str(reference).split("|")
+                   if option.strip())
+
+    return sum(found(r, p) for r, p in zip(references, predictions, strict=True)) / len(references)
+
+
 NO_LABEL = "(none)"
 
 
@@ -178,6 +191,8 @@ def evaluate(settings: EvalSettings, references: list[str], predictions: list[st
         result["rouge_mode"] = settings.rouge
     if "exact_match" in settings.metrics:
         result["exact_match"] = exact_match(references, predictions)
+    if "contains" in settings.metrics:
+        result["contains"] = contains(references, predictions)
     if "label" in settings.metrics:
         result.update(label_metrics(references, predictions, settings.labels))
     return result

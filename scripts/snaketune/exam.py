@@ -37,6 +37,7 @@ class Question:
 class ExamSettings:
     shots: int = 0  # solved dev questions put before each test question
     batch_size: int = 8  # prompts scored together
+    dtype: str = "auto"  # what the model computes in (the run's generation.dtype): float32 on a CPU, bf16 on a GPU
 
 
 @dataclass
@@ -183,8 +184,15 @@ def continuation_logprob(model, tokenizer, prompt: str, continuation: str) -> fl
 
 
 def choose(scores: list[dict[str, float]]) -> list[str]:
-    """The letter with the highest score; ties go to the earlier letter."""
+    """The letter with the highest score; ties go to the earlier letter (``tied`` says where that happened)."""
     return [max(LETTERS, key=lambda letter: (row[letter], -LETTERS.index(letter))) for row in scores]
+
+
+def tied(row: dict[str, float]) -> list[str]:
+    """The letters sharing the highest score when more than one does (a tie ``choose`` broke), else []."""
+    best = max(row.values())
+    letters = [letter for letter in LETTERS if row[letter] == best]
+    return letters if len(letters) > 1 else []
 
 
 def summarize(name: str, shots: int, questions: list[Question], chosen: list[str]) -> dict[str, Any]:
@@ -216,6 +224,12 @@ def score_exam(model, tokenizer, exam: Exam, shots: int, batch_size: int = 8) ->
     chosen = choose(scores)
     questions = [q for q, _ in pairs]
     result = summarize(exam.name, shots, questions, chosen)
+    ties = [tied(row) for row in scores]
+    result["ties"] = sum(bool(letters) for letters in ties)  # questions whose top letters scored exactly alike
+    if result["ties"]:
+        print(f"warning: {exam.name}: {result['ties']} of {len(questions)} questions have a tie for the highest "
+              "letter score (the earlier letter was taken); low precision rounds scores together: compute in "
+              "float32 (generation.dtype)", file=sys.stderr)
     token_ids = {letter: tokenizer(letter, add_special_tokens=False)["input_ids"] for letter in LETTERS}
     result["method"] = {
         "scoring": "log-probability of each option letter right after the prompt (answer-only, no generation)",
@@ -224,6 +238,6 @@ def score_exam(model, tokenizer, exam: Exam, shots: int, batch_size: int = 8) ->
         "first_prompt": prompts[0],
     }
     result["questions"] = [{"where": q.where, "answer": q.answer, "chosen": c,
-                            "scores": {k: round(v, 4) for k, v in row.items()}}
-                           for q, c, row in zip(questions, chosen, scores, strict=True)]
+                            "scores": {k: round(v, 4) for k, v in row.items()}, **({"tied": t} if t else {})}
+                           for q, c, row, t in zip(questions, chosen, scores, ties, strict=True)]
     return result

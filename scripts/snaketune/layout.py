@@ -27,6 +27,7 @@ PATTERNS = {
     "test_split": "results/datasets/{dataset}/{model}/test.parquet",
     "dataset_stats": "results/datasets/{dataset}/{model}/stats.json",
     "dataset_lengths": "results/datasets/{dataset}/{model}/lengths.png",
+    "replay_answers": "results/datasets/{dataset}/{model}/replay.jsonl",  # a replay dataset's rows, generated
     # train (checkpoints and tensorboard are the train job's own resumable state, not outputs)
     "adapter": "results/runs/{run}/adapter",
     "checkpoints": "results/runs/{run}/checkpoints",
@@ -36,10 +37,15 @@ PATTERNS = {
     "train_summary": "results/runs/{run}/train_summary.json",
     # merge, predict, evaluate, exam
     "merged": "results/runs/{run}/merged",
+    "gguf": "results/runs/{run}/gguf/{gguf_type}/model.gguf",  # export
+    "modelfile": "results/runs/{run}/gguf/{gguf_type}/Modelfile",
     "predictions": "results/runs/{run}/predictions.csv",
     "partial_predictions": "results/runs/{run}/predictions.partial.csv",
     "metrics": "results/runs/{run}/metrics.json",
     "exam_result": "results/runs/{run}/exams/{exam}.json",
+    "test_set_predictions": "results/runs/{run}/test_sets/{test_set}/predictions.csv",
+    "test_set_partial_predictions": "results/runs/{run}/test_sets/{test_set}/predictions.partial.csv",
+    "test_set_metrics": "results/runs/{run}/test_sets/{test_set}/metrics.json",
     # report
     "leaderboard": "results/leaderboard.csv",
     "report_html": "results/report.html",
@@ -50,8 +56,10 @@ PATTERNS = {
 # The stage whose job writes each per-run file: the sharing of that stage's jobs applies to it.
 STAGE_OF = {
     "adapter": "train", "checkpoints": "train", "tensorboard": "train", "train_log": "train", "loss_curve": "train",
-    "train_summary": "train", "merged": "merge", "predictions": "predict", "partial_predictions": "predict",
-    "metrics": "evaluate", "exam_result": "exam",
+    "train_summary": "train", "merged": "merge",
+    "gguf": "merge", "modelfile": "merge", "predictions": "predict", "partial_predictions": "predict",
+    "metrics": "evaluate", "exam_result": "exam", "test_set_predictions": "predict",
+    "test_set_partial_predictions": "predict", "test_set_metrics": "evaluate",
 }
 
 # Logs and Snakemake's timing files, by stage.
@@ -63,6 +71,10 @@ LOGS = {
     "predict": "logs/predict/{run}",
     "evaluate": "logs/evaluate/{run}",
     "exam": "logs/exam/{run}/{exam}",
+    "export": "logs/export/{run}/{gguf_type}",
+    "replay": "logs/replay/{dataset}/{model}",
+    "predict_test_set": "logs/predict/{run}/{test_set}",
+    "evaluate_test_set": "logs/evaluate/{run}/{test_set}",
     "report": "logs/report/report",
     "best": "logs/report/best",
     "serve": "logs/serve/serve",
@@ -85,7 +97,7 @@ def run_outputs(folder: str | Path) -> dict[str, Path]:
     """A run's files laid out in ``folder`` as the workflow lays out ``results/runs/{run}``, by pattern name."""
     base = "results/runs/{run}"
     return {name: Path(folder) / Path(path).relative_to(base) for name, path in PATTERNS.items()
-            if path.startswith(base + "/") and "{exam}" not in path}
+            if path.startswith(base + "/") and path.count("{") == 1}  # {run} its only wildcard
 
 
 TRAIN_OPTIONS = {"--train": "train", "--eval": "eval", "--stats": "stats"}  # scripts/train.py <- dataset outputs
@@ -169,6 +181,36 @@ class Layout:
         spec = self.cfg.runs[run]
         return PATTERNS[name].format(dataset=spec.dataset, model=spec.model)
 
+    def trains(self, run: str) -> bool:
+        """Whether ``run`` has train and merge jobs: a baseline (``max_steps: 0``) has neither, and predict and exam
+        read the model it starts from."""
+        return self.cfg.runs[run].train.trains
+
+    def dataset_inputs(self, dataset: str, model: str) -> dict[str, Any]:
+        """What the dataset build of ``dataset`` for ``model`` reads besides the model's manifest: its data files,
+        a replay dataset's generated answers, or a mix's datasets built for the same model (every one's train and
+        eval split and stats; the first one's test split)."""
+        settings = self.cfg.datasets[dataset]
+        if settings.replay:
+            return {"replay": PATTERNS["replay_answers"].format(dataset=dataset, model=model)}
+        if settings.mix:
+            built = {name: {key: PATTERNS[key].format(dataset=name, model=model)
+                            for key in ("train_split", "eval_split", "test_split", "dataset_stats")}
+                     for name in settings.mix}
+            return {"mix_train": [files["train_split"] for files in built.values()],
+                    "mix_eval": [files["eval_split"] for files in built.values()],
+                    "mix_stats": [files["dataset_stats"] for files in built.values()],
+                    "mix_test": built[next(iter(settings.mix))]["test_split"]}
+        return {"data": [str(path) for path in settings.paths]}
+
+    def test_set_split(self, test_set: str, run: str) -> str:
+        """The test split of the dataset ``test_set``, built for the model of ``run``."""
+        return PATTERNS["test_split"].format(dataset=test_set, model=self.cfg.runs[run].model)
+
+    def test_set_metrics(self, run: str) -> dict[str, str]:
+        return {name: self.run_file("test_set_metrics", run, test_set=name)
+                for name in self.cfg.runs[run].evaluation.test_sets}
+
     def start_model(self, run: str) -> dict[str, str]:
         """What train and merge start from besides the base model's manifest: with ``from_run``, that run's merged
         model (``start``); otherwise nothing."""
@@ -177,11 +219,28 @@ class Layout:
 
     def run_model(self, run: str) -> dict[str, str]:
         """What predict, exam, chat and serve load for ``run``: its merged model, or (predict_from: adapter) the
-        base model's manifest and the adapter."""
+        base model's manifest and the adapter; a baseline's the model it starts from (the base's manifest, or with
+        ``from_run`` that run's merged model)."""
+        if not self.trains(run):
+            start = self.start_model(run)
+            return {"model": start["start"]} if start else {
+                "manifest": self.model_file("model_manifest", self.cfg.runs[run].model)}
         if self.cfg.runs[run].generation.predict_from == "adapter":
             return {"manifest": self.model_file("model_manifest", self.cfg.runs[run].model),
                     "adapter": self.run_file("adapter", run)}
         return {"model": self.run_file("merged", run)}
+
+    def export_model(self, run: str) -> dict[str, str]:
+        """What the export of ``run`` reads: its merged model (a baseline's: the model it starts from), and the GGUF
+        file the base came from, when it came from one (its pre-tokenizer name goes into the export)."""
+        spec = self.cfg.runs[run]
+        model = self.run_model(run) if not self.trains(run) else {"model": self.run_file("merged", run)}
+        entry = self.cfg.models[spec.model]
+        return {**model, **({"source_gguf": entry["path"]} if entry["source"] == "gguf" else {})}
+
+    def export_files(self, run: str) -> list[str]:
+        return [self.run_file(name, run, gguf_type=kind) for kind in self.cfg.runs[run].export
+                for name in ("gguf", "modelfile")]
 
     def exam_results(self, run: str) -> dict[str, str]:
         return {exam: self.run_file("exam_result", run, exam=exam) for exam in self.cfg.runs[run].evaluation.exams}
@@ -193,20 +252,21 @@ class Layout:
     def report_record(self, run: str) -> dict[str, Any]:
         """What the report reads of one run: its settings columns and the path of each file it shows."""
         spec = self.cfg.runs[run]
+        trained = ("train_log", "train_summary", "loss_curve") if self.trains(run) else ()
         return {
-            "run": run, "model": spec.model, "dataset": spec.dataset, "method": spec.train.method,
+            "run": run, "model": spec.model, "dataset": spec.dataset,
+            "method": spec.train.method if self.trains(run) else "none",
             "stage": spec.train.stage, "from_run": spec.from_run or "",
             "learning_rate": spec.train.learning_rate, "num_train_epochs": spec.train.num_train_epochs,
             "max_steps": spec.train.max_steps,
             "files": {
                 "metrics": self.run_file("metrics", run),
-                "train_log": self.run_file("train_log", run),
-                "train_summary": self.run_file("train_summary", run),
-                "loss_curve": self.run_file("loss_curve", run),
+                **{name: self.run_file(name, run) for name in trained},
                 "predictions": self.run_file("predictions", run),
-                "train_timing": timing("train").format(run=self.owner("train", run)),
+                **({"train_timing": timing("train").format(run=self.owner("train", run))} if trained else {}),
             },
             "exams": self.exam_results(run),
+            "test_sets": self.test_set_metrics(run),
             "serve": self.run_model(run),
         }
 
@@ -215,10 +275,12 @@ class Layout:
         files = []
         for run in self.cfg.runs:
             record = self.report_record(run)
-            files += list(record["files"].values()) + list(record["exams"].values()) + list(record["serve"].values())
+            files += [*record["files"].values(), *record["exams"].values(), *record["test_sets"].values(),
+                      *record["serve"].values()]
         return list(dict.fromkeys(files))
 
     def final_outputs(self) -> list[str]:
         """What the default target builds: the leaderboard, the report page and every sweep's files."""
         sweeps = [path for name in self.cfg.sweeps for path in self.sweep_files(name).values()]
-        return [PATTERNS["leaderboard"], PATTERNS["report_html"], *sweeps]
+        exports = list(dict.fromkeys(path for run in self.cfg.runs for path in self.export_files(run)))
+        return [PATTERNS["leaderboard"], PATTERNS["report_html"], *sweeps, *exports]

@@ -217,9 +217,14 @@ def check_weights(adapted, folder: Path, dtype) -> int:
     for shard in sorted(folder.glob("*.safetensors")):
         with safe_open(shard, "pt") as weights:
             saved.update({key: shard for key in weights.keys()})
-    expected_keys = {key.removeprefix(PREFIX).replace(".base_layer.", ".").replace(".original_module.", ".")
-                     for key in adapted.state_dict() if "lora_" not in key and ".modules_to_save." not in key}
-    missing = sorted(expected_keys - set(saved))
+    def plain(key: str) -> str:
+        return key.removeprefix(PREFIX).replace(".base_layer.", ".").replace(".original_module.", ".")
+
+    # A tied weight (the output head that is the input embedding) is saved once, under one of its names.
+    storage = {plain(key): tensor.data_ptr() for key, tensor in adapted.state_dict().items()
+               if "lora_" not in key and ".modules_to_save." not in key}
+    stored = {storage[key] for key in saved if key in storage}
+    missing = sorted(key for key in storage if key not in saved and storage[key] not in stored)
     if missing:
         raise RuntimeError(f"{folder}: tensors missing from the merged shards: {missing[:5]}")
     checked = 0

@@ -165,7 +165,7 @@ def run_needs(run, shape: Shape, max_seq_length: int, converted: bool, downloads
         checkpoint, final = 14 * p, 2 * p  # bf16 weights + fp32 master weights and two Adam moments
     else:
         checkpoint, final = 12 * lora, 4 * lora
-    trains = train.max_steps != 0
+    trains = train.trains
     merges = trains and train.method != "full" and generation.predict_from == "merged"
     # batch_size auto grows only into free memory: the plan counts the 16 rows it needs at least to be useful
     rows = generation.batch_size if isinstance(generation.batch_size, int) else 16

@@ -43,21 +43,45 @@ class GenerationSettings:
     predict_from: str = "merged"  # merged: the merged folder; adapter: the base with the adapter on top
     decoder: str = "greedy"  # greedy: our lean greedy loop (same tokens as generate); generate: transformers'
     #                          generate, also used whenever do_sample is set
+    dtype: str = "auto"  # what predict and exams compute in: auto is float32 on a CPU, bf16 on a GPU
 
 
-def load_for_generation(model_dir: Path, adapter_dir: Path | None, trust_remote_code: bool = False):
-    """Tokenizer (left padding) and model in eval mode: a merged folder, or a base with its adapter applied."""
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def compute_dtype(wanted: str = "auto", gpu: bool | None = None):
+    """The torch dtype generation and exams compute in: ``wanted``, or for ``auto`` float32 on a CPU (bf16 there
+    is emulated, slow, and its rounding ties the exam's letter scores) and bf16 on a GPU (float16 where it has no
+    bf16)."""
+    import torch
+
+    if wanted != "auto":
+        return getattr(torch, wanted)
+    if gpu is None:
+        gpu = torch.cuda.is_available()
+    if not gpu:
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def load_for_generation(model_dir: Path, adapter_dir: Path | None, trust_remote_code: bool = False,
+                        dtype: str = "auto"):
+    """Tokenizer (left padding) and model in eval mode, in ``compute_dtype(dtype)``: a merged folder, or a base
+    with its adapter applied."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir or model_dir, padding_side="left",
                                               trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", trust_remote_code=trust_remote_code)
+    torch_dtype = compute_dtype(dtype)
+    print(f"computing in {torch_dtype}", file=sys.stderr)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     if adapter_dir is not None and (adapter_dir / "adapter_config.json").is_file():
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter_dir)
     elif adapter_dir is not None:  # a full fine-tune: the "adapter" folder holds the whole model
-        model = AutoModelForCausalLM.from_pretrained(adapter_dir, dtype="auto", trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(adapter_dir, dtype=torch_dtype,
+                                                     trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer, model.eval()
@@ -278,7 +302,7 @@ def predict(settings: GenerationSettings, model_dir: Path, test_path: Path, out_
     from snaketune.io import atomic_file, sha256_file
 
     set_seed(settings.seed)
-    tokenizer, model = load_for_generation(model_dir, adapter_dir, trust_remote_code)
+    tokenizer, model = load_for_generation(model_dir, adapter_dir, trust_remote_code, settings.dtype)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     if settings.decoder == "greedy" and not settings.do_sample and device == "cuda":  # measured there (the CPU's

@@ -14,9 +14,10 @@ from snaketune.io import atomic_file, write_json
 RUN_COLUMNS = ["run", "model", "dataset", "stage", "from_run", "method", "learning_rate", "num_train_epochs",
                "max_steps"]
 TRAIN_COLUMNS = ["train_seconds", "train_steps", "final_loss", "tokens_per_second"]
-METRIC_COLUMNS = ["n", "exact_match", "bleu-4", "rouge-1", "rouge-2", "rouge-l", "text_tokenizer", "bleu_mode",
-                  "rouge_mode", "accuracy", "precision", "recall", "f1", "preference_accuracy", "reward_accuracy",
-                  "reward_margin"]
+METRIC_COLUMNS = ["n", "exact_match", "contains", "bleu-4", "rouge-1", "rouge-2", "rouge-l", "text_tokenizer",
+                  "bleu_mode", "rouge_mode", "accuracy", "precision", "recall", "f1", "preference_accuracy",
+                  "reward_accuracy", "reward_margin"]
+TEST_SET_COLUMNS = ["n", "exact_match", "contains", "bleu-4", "rouge-l", "accuracy"]  # a test set's leaderboard
 SAMPLE_ROWS = 5  # predictions shown beside their references per run
 
 
@@ -42,7 +43,7 @@ def run_row(record: dict[str, Any]) -> dict[str, Any]:
     """The leaderboard row of one run: its settings, what its training recorded for the whole run (steps,
     final loss, tokens/s) and the job's wall time, every metric and exam accuracy."""
     files = record["files"]
-    summary = read_json(files["train_summary"])
+    summary = read_json(files["train_summary"]) if "train_summary" in files else {}  # a baseline trains nothing
     metrics = read_json(files["metrics"])
     row = {key: record.get(key, "") for key in RUN_COLUMNS}
     row["train_seconds"] = train_seconds(files.get("train_timing"))
@@ -51,7 +52,12 @@ def run_row(record: dict[str, Any]) -> dict[str, Any]:
     row["tokens_per_second"] = summary.get("tokens_per_second") or ""
     row.update({key: metrics.get(key, "") for key in METRIC_COLUMNS})
     for name, path in record.get("exams", {}).items():
-        row[f"{name}_accuracy"] = read_json(path)["accuracy"]
+        result = read_json(path)
+        row[f"{name}_accuracy"] = result["accuracy"]
+        row[f"{name}_ties"] = result.get("ties", 0)  # questions decided by the earlier letter of a tie
+    for name, path in record.get("test_sets", {}).items():  # the run scored on other datasets' test splits
+        scores = read_json(path)
+        row.update({f"{name}:{key}": scores[key] for key in TEST_SET_COLUMNS if key in scores})
     return row
 
 
@@ -182,9 +188,12 @@ def write_report(records: list[dict[str, Any]], leaderboard: Path, page: Path,
 
     ``records`` holds one entry per run (``layout.Layout.report_record``): its columns and the files to read.
     """
-    parsed_logs = [read_log(record["files"]["train_log"]) for record in records]
+    parsed_logs = [read_log(record["files"]["train_log"]) if "train_log" in record["files"] else []
+                   for record in records]
     rows = [run_row(record) for record in records]
-    exam_columns = sorted({f"{name}_accuracy" for record in records for name in record.get("exams", {})})
+    exam_columns = sorted({f"{name}_{what}" for record in records for name in record.get("exams", {})
+                           for what in ("accuracy", "ties")})
+    exam_columns += list(dict.fromkeys(key for row in rows for key in row if ":" in key))  # test sets
     columns = RUN_COLUMNS + TRAIN_COLUMNS + METRIC_COLUMNS + exam_columns
     for row in rows:
         for column in exam_columns:
@@ -198,7 +207,8 @@ def write_report(records: list[dict[str, Any]], leaderboard: Path, page: Path,
         f"<figure><img alt='loss curve of {html.escape(r['run'])}' src='data:image/png;base64,"
         f"{base64.b64encode(Path(curve).read_bytes()).decode()}'><figcaption>{html.escape(r['run'])}"
         f"</figcaption></figure>"
-        for r, curve in zip(rows, [record["files"]["loss_curve"] for record in records], strict=True)
+        for r, curve in zip(rows, [record["files"].get("loss_curve") for record in records], strict=True)
+        if curve is not None
     )
     samples = prediction_samples([r["run"] for r in rows], [record["files"]["predictions"] for record in records])
     log_of = {row["run"]: log for row, log in zip(rows, parsed_logs, strict=True)}

@@ -30,7 +30,7 @@ from snaketune.errors import UserError
 from snaketune.io import atomic_file, file_problem, save_png, sha256_file, write_json
 from snaketune.preference import PREF_LOSSES, STAGES
 
-SUPPORTED_METHODS = ("lora", "qlora", "full")
+SUPPORTED_METHODS = ("lora", "qlora", "full", "none")  # none: a baseline, no training (as max_steps 0)
 PACKING = ("auto", "tokens", "rows", False)
 ATTENTION = ("auto", "varlen", "flex_attention", "sdpa", "eager")
 FUSED_LOSS = ("auto", "liger", "chunked", "none")
@@ -59,7 +59,7 @@ class TrainFiles:
 class TrainSettings:
     """Hyperparameters, named as in transformers' TrainingArguments, PEFT's LoraConfig and LLaMA-Factory."""
 
-    method: str = "lora"  # lora | qlora (4-bit NF4 base) | full (every parameter)
+    method: str = "lora"  # lora | qlora (4-bit NF4 base) | full (every parameter) | none (a baseline)
     stage: str = "sft"  # sft: supervised on the answers | dpo | orpo: preference pairs (a dataset with ranking)
     pref_beta: float = 0.1  # dpo: beta of the loss (how far from the reference); orpo: weight of the odds ratio
     pref_loss: str = "sigmoid"  # dpo: trl's loss_type, sigmoid (DPO), hinge (SLiC) or ipo
@@ -102,6 +102,11 @@ class TrainSettings:
     liger_kernels: str | bool = "auto"  # Liger's RMSNorm, RoPE and SwiGLU kernels; auto: on where installed
     torch_compile: str | bool = "auto"  # compile each decoder layer (dynamic shapes); auto: on a GPU for lora
     #                                     without DeepSpeed (1.6x on an H100, benchmarks/README.md)
+
+    @property
+    def trains(self) -> bool:
+        """False for a baseline (``max_steps: 0`` or ``method: none``): the workflow gives it no train or merge job."""
+        return self.max_steps != 0 and self.method != "none"
 
     def __post_init__(self) -> None:
         problems = []
@@ -616,6 +621,7 @@ def load_model(settings: TrainSettings, model_dir: Path, trust_remote_code: bool
         # bf16 at every linear layer, forward and backward (a sixth of a step's GPU time, benchmarks/README.md)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
+    refuse_tied_training(model, settings)
     lora = LoraConfig(
         r=settings.lora_rank, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
         target_modules="all-linear" if settings.lora_target == "all" else list(settings.lora_target),
@@ -623,6 +629,22 @@ def load_model(settings: TrainSettings, model_dir: Path, trust_remote_code: bool
     )
     model = get_peft_model(model, lora)
     return compile_layers(model) if speedups.torch_compile else model
+
+
+def refuse_tied_training(model, settings: TrainSettings) -> None:
+    """An adapter may not train the input embedding or output head of a model that ties them: one copy would
+    train and the other not, and the merged folder (which stores the tied weight once) could not hold both."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return
+    tied = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+            if module is model.get_input_embeddings() or module is model.get_output_embeddings()}
+    named = set(settings.modules_to_save or []) | (set() if settings.lora_target == "all"
+                                                   else set(settings.lora_target))
+    if named & tied:
+        raise UserError(f"modules_to_save/lora_target name {', '.join(sorted(named & tied))}, which this model ties "
+                        "(tie_word_embeddings: true: the input embedding is the output head); training one would "
+                        "untie them. Leave them out (LoRA on every other linear layer learns new answers), or use "
+                        "method: full")
 
 
 def compile_layers(model):

@@ -27,9 +27,11 @@ def dataset_settings(cfg: WorkflowConfig, dataset: str) -> str:
     return as_json(asdict(cfg.datasets[dataset]))
 
 
-def dataset_files(cfg: WorkflowConfig, dataset: str) -> list[str]:
-    """The data files a dataset build reads (their paths are also in its settings, so a new path reruns it)."""
-    return [str(path) for path in cfg.datasets[dataset].paths]
+def replay_settings(cfg: WorkflowConfig, dataset: str) -> str:
+    """What a replay dataset's answers depend on: the prompts, the system prompt, the template and the length."""
+    settings = cfg.datasets[dataset]
+    return as_json({"prompts": settings.replay, "system": settings.system, "template": settings.template,
+                    "max_new_tokens": settings.replay_max_new_tokens})
 
 
 def train_settings(cfg: WorkflowConfig, run: str) -> str:
@@ -52,7 +54,7 @@ def eval_settings(cfg: WorkflowConfig, run: str) -> str:
     """Settings of evaluate; the exam keys belong to the exam rule and are left out, so changing them does not
     rescore the predictions."""
     settings = asdict(cfg.runs[run].evaluation)
-    return as_json({k: v for k, v in settings.items() if k not in ("exams", "shots")})
+    return as_json({k: v for k, v in settings.items() if k not in ("exams", "shots", "test_sets")})
 
 
 def report_records(cfg: WorkflowConfig, layout: Layout) -> str:

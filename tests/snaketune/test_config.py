@@ -82,7 +82,7 @@ def test_train_stage_rules_are_checked_when_the_config_loads(tmp_path, default_c
 def test_unknown_methods_fail_clearly(default_config):
     config = copy.deepcopy(default_config)
     config["runs"]["identity-lora"]["method"] = "dpo"
-    with pytest.raises(UserError, match=r"'dpo' is not one of \['lora', 'qlora', 'full'\]"):
+    with pytest.raises(UserError, match=r"'dpo' is not one of \['lora', 'qlora', 'full', 'none'\]"):
         load(config)
 
 
@@ -225,3 +225,44 @@ def test_a_sweep_can_set_one_key_of_a_stage_block(default_config):
     config["runs"]["gen"]["sweep"] = {"generation.max_new_tokenz": [1]}
     with pytest.raises(UserError, match="`generation.max_new_tokenz` is not a run setting that can be swept"):
         load(config)
+
+
+def test_mixes_replays_and_test_sets_are_checked_with_file_and_line(tmp_path, default_config):
+    config = copy.deepcopy(default_config)
+    config["datasets"].update({
+        "replay": {"replay": "data/nowhere.txt", "system": "Be helpful."},
+        "both": {"replay": "data/identity.jsonl", "path": "data/identity.jsonl"},
+        "mixed": {"mix": {"identity": 1.0, "ghost": 0.5, "qa": 1}},
+        "qa": {"path": "data/identity.jsonl", "format": "messages", "test_size": "all"},
+    })
+    config["runs"]["identity-lora"]["dataset"] = "qa"
+    config["runs"]["identity-lora"]["evaluation"]["test_sets"] = ["qa", "missing"]
+    path = write(tmp_path, config)
+    with pytest.raises(UserError) as problem:
+        load(config, [path])
+    lines = str(problem.value).splitlines()
+    expected = [
+        (f"{path}:{line_of(path, 'nowhere.txt')}: datasets.replay.replay: file `data/nowhere.txt` not found"),
+        (f"{path}:{line_of(path, '  both:') + 2}: datasets.both.path: `path` does not go with `replay`"),
+        "datasets.mixed.mix.ghost: names undefined dataset `ghost`",
+        "datasets.mixed.mix.qa: `qa` has test_size: all (test rows only); score on it with evaluation.test_sets",
+        "runs.identity-lora.dataset: dataset `qa` has test_size: all",
+        "runs.identity-lora.evaluation.test_sets: names undefined dataset `missing`",
+    ]
+    for wanted in expected:
+        assert any(wanted in line for line in lines), (wanted, lines)
+    assert len(lines) == len(expected), lines
+
+
+def test_a_mix_trains_as_its_datasets_do_and_builtin_models_can_tie_embeddings(default_config):
+    config = copy.deepcopy(default_config)
+    config["datasets"]["mixed"] = {"mix": {"identity": 1.0, "text-matching": 0.5}}
+    config["models"]["tiny-qwen2"]["tie_word_embeddings"] = True
+    config["models"]["from-gguf"] = {"source": "gguf", "path": "data/identity.jsonl"}
+    with pytest.raises(UserError, match="models.from-gguf.path: `data/identity.jsonl` is not a .gguf file"):
+        load(config)
+    del config["models"]["from-gguf"]
+    cfg = load(config)
+    assert cfg.datasets["mixed"].mix == {"identity": 1.0, "text-matching": 0.5}
+    assert cfg.datasets["mixed"].max_seq_length == 128 and cfg.datasets["mixed"].paths == []
+    assert cfg.models["tiny-qwen2"]["tie_word_embeddings"] is True

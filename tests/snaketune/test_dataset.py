@@ -136,3 +136,51 @@ def test_a_build_that_keeps_less_than_half_its_rows_says_so(tmp_path, tiny_token
               "the data is gone"
     assert stats["warnings"] == [message]
     assert f"warning: {message}" in capsys.readouterr().err
+
+
+def test_a_test_set_puts_every_row_in_its_test_split(tmp_path, tiny_tokenizer):
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                     {"role": "assistant", "content": "a"}]}) + "\n"
+                            for i in range(7)))
+    settings = DatasetSettings(path=str(data), format="messages", test_size="all")
+    stats = build(settings, tiny_tokenizer, dataset_outputs(tmp_path / "out"))
+    assert [stats["splits"][name]["rows"] for name in ("train", "eval", "test")] == [0, 0, 7]
+
+
+def test_a_mix_takes_each_datasets_train_rows_by_its_weight_and_the_first_ones_test_split(tmp_path, tiny_tokenizer):
+    import random
+
+    import pyarrow.parquet as pq
+
+    from snaketune.dataset import MixPart, build_mix, mix_indices
+
+    assert mix_indices(4, 2.0, random.Random(0)) == [0, 1, 2, 3, 0, 1, 2, 3]
+    half = mix_indices(10, 0.5, random.Random(0))
+    assert len(half) == 5 and half == sorted(set(half)) and half == mix_indices(10, 0.5, random.Random(0))
+    assert mix_indices(10, 0, random.Random(0)) == []
+    parts = []
+    for name, n in (("identity", 20), ("replay", 10)):
+        data = tmp_path / f"{name}.jsonl"
+        data.write_text("".join(json.dumps({"id": f"{name}-{i}", "messages": [
+            {"role": "user", "content": f"{name} question {i}"}, {"role": "assistant", "content": "answer"}]}) + "\n"
+            for i in range(n)))
+        build(DatasetSettings(path=str(data), format="messages", eval_size=2, test_size=4),
+              tiny_tokenizer, dataset_outputs(tmp_path / name))
+        files = dataset_outputs(tmp_path / name)
+        parts.append(MixPart(name, 1.5 if name == "identity" else 0.5, files["train"], files["eval"], files["stats"]))
+    out = dataset_outputs(tmp_path / "mix")
+    settings = DatasetSettings(path=[], format="messages", mix={"identity": 1.5, "replay": 0.5})
+    stats = build_mix(settings, parts, dataset_outputs(tmp_path / "identity")["test"], out)
+    train = pq.read_table(out["train"]).column("id").to_pylist()
+    assert sum(i.startswith("identity") for i in train) == 14 + 7 and sum(i.startswith("replay") for i in train) == 2
+    assert stats["mix"] == {"identity": {"weight": 1.5, "train_rows": 14, "train_rows_taken": 21},
+                            "replay": {"weight": 0.5, "train_rows": 4, "train_rows_taken": 2}}
+    assert len(pq.read_table(out["eval"])) == 4  # every dataset's eval rows once
+    assert pq.read_table(out["test"]).column("id").to_pylist() == pq.read_table(
+        dataset_outputs(tmp_path / "identity")["test"]).column("id").to_pylist()
+    assert stats["chat_template"] == tiny_tokenizer.chat_template and stats["splits"]["train"]["rows"] == 23
+    other = json.loads(parts[1].stats.read_text())
+    parts[1].stats.write_text(json.dumps({**other, "chat_template": "{{ messages }}"}))
+    with pytest.raises(UserError, match="different chat templates"):
+        build_mix(settings, parts, dataset_outputs(tmp_path / "identity")["test"], out)

@@ -198,3 +198,12 @@ def test_llamafactory_mode_equals_bleu_and_rouge_written_from_their_definitions(
         assert result[key] == pytest.approx(value / len(LF_PAIRS), abs=1e-9), key
     default = evaluate(EvalSettings(), references, predictions)
     assert default["bleu_mode"] == "default" and default["bleu-4"] != result["bleu-4"]
+
+
+def test_contains_finds_the_reference_or_an_alternative_in_a_sentence_ignoring_case():
+    from snaketune.evaluate import contains
+
+    references = ["Paris", "seven|7", "H2O", "blue"]
+    predictions = ["The capital of France is paris.", "A week has 7 days.", "Water is h₂o", "It is grey."]
+    assert contains(references, predictions) == 0.75  # NFKC reads the subscript ₂ as 2; grey is not blue
+    assert contains(["4|four"], ["Four legs."]) == 1.0 and contains(["4"], ["Two."]) == 0.0

@@ -149,3 +149,19 @@ def test_a_continuation_is_scored_from_the_logits_it_reads_only(tiny):
     expected = sum(logprobs[i - 1, full[i]].item() for i in range(max(common, 1), len(full)))
     assert len(full) - common >= 2
     assert continuation_logprob(model, tokenizer, prompt, continuation) == pytest.approx(expected, abs=1e-4)
+
+
+def test_ties_between_letters_are_counted_not_silently_broken(tiny, monkeypatch, capsys):
+    """In bf16 on a CPU the letter scores of a small model round together; each tie is reported per question and
+    in the total, and the warning says how to avoid it."""
+    from snaketune.exam import Exam, Question
+
+    tokenizer, model = tiny
+    questions = [Question("s", f"q{i}?", {"A": "1", "B": "2", "C": "3", "D": "4"}, "B", f"s.csv:{i}") for i in (2, 3)]
+    scores = [{"A": -1.0, "B": -1.0, "C": -2.0, "D": -3.0}, {"A": -2.0, "B": -1.0, "C": -2.0, "D": -3.0}]
+    monkeypatch.setattr(exam, "letter_scores", lambda *args, **kwargs: scores)
+    result = score_exam(model, tokenizer, Exam("tied", test={"s": questions}), shots=0, batch_size=8)
+    assert result["ties"] == 1 and result["questions"][0]["tied"] == ["A", "B"]
+    assert "tied" not in result["questions"][1]  # B alone is highest: no tie
+    assert [q["chosen"] for q in result["questions"]] == ["A", "B"]
+    assert "1 of 2 questions have a tie" in capsys.readouterr().err

@@ -125,9 +125,12 @@ def test_predict_cli_from_base_manifest_and_adapter(tmp_path, tiny_model, tiny_t
     result = subprocess.run(command + ["--model-manifest", str(tiny_model / "manifest.json"), "--adapter",
                                        str(adapter)], capture_output=True, text=True, env=workflow_env())
     assert result.returncode == 0 and "predictions: 3" in result.stdout, result.stderr[-2000:]
-    half = subprocess.run(command + ["--model-manifest", str(tiny_model / "manifest.json")], capture_output=True,
+    base = subprocess.run(command + ["--model-manifest", str(tiny_model / "manifest.json")], capture_output=True,
+                          text=True, env=workflow_env())  # the manifest alone: the base model (a baseline run)
+    assert base.returncode == 0 and "predictions: 3" in base.stdout, base.stderr[-2000:]
+    half = subprocess.run(command + ["--model", str(tiny_model), "--adapter", str(adapter)], capture_output=True,
                           text=True, env=workflow_env())
-    assert half.returncode == 1 and "error: --model-manifest and --adapter go together" in half.stderr
+    assert half.returncode == 1 and "error: --adapter needs --model-manifest" in half.stderr
 
 
 def test_predictions_open_in_excel_and_carry_the_original_columns(tmp_path, tiny_model, tiny_tokenizer):
@@ -224,3 +227,23 @@ def test_a_model_with_sliding_window_layers_reads_its_prompts_in_one_prefill(tin
                                    pad_token_id=tiny_tokenizer.pad_token_id)[:, inputs["input_ids"].shape[1]:]
     assert prefill_reads == inputs["input_ids"].shape  # one pass over all three rows, not a row a chunk
     assert torch.equal(ours[:, : reference.shape[1]], reference)
+
+
+def test_generation_computes_in_float32_on_a_cpu_and_bf16_on_a_gpu(tmp_path, tiny_model, tiny_tokenizer,
+                                                                    monkeypatch):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from snaketune.predict import compute_dtype, load_for_generation
+
+    assert compute_dtype("auto", gpu=False) == torch.float32
+    assert compute_dtype("bfloat16", gpu=False) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert compute_dtype("auto", gpu=True) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # a V100 or T4
+    assert compute_dtype("auto", gpu=True) == torch.float16
+    # a model saved in bf16 (as real models are) is computed in float32 on this CPU, or as the setting says
+    AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    assert next(load_for_generation(tmp_path, None)[1].parameters()).dtype == torch.float32
+    assert next(load_for_generation(tmp_path, None, dtype="bfloat16")[1].parameters()).dtype == torch.bfloat16
