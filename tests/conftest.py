@@ -146,3 +146,28 @@ def start_server(app):
         assert time.monotonic() < deadline, "server did not start"
         time.sleep(0.05)
     return server, thread, f"http://127.0.0.1:{port}"
+
+
+def open_llama(path, n_ctx=512):  # n_ctx=0: the model's own context length
+    """An exported GGUF in llama.cpp (llama-cpp-python), the independent runtime the export tests check against."""
+    from llama_cpp import Llama
+
+    # One thread: on a 2-core machine shared with other jobs, two threads wait on each other at every op
+    # (measured 4x slower); logits_all keeps every position's logits in llm.scores.
+    return Llama(model_path=str(path), n_ctx=n_ctx, verbose=False, seed=0, n_threads=1, logits_all=True)
+
+
+def llama_greedy(llm, ids, eos, new_tokens):
+    """Greedy decoding in llama.cpp by argmax of its own logits: the answer ids, ending with eos if it came."""
+    import numpy as np
+
+    llm.reset()
+    llm.eval(ids)
+    answer = []
+    while len(answer) < new_tokens:
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        answer.append(token)
+        if token == eos:
+            break
+        llm.eval([token])
+    return answer

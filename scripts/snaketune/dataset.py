@@ -18,7 +18,14 @@ from typing import Any
 from snaketune.errors import UserError, located
 from snaketune.formats import ReadResult, ReadSettings, Record, iter_records, no_records_error
 from snaketune.io import atomic_file, save_png, write_json
-from snaketune.templates import ChatTemplate, TemplateError, encode_text, template_sha256, with_system
+from snaketune.templates import (
+    ChatTemplate,
+    TemplateError,
+    adopt_system,
+    encode_text,
+    template_sha256,
+    with_system,
+)
 
 SPLITS = ("train", "eval", "test")
 COLUMNS = ["id", "line", "input_ids", "labels", "n_tokens", "n_supervised", "truncated", "prompt", "reference",
@@ -253,11 +260,15 @@ def build(settings: DatasetSettings, tokenizer, outputs: dict[str, str | Path]) 
         except TemplateError as exc:
             raise UserError(f"{settings.source}: {exc}") from None
     outputs = {name: Path(outputs[name]) for name in OUTPUTS}
+    # The template the tuned model is saved with (train stores it): with the dataset's system prompt as its default,
+    # so a conversation without one gets the prompt the model was trained with, not the base model's own.
+    saved_template = None if text_only else adopt_system(template, settings.system) if settings.system \
+        else template.source
     stats: dict[str, Any] = {
         "source": settings.path, "format": settings.format, "ranking": settings.ranking,
         "template": None if text_only else settings.template,
-        "chat_template": None if text_only else template.source,
-        "chat_template_sha256": None if text_only else template_sha256(template.source),
+        "chat_template": saved_template,
+        "chat_template_sha256": None if text_only else template_sha256(saved_template),
         "max_seq_length": settings.max_seq_length, "eos_token": tokenizer.eos_token,
         "rows_read": read.rows_read, "bad_rows_skipped": len(read.bad_rows), "bad_rows": read.bad_rows[:20],
         "duplicates_removed": read.duplicates, "splits": {},

@@ -258,3 +258,39 @@ def render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: boo
 
 def encode_conversation(tokenizer, conversation: list[dict[str, str]], max_length: int) -> Encoded:
     return ChatTemplate.of(tokenizer).encode([conversation], max_length)[0]
+
+
+SYSTEM_PROBE, USER_PROBE = "SYSTEM-PROBE-7f3a", "USER-PROBE-7f3a"
+
+
+def default_system(template: ChatTemplate) -> str | None:
+    """The system prompt ``template`` puts into a conversation that has none (SmolLM2's and Qwen2.5's templates
+    do), or None."""
+    user = [{"role": "user", "content": USER_PROBE}]
+    given = template.render([{"role": "system", "content": SYSTEM_PROBE}, *user], add_generation_prompt=True)
+    alone = template.render(user, add_generation_prompt=True)
+    if given.count(SYSTEM_PROBE) != 1:
+        return None
+    head, tail = given.split(SYSTEM_PROBE)
+    if alone == given.replace(SYSTEM_PROBE, "") or not (alone.startswith(head) and alone.endswith(tail)):
+        return None
+    found = alone[len(head) : len(alone) - len(tail)]
+    return found or None
+
+
+def adopt_system(template: ChatTemplate, system: str) -> str:
+    """The template's source with its default system prompt replaced by ``system``: a model trained with one
+    system prompt then gets it whenever a conversation brings none (chat, serve, an Ollama Modelfile), instead of
+    the base model's default, which may name another assistant. Unchanged when the template has no default or its
+    default is not a plain string in the source (checked by rendering)."""
+    default = default_system(template)
+    if default is None or default == system or template.source.count(default) != 1:
+        return template.source
+    escaped = system.replace("\\", "\\\\").replace("'", "\\'").replace('"', '\\"')
+    adopted = ChatTemplate(template.tokenizer, template.source.replace(default, escaped))
+    user = [{"role": "user", "content": USER_PROBE}]
+    try:
+        same = adopted.render(user, True) == template.render([{"role": "system", "content": system}, *user], True)
+    except Exception:  # noqa: BLE001 - a replacement that broke the template's syntax: keep the original
+        same = False
+    return adopted.source if same else template.source

@@ -11,7 +11,6 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from llama_cpp import Llama
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -23,6 +22,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from conftest import llama_greedy as greedy_ids
+from conftest import open_llama
 from snaketune.errors import UserError
 from snaketune.export import export_gguf, modelfile, pre_tokenizer_type, render_modelfile_template
 from snaketune.io import sha256_file
@@ -34,10 +35,8 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Gi
 NEW_TOKENS = 24
 
 
-def open_llama(path, n_ctx=512):  # n_ctx=0: the model's own context length
-    # One thread: on a 2-core machine shared with other jobs, two threads wait on each other at every op
-    # (measured 4x slower); logits_all keeps every position's logits in llm.scores.
-    return Llama(model_path=str(path), n_ctx=n_ctx, verbose=False, seed=0, n_threads=1, logits_all=True)
+def llama_greedy(llm, ids, eos):
+    return greedy_ids(llm, ids, eos, NEW_TOKENS)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -47,20 +46,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def llama_greedy(llm, ids, eos):
-    """Greedy decoding in llama.cpp by argmax of its own logits: the answer ids, ending with eos if it came."""
-    llm.reset()
-    llm.eval(ids)
-    answer = []
-    while len(answer) < NEW_TOKENS:
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        answer.append(token)
-        if token == eos:
-            break
-        llm.eval([token])
-    return answer
 
 
 def llama_logits(llm, ids):

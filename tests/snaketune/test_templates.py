@@ -155,3 +155,25 @@ def test_template_whose_turns_do_not_end_in_eos_is_refused(tiny_model):
     record = Record("r1", None, CONVERSATION[1:3], line=4, path="d.jsonl")
     with pytest.raises(UserError, match=r"d\.jsonl:4: the chat template does not end assistant turns"):
         encode_records(ChatTemplate.of(tokenizer), tokenizer, [record], 512)
+
+
+DEFAULT_SYSTEM_TEMPLATE = (  # SmolLM2's and Qwen2.5's shape: a system turn of their own when none is given
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_a_datasets_system_prompt_becomes_the_saved_templates_default(tiny_tokenizer):
+    from snaketune.templates import ChatTemplate, adopt_system, default_system
+
+    template = ChatTemplate(tiny_tokenizer, DEFAULT_SYSTEM_TEMPLATE)
+    assert default_system(template) == "You are a helpful AI assistant named SmolLM"
+    assert default_system(ChatTemplate.of(tiny_tokenizer)) is None  # plain ChatML adds none
+    user = [{"role": "user", "content": "Who are you?"}]
+    for system in ("You are Snaky's helper.", 'Say "hi" \\ bye', "第一行\n第二行"):
+        adopted = ChatTemplate(tiny_tokenizer, adopt_system(template, system))
+        assert adopted.render(user, True) == template.render([{"role": "system", "content": system}, *user], True)
+        other = [{"role": "system", "content": "Be brief."}, *user]
+        assert adopted.render(other, True) == template.render(other, True)  # a given system prompt still wins
+    assert adopt_system(ChatTemplate.of(tiny_tokenizer), "Be brief.") == tiny_tokenizer.chat_template
