@@ -56,7 +56,7 @@ def main(argv=None) -> int:
                 raise UserError(f"a mix of {len(settings.mix)} datasets needs that many --mix-train, --mix-eval "
                                 "and --mix-stats files, and --mix-test")
             parts = [MixPart(name, weight, Path(train), Path(eval_), Path(stats)) for (name, weight), train, eval_,
-                     stats in zip(settings.mix.items(), *files, strict=True)]
+                     stats in zip(settings.mix, *files, strict=True)]
             print(json.dumps(build_mix(settings, parts, Path(args.mix_test), outputs)["splits"]))
             return
         if args.replay:

@@ -122,6 +122,16 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tied_model(tmp_path_factory) -> Path:
+    """The tiny model with its output head tied to its input embedding (same tokenizer as ``tiny_model``)."""
+    from snaketune.download import fetch
+
+    out = tmp_path_factory.mktemp("models") / "tied"
+    fetch({**TINY_MODEL, "tie_word_embeddings": True}, out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model):
     from transformers import AutoTokenizer
 

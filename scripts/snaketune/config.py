@@ -281,6 +281,8 @@ def load(raw: dict[str, Any], files: list[str | Path] = ()) -> WorkflowConfig:
             continue
         for key in made:  # built from other datasets, or from the model's own answers: no file layout to name
             dataset.update(path=dataset["replay"] if key == "replay" else [], format="messages")
+            if key == "mix":  # pairs, not a mapping: the order (the first one gives the test split) must survive JSON
+                dataset["mix"] = [(part, weight) for part, weight in dataset["mix"].items()]
             if key == "replay":
                 check_file(report, ("datasets", name, "replay"), dataset["replay"])
                 if not str(dataset["replay"]).endswith((".txt", ".jsonl")):
@@ -305,7 +307,7 @@ def load(raw: dict[str, Any], files: list[str | Path] = ()) -> WorkflowConfig:
             report(("datasets", name, "ranking"), str(problem))
 
     for name, dataset in datasets.items():
-        for part in dataset.mix or {}:
+        for part in dataset.mix_names:
             where = ("datasets", name, "mix", part)
             if part not in datasets:
                 report(where, f"names undefined dataset `{part}` (defined: {', '.join(sorted(datasets))})")
@@ -313,9 +315,9 @@ def load(raw: dict[str, Any], files: list[str | Path] = ()) -> WorkflowConfig:
                 report(where, f"`{part}` is a mix itself; list its datasets here instead")
             elif datasets[part].test_only:
                 report(where, f"`{part}` has test_size: all (test rows only); score on it with evaluation.test_sets")
-            elif datasets[part].ranking != datasets[next(iter(dataset.mix))].ranking:
+            elif datasets[part].ranking != datasets[dataset.mix_names[0]].ranking:
                 report(where, "preference (ranking) and plain datasets cannot be mixed")
-        parts = [datasets[part] for part in dataset.mix or {} if part in datasets]
+        parts = [datasets[part] for part in dataset.mix_names if part in datasets]
         if parts:  # a mix trains as its datasets do
             dataset.ranking, dataset.max_seq_length = parts[0].ranking, max(p.max_seq_length for p in parts)
 

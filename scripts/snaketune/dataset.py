@@ -46,7 +46,12 @@ class DatasetSettings(ReadSettings):
     seed: int = 0
     replay: str | None = None  # a prompt file the base model answers itself (snaketune.replay); rows = answers
     replay_max_new_tokens: int = 256
-    mix: dict[str, float] | None = None  # a mixture of other datasets' builds, name -> weight of its train rows
+    mix: list[tuple[str, float]] | None = None  # a mixture of other datasets' builds: (name, weight of its train
+    #                                             rows) in the config's order, the first one giving the test split
+
+    @property
+    def mix_names(self) -> list[str]:
+        return [name for name, _ in self.mix or []]
 
     @property
     def source(self) -> str:
@@ -351,7 +356,7 @@ def build_mix(settings: DatasetSettings, parts: list[MixPart], test: Path,
               "eval": pa.concat_tables([pq.read_table(part.eval, schema=schema) for part in parts]),
               "test": pq.read_table(test, schema=schema)}
     if not splits["train"].num_rows:
-        raise UserError(f"mix: the weights {settings.mix} take no training row")
+        raise UserError(f"mix: the weights {dict(settings.mix)} take no training row")
     for name, table in splits.items():
         with atomic_file(outputs[name]) as tmp:
             pq.write_table(table, tmp)

@@ -196,11 +196,11 @@ class Layout:
         if settings.mix:
             built = {name: {key: PATTERNS[key].format(dataset=name, model=model)
                             for key in ("train_split", "eval_split", "test_split", "dataset_stats")}
-                     for name in settings.mix}
+                     for name in settings.mix_names}
             return {"mix_train": [files["train_split"] for files in built.values()],
                     "mix_eval": [files["eval_split"] for files in built.values()],
                     "mix_stats": [files["dataset_stats"] for files in built.values()],
-                    "mix_test": built[next(iter(settings.mix))]["test_split"]}
+                    "mix_test": built[settings.mix_names[0]]["test_split"]}
         return {"data": [str(path) for path in settings.paths]}
 
     def test_set_split(self, test_set: str, run: str) -> str:

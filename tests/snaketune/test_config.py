@@ -11,8 +11,10 @@ from snaketune.config import BLOCKS, DERIVED, RUN_KEYS, SWEEP_KEYS, load, load_s
 from snaketune.dataset import DatasetSettings
 from snaketune.errors import UserError
 from snaketune.exam import ExamSettings
+from snaketune.layout import Layout
 from snaketune.predict import GenerationSettings
 from snaketune.train import TrainSettings
+from snaketune.workflow import dataset_settings
 
 
 def write(tmp_path, config):
@@ -256,13 +258,16 @@ def test_mixes_replays_and_test_sets_are_checked_with_file_and_line(tmp_path, de
 
 def test_a_mix_trains_as_its_datasets_do_and_builtin_models_can_tie_embeddings(default_config):
     config = copy.deepcopy(default_config)
-    config["datasets"]["mixed"] = {"mix": {"identity": 1.0, "text-matching": 0.5}}
+    config["datasets"]["mixed"] = {"mix": {"text-matching": 0.5, "identity": 1.0}}  # not in alphabetical order
     config["models"]["tiny-qwen2"]["tie_word_embeddings"] = True
     config["models"]["from-gguf"] = {"source": "gguf", "path": "data/identity.jsonl"}
     with pytest.raises(UserError, match="models.from-gguf.path: `data/identity.jsonl` is not a .gguf file"):
         load(config)
     del config["models"]["from-gguf"]
     cfg = load(config)
-    assert cfg.datasets["mixed"].mix == {"identity": 1.0, "text-matching": 0.5}
+    assert cfg.datasets["mixed"].mix == [("text-matching", 0.5), ("identity", 1.0)]  # in the config's order ...
+    assert json.loads(dataset_settings(cfg, "mixed"))["mix"] == [["text-matching", 0.5], ["identity", 1.0]]
+    assert Layout(cfg).dataset_inputs("mixed", "tiny-qwen2")["mix_test"] == (  # ... the first one's test split
+        "results/datasets/text-matching/tiny-qwen2/test.parquet")
     assert cfg.datasets["mixed"].max_seq_length == 128 and cfg.datasets["mixed"].paths == []
     assert cfg.models["tiny-qwen2"]["tie_word_embeddings"] is True

@@ -170,7 +170,7 @@ def test_a_mix_takes_each_datasets_train_rows_by_its_weight_and_the_first_ones_t
         files = dataset_outputs(tmp_path / name)
         parts.append(MixPart(name, 1.5 if name == "identity" else 0.5, files["train"], files["eval"], files["stats"]))
     out = dataset_outputs(tmp_path / "mix")
-    settings = DatasetSettings(path=[], format="messages", mix={"identity": 1.5, "replay": 0.5})
+    settings = DatasetSettings(path=[], format="messages", mix=[("identity", 1.5), ("replay", 0.5)])
     stats = build_mix(settings, parts, dataset_outputs(tmp_path / "identity")["test"], out)
     train = pq.read_table(out["train"]).column("id").to_pylist()
     assert sum(i.startswith("identity") for i in train) == 14 + 7 and sum(i.startswith("replay") for i in train) == 2

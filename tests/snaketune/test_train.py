@@ -142,11 +142,15 @@ def test_a_killed_run_resumes_to_the_same_step_and_loss(built, tmp_path, uninter
     assert resumed["loss"].iloc[-1] == pytest.approx(uninterrupted["loss"].iloc[-1], rel=0.01)
 
 
-def test_zero3_in_two_processes_trains_consolidates_and_resumes(built, tmp_path, tiny_model):
+def test_zero3_in_two_processes_trains_consolidates_and_resumes(built, tmp_path, tied_model):
     """The expensive real run: full fine-tune, ZeRO-3, two CPU processes under torchrun, killed and resumed, on
     the GPU's fast path: packs sized in tokens, varlen attention and the fused loss (the head's weight gathered
-    by ZeRO-3 for a forward that is not the head's own)."""
+    by ZeRO-3 for a forward that is not the head's own), on a model whose head is its input embedding (tied, as
+    SmolLM2 and Qwen2.5-0.5B are: the two-node test below runs an untied one)."""
+    import torch
     from transformers import AutoModelForCausalLM
+
+    built = (tied_model / "manifest.json", built[1])  # the same tokenizer, so the same tokenized rows
 
     settings = {**FAST, "method": "full", "deepspeed": "zero3", "gpus": 2, "max_steps": 60, "learning_rate": 0.003,
                 "packing": "tokens", "per_device_train_batch_size": 2, "attention": "varlen", "fused_loss": "chunked"}
@@ -166,9 +170,11 @@ def test_zero3_in_two_processes_trains_consolidates_and_resumes(built, tmp_path,
     assert log["loss"].iloc[-1] < 0.8 * log["loss"].iloc[0]
 
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "adapter")  # consolidated: a normal HF folder
-    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    base = AutoModelForCausalLM.from_pretrained(tied_model)
     shapes = {name: tuple(p.shape) for name, p in base.named_parameters()}
     assert {name: tuple(p.shape) for name, p in trained.named_parameters()} == shapes
+    assert trained.config.tie_word_embeddings and trained.lm_head.weight is trained.model.embed_tokens.weight
+    assert not torch.equal(trained.lm_head.weight, base.lm_head.weight)  # the shared weight trained, and was kept
 
 
 def start_node(built, run_dir, settings, node, port):
