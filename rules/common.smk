@@ -44,6 +44,9 @@ envvars:
 os.environ["PATH"] = os.pathsep.join(
     [str(Path(workflow.basedir) / "scripts"), os.environ.get("PATH", "")]
 )
+# Every stage's shell runs `script ... 3>&2 > {log} 2>&1`: fd 3 is Snakemake's own stderr, where a job writes the
+# one line that must reach the terminal even when its log cannot be written (a full disk holds the log too).
+os.environ["SNAKETUNE_ERROR_FD"] = "3"
 
 
 def run_model_manifest(wildcards):

@@ -25,4 +25,4 @@ rule dataset:
     shell:
         "dataset.py --model-manifest {input.manifest:q} {params.sources} --train {output.train:q}"
         " --eval {output.eval:q} --test {output.test:q} --stats {output.stats:q} --lengths {output.lengths:q}"
-        " --settings {params.settings:q} > {log:q} 2>&1"
+        " --settings {params.settings:q} 3>&2 > {log:q} 2>&1"

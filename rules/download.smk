@@ -15,4 +15,4 @@ rule download:
     params:
         settings=lambda wc: stages.download_settings(CFG, wc.model),
     shell:
-        "download.py --manifest {output.manifest:q} --settings {params.settings:q} > {log:q} 2>&1"
+        "download.py --manifest {output.manifest:q} --settings {params.settings:q} 3>&2 > {log:q} 2>&1"

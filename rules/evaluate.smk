@@ -20,7 +20,7 @@ rule evaluate:
         summary=run_train_summary_argument,
     shell:
         "evaluate.py --predictions {input.predictions:q} {params.summary} --out {output.metrics:q}"
-        " --settings {params.settings:q} > {log:q} 2>&1"
+        " --settings {params.settings:q} 3>&2 > {log:q} 2>&1"
 
 
 # The same scores for each dataset in the run's evaluation.test_sets.

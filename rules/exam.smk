@@ -22,4 +22,4 @@ rule exam:
         model_args=run_model_arguments,
     shell:
         "exam.py {params.model_args} --exam {params.folder:q} --name {wildcards.exam:q}"
-        " --out {output.result:q} --settings {params.settings:q} > {log:q} 2>&1"
+        " --out {output.result:q} --settings {params.settings:q} 3>&2 > {log:q} 2>&1"

@@ -22,4 +22,4 @@ rule export:
         ),
     shell:
         "export.py {params.model_args} {params.source} --type {wildcards.gguf_type:q} --name {wildcards.run:q}"
-        " --out {output.gguf:q} --modelfile {output.modelfile:q} > {log:q} 2>&1"
+        " --out {output.gguf:q} --modelfile {output.modelfile:q} 3>&2 > {log:q} 2>&1"

@@ -19,4 +19,4 @@ rule merge:
         start=run_start_argument,
     shell:
         "merge.py --model-manifest {input.manifest:q} {params.start} --adapter {input.adapter:q}"
-        " --out {output.merged:q} --settings {params.settings:q} > {log:q} 2>&1"
+        " --out {output.merged:q} --settings {params.settings:q} 3>&2 > {log:q} 2>&1"

@@ -23,7 +23,7 @@ rule predict:
         model_args=run_model_arguments,
     shell:
         "predict.py {params.model_args} --test {input.test:q} --out {output.predictions:q}"
-        " --partial {params.partial:q} --settings {params.settings:q} > {log:q} 2>&1"
+        " --partial {params.partial:q} --settings {params.settings:q} 3>&2 > {log:q} 2>&1"
 
 
 # The same generation on the test split of each dataset in the run's evaluation.test_sets.

@@ -21,4 +21,4 @@ rule replay:
         settings=lambda wc: stages.replay_settings(CFG, wc.dataset),
     shell:
         "replay.py --model-manifest {input.manifest:q} --out {output.answers:q} --settings {params.settings:q}"
-        " > {log:q} 2>&1"
+        " 3>&2 > {log:q} 2>&1"

@@ -29,7 +29,7 @@ rule report:
         sweeps=stages.sweep_settings(CFG, LAYOUT),
     shell:
         "report.py --runs {params.runs:q} --sweeps {params.sweeps:q}"
-        " --leaderboard {output.leaderboard:q} --html {output.html:q} > {log:q} 2>&1"
+        " --leaderboard {output.leaderboard:q} --html {output.html:q} 3>&2 > {log:q} 2>&1"
 
 
 # `snakemake best`: the best run of every sweep, with the model to load for it (for predict, chat or serve).

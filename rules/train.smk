@@ -48,4 +48,4 @@ rule train:
         " --stats {input.stats:q} --adapter {output.adapter:q} --train-log {output.train_log:q}"
         " --summary {output.summary:q} --curve {output.curve:q} --checkpoints {params.checkpoints:q}"
         " --tensorboard {params.tensorboard:q} --name {wildcards.run:q} --settings {params.settings:q}"
-        " > {log:q} 2>&1"
+        " 3>&2 > {log:q} 2>&1"

@@ -65,7 +65,7 @@ def main(argv=None) -> int:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust)
         print(json.dumps(build(settings, tokenizer, outputs)["splits"]))
 
-    return main_guard(body)
+    return main_guard(body, outputs=[args.train])
 
 
 if __name__ == "__main__":

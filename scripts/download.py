@@ -29,7 +29,8 @@ def main(argv=None) -> int:
     from snaketune.download import fetch
 
     args = build_parser().parse_args(argv)
-    return main_guard(lambda: print(f"files: {len(fetch(args.settings, Path(args.manifest).parent)['files'])}"))
+    return main_guard(lambda: print(f"files: {len(fetch(args.settings, Path(args.manifest).parent)['files'])}"),
+                      outputs=[args.manifest])
 
 
 if __name__ == "__main__":

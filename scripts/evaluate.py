@@ -45,7 +45,7 @@ def main(argv=None) -> int:
         write_json(args.out, metrics)
         print(json.dumps(metrics))
 
-    return main_guard(body)
+    return main_guard(body, outputs=[args.out])
 
 
 if __name__ == "__main__":

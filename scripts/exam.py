@@ -50,7 +50,7 @@ def main(argv=None) -> int:
         write_json(args.out, result)
         print(json.dumps({k: v for k, v in result.items() if k != "subjects"}))
 
-    return main_guard(body)
+    return main_guard(body, outputs=[args.out])
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def main(argv=None) -> int:
             tmp.write_text(text, encoding="utf-8")
         print(json.dumps(written))
 
-    return main_guard(body)
+    return main_guard(body, outputs=[args.out, args.modelfile])
 
 
 if __name__ == "__main__":

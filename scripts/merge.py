@@ -39,7 +39,7 @@ def main(argv=None) -> int:
         folder = Path(args.start_model).absolute() if args.start_model else folder
         merge(make_settings(MergeSettings, args.settings), folder, trust, Path(args.adapter), Path(args.out))
 
-    return main_guard(body)
+    return main_guard(body, outputs=[args.out])
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
                        trust_remote_code=trust)
         print(f"predictions: {rows}")
 
-    return main_guard(body)
+    return main_guard(body, outputs=[args.out, args.partial])
 
 
 if __name__ == "__main__":

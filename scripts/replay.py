@@ -41,7 +41,7 @@ def main(argv=None) -> int:
         folder, trust = model_path(args.model_manifest)
         print(json.dumps(replay(settings, folder, Path(args.out), trust)))
 
-    return main_guard(body)
+    return main_guard(body, outputs=[args.out])
 
 
 if __name__ == "__main__":

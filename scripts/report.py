@@ -40,7 +40,7 @@ def main(argv=None) -> int:
         for row in rows:
             print(json.dumps(row, ensure_ascii=False))
 
-    return main_guard(body)
+    return main_guard(body, outputs=[args.leaderboard, args.html])
 
 
 if __name__ == "__main__":

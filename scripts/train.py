@@ -53,10 +53,14 @@ def main(argv=None) -> int:
     def body():
         from snaketune.download import model_path
         from snaketune.gpus import claim
-        from snaketune.launch import launch_command
+        from snaketune.launch import NODE_LAUNCHER, launch_command
         from snaketune.train import TrainFiles, TrainSettings, prepare_environment, train
+        from snaketune.trainer_guard import lock_run_folder, snakemake_ancestor, watch_snakemake
 
         settings = make_settings(TrainSettings, args.settings)
+        if "LOCAL_RANK" not in os.environ and os.environ.get(NODE_LAUNCHER) != "1":  # the job's first process
+            lock = lock_run_folder(Path(args.checkpoints))  # held (and inherited by torchrun) until the job ends
+            print(f"holding {lock.name}", file=sys.stderr)
         command = launch_command(settings.nodes, settings.gpus, bool(settings.deepspeed),
                                  str(Path(__file__).resolve()), argv)
         if "SLURM_JOB_ID" in os.environ and "LOCAL_RANK" not in os.environ:  # which GPUs Slurm gave this job
@@ -71,6 +75,7 @@ def main(argv=None) -> int:
             sys.stdout.flush()
             sys.stderr.flush()
             os.execvp(command[0], command)
+        watch_snakemake(snakemake_ancestor())  # a trainer whose Snakemake is killed checkpoints and stops
         folder, trust = model_path(args.model_manifest)
         folder = Path(args.start_model).absolute() if args.start_model else folder
         files = TrainFiles(
@@ -82,7 +87,7 @@ def main(argv=None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps({k: v for k, v in summary.items() if k != "settings"}))
 
-    return main_guard(body)
+    return main_guard(body, outputs=[args.adapter, args.checkpoints])
 
 
 if __name__ == "__main__":

@@ -22,7 +22,16 @@ CASES = {
     "CSV column": ("d.csv", "columns", "question,answer\nq,a\n", {"prompt": "{question}", "response": "{label}"},
                    'd.csv:1: column "label" does not exist (columns: question, answer)'),
     "empty file": ("d.jsonl", "messages", "", {}, "d.jsonl: no usable rows"),
-    "not UTF-8": ("d.jsonl", "messages", b"\xff\xfe{}", {}, "d.jsonl: not UTF-8 text"),
+    "not UTF-8": ("d.jsonl", "messages", b"\xff\xfe{}", {},
+                  "d.jsonl:1: not UTF-8 text (invalid start byte at byte 0)"),
+    # Excel on Chinese Windows saves CSV as GBK: the line, and the encoding that reads the file
+    "GBK CSV": ("d.csv", "columns", "问题,答案\n你好,您好\n".encode("gbk"), {"prompt": "{问题}", "response": "{答案}"},
+                "d.csv:1: not UTF-8 text (invalid continuation byte at byte 0); it reads as gb18030: set the dataset's "
+                "`encoding: gb18030` (or `encoding: auto`)"),
+    "GBK JSONL": ("d.jsonl", "messages", (json.dumps(CHAT) + "\n" + json.dumps(
+        {"messages": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "好"}]},
+        ensure_ascii=False) + "\n").encode("gbk"), {},
+        "d.jsonl:2: not UTF-8 text (invalid continuation byte at byte 131); it reads as gb18030"),
 }
 
 

@@ -1,17 +1,20 @@
 """The autodl and Slurm profiles plan every example config; the local profile's kill-and-resume behaviour."""
 
 import base64
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import REPO, planned_jobs, scratch_workflow, workflow_env
+from snaketune.layout import train_arguments
 
 EXAMPLES = sorted((REPO / "config" / "examples").glob("*.yaml"))
 
@@ -121,3 +124,70 @@ def test_a_train_job_killed_under_the_local_profile_is_rerun_and_resumes(tmp_pat
     steps = [int(line.split(",")[0]) for line in
              (workdir / "results/runs/long/train_log.csv").read_text().splitlines()[1:] if line[0].isdigit()]
     assert steps == sorted(set(steps)) and steps[-1] == 400
+
+
+def trainer_pids(run_dir):
+    """PIDs of train.py processes writing into ``run_dir``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(arg.endswith(b"train.py") for arg in argv) and str(run_dir).encode() in b" ".join(argv):
+                found.append(int(proc.name))
+    return found
+
+
+def test_a_trainer_whose_snakemake_is_killed_checkpoints_stops_and_is_resumed(tmp_path, default_config):
+    """kill -9 of Snakemake alone (not its jobs): the orphaned trainer notices, saves a checkpoint and stops, so
+    no output appears that no live job asked for; the rerun resumes from that checkpoint. A second trainer on the
+    same run folder is refused while the first holds it."""
+    config = {key: default_config[key] for key in ("models", "datasets")}
+    config["runs"] = {"long": {"model": "tiny-qwen2", "dataset": "identity", "learning_rate": 0.01,
+                               "max_steps": 600, "save_steps": 20, "save_total_limit": 1, "logging_steps": 10,
+                               "per_device_train_batch_size": 4}}
+    workdir = tmp_path / "work"
+    path = scratch_workflow(workdir, config)
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
+               str(workdir), "--profile", str(REPO / "profiles" / "local"), "--cores", "2", "--configfile", str(path)]
+    first = subprocess.Popen(command, env=workflow_env(), cwd=workdir, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = workdir / "results" / "runs" / "long"
+    checkpoints = run_dir / "checkpoints"
+    deadline = time.monotonic() + 600
+    while not any(checkpoints.glob("checkpoint-*/trainer_state.json")):
+        assert first.poll() is None and time.monotonic() < deadline, "no checkpoint before the job ended"
+        time.sleep(0.5)
+    trainers = trainer_pids(run_dir)
+    assert trainers
+
+    # while it trains, a second trainer on the same folder is refused, naming the one that holds it
+    second = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "--model-manifest",
+                             str(workdir / "results/models/tiny-qwen2/manifest.json"),
+                             *train_arguments(workdir / "results/datasets/identity/tiny-qwen2", run_dir),
+                             "--settings", json.dumps({"max_steps": 600})], capture_output=True, text=True,
+                            env=workflow_env(), cwd=workdir)
+    assert second.returncode == 1 and "Traceback" not in second.stderr
+    assert f"another trainer (PID {min(trainers)}) is training this run" in second.stderr, second.stderr[-2000:]
+
+    os.kill(first.pid, signal.SIGKILL)  # Snakemake alone: its job's shell and train.py live on
+    first.wait()
+    stopped = time.monotonic()
+    while trainer_pids(run_dir):
+        assert time.monotonic() - stopped < 60, "the orphaned trainer kept training"
+        time.sleep(0.2)
+    log = (workdir / "logs" / "train" / "long.log").read_text()
+    assert "Snakemake (PID" in log and "is gone: saving a checkpoint and stopping" in log
+    assert "error: stopped by a signal at step" in log and not (run_dir / "adapter").exists()
+    saved = sorted(int(p.parent.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*/trainer_state.json"))
+    assert saved and saved[-1] < 600
+
+    subprocess.run(command + ["--unlock"], check=True, capture_output=True, env=workflow_env(), cwd=workdir)
+    rerun = subprocess.run(command, capture_output=True, text=True, env=workflow_env(), cwd=workdir)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    log = (workdir / "logs" / "train" / "long.log").read_text()
+    assert f"resume from results/runs/long/checkpoints/checkpoint-{saved[-1]}" in log
+    assert "Nothing to be done" in subprocess.run(command + ["--dry-run"], capture_output=True, text=True,
+                                                  env=workflow_env(), cwd=workdir).stdout

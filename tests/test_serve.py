@@ -101,7 +101,9 @@ def test_bad_requests_get_the_right_4xx_with_a_json_error(service, body, key, st
     (b'{"messages": [{"role": "user", "content": 7}]}', 400, "`messages[0].content` must be a string"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}', 400, "`top_p` must be a number from 0"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": -1}', 400, "`temperature` must be"),
-    (b'{"messages": [{"role": "user", "content": "hi"}], "seed": "x"}', 400, "`seed` must be an integer"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "seed": "x"}', 400, "`seed` must be a 64-bit integer"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "seed": 18446744073709551616}', 400,
+     "`seed` must be a 64-bit integer"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}', 400, "`stream` must be true or false"),
     (b'{"messages": [{"role": "user", "content": "' + b"hi " * 240 + b'"}], "max_tokens": 64}', 400,
      "this model's context is 256 tokens"),
@@ -240,3 +242,80 @@ def test_snakemake_serve_target_needs_only_the_runs_merged_model(demo):
                       "--config", "serve_run=nope")
     assert wrong.returncode != 0 and "serve_run: `nope` is not a run" in wrong.stderr
     assert "Traceback" not in wrong.stderr
+
+
+def test_the_key_is_compared_in_constant_time_and_the_scheme_in_any_case(service, monkeypatch):
+    import hmac
+
+    from snaketune.serve import key_matches
+
+    compared = []
+    original = hmac.compare_digest
+    monkeypatch.setattr(hmac, "compare_digest", lambda a, b: compared.append((a, b)) or original(a, b))
+    assert key_matches(f"bearer {KEY}", KEY) and key_matches(f"BEARER  {KEY} ", KEY)
+    assert not key_matches(f"Basic {KEY}", KEY) and not key_matches("Bearer test-kez", KEY)
+    assert compared[0] == (KEY.encode(), KEY.encode())  # the whole key through hmac, never ==
+    request = urllib.request.Request(service + "/v1/models", headers={"Authorization": f"bearer {KEY}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status == 200
+
+
+def test_a_huge_prompt_is_tokenized_off_the_event_loop(chat_model):
+    """A 1 MB prompt takes the tokenizer a while; every other request, and every stream, goes on meanwhile."""
+    import threading
+    import time
+
+    from snaketune.serve import ServiceSettings, create_app
+
+    huge = [{"role": "user", "content": "你好 hello " * 110_000}]  # about 1 MB of UTF-8
+    began = time.monotonic()
+    chat_model.prompt_ids(huge)
+    tokenizing = time.monotonic() - began
+    server, thread, url = start_server(create_app(chat_model, ServiceSettings(max_body_bytes=4_000_000)))
+    try:
+        body = json.dumps({"messages": huge}).encode()
+        done = threading.Event()
+        results = []
+        worker = threading.Thread(target=lambda: (results.append(post(url, body, key=None)), done.set()))
+        worker.start()
+        waits = []
+        while not done.is_set():
+            start = time.monotonic()
+            with urllib.request.urlopen(url + "/v1/models", timeout=60) as response:
+                assert response.status == 200
+            waits.append(time.monotonic() - start)
+            time.sleep(0.02)
+        worker.join()
+        assert results[0][0] == 400 and "this model's context is" in results[0][1]["error"]["message"]
+        assert len(waits) >= 3 and max(waits) < max(0.5, tokenizing / 3), (max(waits), tokenizing)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_the_chat_page_shows_an_error_that_comes_mid_stream(chat_model, monkeypatch):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from browser import headless_chromium
+    from snaketune.serve import ServiceSettings, create_app
+
+    def failing(request):  # the engine emits part of an answer, then fails (as out of GPU memory would)
+        request.emit(("text", "Hel"))
+        request.emit(("error", "CUDA out of memory"))
+
+    monkeypatch.setattr(chat_model.engine, "submit", failing)
+    server, thread, url = start_server(create_app(chat_model, ServiceSettings()))
+    try:
+        with headless_chromium() as browser:
+            browser.get(url + "/")
+            WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "model").text == "tiny")
+            browser.find_element(By.ID, "message").send_keys("hi")
+            browser.find_element(By.ID, "send").click()
+            answer = WebDriverWait(browser, 60).until(
+                lambda b: next((e for e in b.find_elements(By.CSS_SELECTOR, ".assistant")
+                                if e.get_attribute("data-done") == "true"), None))
+            assert answer.text.splitlines() == ["Hel", "error: CUDA out of memory"]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -6,9 +6,12 @@ whole config in one pass instead of one error per run of Snakemake.
 
 from __future__ import annotations
 
+import codecs
 import copy
 import difflib
+import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -68,7 +71,8 @@ class YamlLocator:
             for key in keys:
                 if not isinstance(node, yaml.MappingNode):
                     break
-                match = next(((k, v) for k, v in node.value if k.value == str(key)), None)
+                # the last of repeated keys, as YAML keeps (repeats are refused by ``duplicates`` anyway)
+                match = next(((k, v) for k, v in reversed(node.value) if k.value == str(key)), None)
                 if match is None:
                     break
                 line, node, depth = match[0].start_mark.line + 1, match[1], depth + 1
@@ -77,6 +81,30 @@ class YamlLocator:
             if depth == len(keys):
                 break
         return best[1] if best else (self.trees[-1][0] if self.trees else "config")
+
+    def duplicates(self) -> list[str]:
+        """One line for every key given twice in one mapping: YAML would keep the last and drop the first (a whole
+        run, when a run's name repeats) without a word."""
+        found = []
+        for path, root in self.trees:
+            stack = [(root, ())]
+            while stack:
+                node, keys = stack.pop()
+                children = []
+                if isinstance(node, yaml.MappingNode):
+                    first: dict[str, int] = {}
+                    for key, value in node.value:
+                        line = key.start_mark.line + 1
+                        if key.value in first and key.value != "<<":
+                            found.append((path, line, f"{_dotted(keys + (key.value,))}: given twice (also at line "
+                                                      f"{first[key.value]}); YAML would keep this one and drop the "
+                                                      "other: remove one"))
+                        first.setdefault(key.value, line)
+                        children.append((value, keys + (key.value,)))
+                elif isinstance(node, yaml.SequenceNode):
+                    children = [(item, keys + (index,)) for index, item in enumerate(node.value)]
+                stack.extend(children)
+        return [f"{path}:{line}: {message}" for path, line, message in sorted(found)]
 
 
 @dataclass
@@ -180,6 +208,18 @@ def check_file(report, keys: tuple, path: str, kind: str = "file") -> None:
         report(keys, f"`{path}` is a file; name the folder")
 
 
+def numbers(value: Any, keys: tuple = ()) -> Iterator[tuple[tuple, float]]:
+    """Every float in a loaded config, with its key path (YAML's .nan and .inf load as floats)."""
+    if isinstance(value, float):
+        yield keys, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from numbers(item, keys + (key,))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from numbers(item, keys + (index,))
+
+
 def _defaults(props: dict[str, Any]) -> dict[str, Any]:
     return {key: copy.deepcopy(spec["default"]) for key, spec in props.items() if "default" in spec}
 
@@ -200,6 +240,11 @@ def load(raw: dict[str, Any], files: list[str | Path] = ()) -> WorkflowConfig:
 
     def report(keys: tuple, message: str) -> None:
         problems.append(f"{locate.where(keys)}: {_dotted(keys) or 'config'}: {message}")
+
+    problems += locate.duplicates()
+    for keys, value in numbers(raw):
+        if not math.isfinite(value):
+            report(keys, f"must be a finite number, not {value}")
 
     sweeps: dict[str, dict[str, Any]] = {}
     if isinstance(raw.get("runs"), dict):
@@ -288,6 +333,12 @@ def load(raw: dict[str, Any], files: list[str | Path] = ()) -> WorkflowConfig:
                 if not str(dataset["replay"]).endswith((".txt", ".jsonl")):
                     report(("datasets", name, "replay"), "a prompt file is .txt (a prompt a line) or .jsonl "
                                                          '({"prompt": ...} a line)')
+        if dataset.get("encoding", "auto") != "auto":
+            try:
+                codecs.lookup(dataset["encoding"])
+            except LookupError:
+                report(("datasets", name, "encoding"), f"`{dataset['encoding']}` is not an encoding Python knows "
+                                                       "(utf-8, gb18030, big5, shift_jis, utf-16, ... or auto)")
         missing = [key for key in ("path", "format") if key not in dataset]
         for key in missing:
             report(("datasets", name), f"`{key}` is required (or `dataset_info` and `name`)")

@@ -43,10 +43,33 @@ def check_model_folder(folder: Path, what: str) -> None:
         raise UserError(f"{what}: `{folder}` has no config.json; is it a Hugging Face model folder?")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise UserError(f"{what}: `{folder}` has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    missing = missing_weights(folder)
+    if missing:
+        raise UserError(f"{what}: `{folder}` lacks weight files: {', '.join(missing[:5])}"
+                        + (f" and {len(missing) - 5} more" if len(missing) > 5 else "") + "; copy or download them")
     for shard in sorted(folder.rglob("*.safetensors")):
         problem = safetensors_problem(shard)
         if problem:
             raise UserError(f"{what}: {shard}: {problem}; download it again")
+
+
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def missing_weights(folder: Path) -> list[str]:
+    """The weight files a model folder lacks: the shards its index names that are not there, or, without an index,
+    a single weights file when there is none (a folder with config and tokenizer alone)."""
+    for index in WEIGHT_INDEXES:
+        if (folder / index).is_file():
+            try:
+                shards = set(json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"].values())
+            except (ValueError, KeyError, AttributeError):
+                return [f"{index} (not a readable weight index)"]
+            return sorted(shard for shard in shards if not (folder / shard).is_file())
+    if any((folder / name).is_file() for name in WEIGHT_FILES) or any(folder.glob("*.safetensors")):
+        return []
+    return [f"{' or '.join(WEIGHT_FILES)} (no weights at all)"]
 
 
 def corpus_texts(paths: list[str]) -> Iterator[str]:

@@ -23,6 +23,7 @@ and ``rejected`` answers instead of ``output``; sharegpt/messages rows end on a 
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import json
@@ -99,6 +100,8 @@ class ReadSettings:
     max_bad_rows: int = 0
     deduplicate: bool = True
     ranking: bool = False  # rows are preference pairs (chosen/rejected); format preference always is
+    encoding: str = "utf-8"  # of text files (JSON, CSV, TSV): any Python codec (gb18030 for Excel's Chinese CSV), or
+    #                          auto: UTF-8 when the whole file is, else GB18030 when it is, else an error
 
     def __post_init__(self) -> None:
         if self.format == "preference":
@@ -128,27 +131,76 @@ def bad(path: Path, line: int | None, message: str) -> BadRow:
 
 
 # -- files -> (line, row dict) ---------------------------------------------------------------------------------
-def iter_file_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yield ``(line, row)`` from any supported file; JSONL rows that are not JSON come back as BadRow."""
+GUESSED_ENCODINGS = ("utf-8", "gb18030", "big5", "shift_jis", "utf-16")  # what a file that fails may be in
+
+
+def decodes(path: Path, encoding: str) -> bool:
+    """Whether the whole file decodes in ``encoding`` (read in chunks: a large file is never held)."""
+    decoder = codecs.getincrementaldecoder(encoding)()
+    try:
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                decoder.decode(chunk)
+        decoder.decode(b"", final=True)
+    except UnicodeError:  # UTF-16 without a byte-order mark raises the parent class
+        return False
+    return True
+
+
+def text_encoding(path: Path, wanted: str) -> str:
+    """The codec to open a text data file with: ``wanted`` (utf-8 reads a byte-order mark too), or for ``auto``
+    UTF-8 when the whole file decodes so, else GB18030 (what Excel on Chinese Windows saves CSV as)."""
+    if wanted == "auto":
+        for candidate in ("utf-8-sig", "gb18030"):
+            if decodes(path, candidate):
+                return candidate
+        raise decoding_error(path, "utf-8")
+    return "utf-8-sig" if codecs.lookup(wanted).name == "utf-8" else wanted
+
+
+def decoding_error(path: Path, encoding: str) -> UserError:
+    """One line for a file that does not decode: where (line and byte), and which encoding does read it."""
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8-sig" if encoding == "utf-8-sig" else encoding)
+        where, line = "", None
+    except UnicodeDecodeError as exc:
+        where, line = f" ({exc.reason} at byte {exc.start})", raw.count(b"\n", 0, exc.start) + 1
+    name = "UTF-8" if codecs.lookup(encoding).name in ("utf-8", "utf-8-sig") else encoding
+    other = next((candidate for candidate in GUESSED_ENCODINGS if candidate != name.lower()
+                  and decodes(path, candidate)), None)
+    hint = (f"; it reads as {other}: set the dataset's `encoding: {other}` (or `encoding: auto`)" if other
+            else "; no common encoding reads it whole (utf-8, gb18030, big5, shift_jis, utf-16): is it text?")
+    return located(path, line, f"not {name} text{where}{hint}")
+
+
+def iter_file_rows(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, Any]]:
+    """Yield ``(line, row)`` from any supported file; JSONL rows that are not JSON come back as BadRow. Text files
+    are read in ``encoding`` (see ``text_encoding``); one that does not decode is a one-line error."""
     if not path.exists():
         raise UserError(f"{path}: file not found")
     suffix = path.suffix.lower()
-    if suffix in (".csv", ".tsv"):
-        yield from _iter_table_rows(path, "\t" if suffix == ".tsv" else ",")
-    elif suffix == ".parquet":
+    if suffix == ".parquet":
         yield from _iter_parquet_rows(path)
-    else:
-        yield from iter_json_rows(path)
-
-
-def _read_text(path: Path) -> str:
+        return
+    codec = text_encoding(path, encoding)
     try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise located(path, None, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        if suffix in (".csv", ".tsv"):
+            yield from _iter_table_rows(path, "\t" if suffix == ".tsv" else ",", codec)
+        else:
+            yield from iter_json_rows(path, codec)
+    except UnicodeDecodeError:
+        raise decoding_error(path, codec) from None
 
 
-def iter_json_rows(path: Path) -> Iterator[tuple[int, Any]]:
+def _read_text(path: Path, encoding: str = "utf-8-sig") -> str:
+    try:
+        return path.read_text(encoding=encoding)
+    except UnicodeDecodeError:
+        raise decoding_error(path, encoding) from None
+
+
+def iter_json_rows(path: Path, encoding: str = "utf-8-sig") -> Iterator[tuple[int, Any]]:
     """Yield ``(line, row)`` from a JSONL file or a JSON array file, whichever ``path`` holds.
 
     JSONL is read a line at a time, so a file of millions of rows never sits in memory whole.
@@ -156,11 +208,11 @@ def iter_json_rows(path: Path) -> Iterator[tuple[int, Any]]:
     with path.open("rb") as handle:
         head = handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
     if head.startswith(b"["):
-        yield from _iter_json_array(path, _read_text(path))
+        yield from _iter_json_array(path, _read_text(path, encoding))
         return
     # Lines end at \n only: JSON strings may hold U+2028, U+2029 and U+0085 unescaped, and text-mode line
     # splitting would break a row there. A \r before the \n (CRLF) is whitespace to the JSON parser.
-    with path.open(encoding="utf-8-sig", newline="\n") as handle:
+    with path.open(encoding=encoding, newline="\n") as handle:
         try:
             for number, line in enumerate(handle, start=1):
                 if not line.strip():
@@ -170,8 +222,7 @@ def iter_json_rows(path: Path) -> Iterator[tuple[int, Any]]:
                 except json.JSONDecodeError as exc:
                     yield number, bad(path, number, f"not valid JSON: {exc.msg} (column {exc.colno})")
         except UnicodeDecodeError:
-            _read_text(path)  # raises the located error, with the byte offset in the file
-            raise
+            raise decoding_error(path, encoding) from None  # the line and byte, and an encoding that reads it
 
 
 def _iter_json_array(path: Path, text: str) -> Iterator[tuple[int, Any]]:
@@ -209,8 +260,8 @@ def _iter_json_array(path: Path, text: str) -> Iterator[tuple[int, Any]]:
         raise located(path, line_at(pos), "not valid JSON: expected ',' or ']' between array elements")
 
 
-def _iter_table_rows(path: Path, delimiter: str) -> Iterator[tuple[int, dict]]:
-    with path.open(encoding="utf-8-sig", newline="") as handle:
+def _iter_table_rows(path: Path, delimiter: str, encoding: str = "utf-8-sig") -> Iterator[tuple[int, dict]]:
+    with path.open(encoding=encoding, newline="") as handle:
         reader = csv.reader(handle, delimiter=delimiter)
         try:
             header = next(reader)
@@ -245,12 +296,16 @@ def _iter_parquet_rows(path: Path) -> Iterator[tuple[int, dict]]:
         yield number, {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
 
 
-def header_of(path: Path) -> list[str] | None:
+def header_of(path: Path, encoding: str = "utf-8") -> list[str] | None:
     """Column names of a CSV/TSV/parquet file; None for JSON."""
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
-        with path.open(encoding="utf-8-sig", newline="") as handle:
-            return next(csv.reader(handle, delimiter="\t" if suffix == ".tsv" else ","), [])
+        codec = text_encoding(path, encoding)
+        try:
+            with path.open(encoding=codec, newline="") as handle:
+                return next(csv.reader(handle, delimiter="\t" if suffix == ".tsv" else ","), [])
+        except UnicodeDecodeError:
+            raise decoding_error(path, codec) from None
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -474,7 +529,7 @@ def check_turns(path: Path, line: int, record: Record) -> None:
 
 def check_columns(settings: ReadSettings, path: Path) -> None:
     """A tabular file must have every column the settings name: one error naming the file and the column."""
-    header = header_of(path)
+    header = header_of(path, settings.encoding)
     if header is None:
         return
     needed = set()
@@ -501,7 +556,7 @@ def iter_records(settings: ReadSettings, tally: ReadResult) -> Iterator[Record]:
     seen_ids, seen_content = {}, set()
     for path in settings.paths:
         check_columns(settings, path)
-        for number, (line, row) in enumerate(iter_file_rows(path), start=1):
+        for number, (line, row) in enumerate(iter_file_rows(path, settings.encoding), start=1):
             tally.rows_read += 1
             try:
                 record = reader.read(path, line, row)

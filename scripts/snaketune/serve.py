@@ -11,6 +11,7 @@ queue (429 with Retry-After), a key (401), a page of another origin or a foreign
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import queue
 import time
@@ -169,8 +170,8 @@ def parse_request(body: bytes, settings: ServiceSettings, model_name: str):
             raise RequestError(400, f"`{name}` must be a number from 0 to {high}")
         sampling[name] = float(value)
     seed = request.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise RequestError(400, "`seed` must be an integer")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not -2**63 <= seed < 2**63):
+        raise RequestError(400, "`seed` must be a 64-bit integer (-2^63 to 2^63-1)")
     stream = request.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError(400, "`stream` must be true or false")
@@ -178,6 +179,13 @@ def parse_request(body: bytes, settings: ServiceSettings, model_name: str):
     if not isinstance(options, dict):
         raise RequestError(400, "`stream_options` must be an object")
     return clean, SamplingSettings(max_tokens, seed=seed, **sampling), stream, bool(options.get("include_usage"))
+
+
+def key_matches(header: str, key: str) -> bool:
+    """Whether an Authorization header carries ``key``: the scheme in any case (RFC 9110: ``bearer`` is
+    ``Bearer``), the key compared in constant time so its bytes cannot be guessed one by one from timings."""
+    scheme, _, given = header.strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode())
 
 
 def error_body(error: RequestError) -> dict:
@@ -219,7 +227,7 @@ def create_app(chat: ChatModel, settings: ServiceSettings):
         problem = browser_problem(request.headers, settings)
         if problem:
             return fail(RequestError(403, problem, "permission_error"))
-        if settings.api_key and request.headers.get("authorization", "") != f"Bearer {settings.api_key}":
+        if settings.api_key and not key_matches(request.headers.get("authorization", ""), settings.api_key):
             return fail(RequestError(401, "missing or wrong API key", "authentication_error"))
         return None
 
@@ -244,7 +252,9 @@ def create_app(chat: ChatModel, settings: ServiceSettings):
             return refusal
         try:
             messages, sampling, stream, include_usage = parse_request(await read_body(request), settings, chat.name)
-            prompt = chat.prompt_ids(messages)
+            # rendering and tokenizing a long prompt takes a while: in a worker thread, not on the event loop that
+            # serves every other request and stream
+            prompt = await asyncio.to_thread(chat.prompt_ids, messages)
             if len(prompt) + sampling.max_new_tokens > context:
                 raise RequestError(400, f"this model's context is {context} tokens; the messages take {len(prompt)} "
                                         f"and max_tokens asks for {sampling.max_new_tokens} more",

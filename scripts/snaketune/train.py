@@ -21,7 +21,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from snaketune import preference
 from snaketune.errors import UserError
 from snaketune.io import atomic_file, file_problem, save_png, sha256_file, write_json
 from snaketune.preference import PREF_LOSSES, STAGES
+from snaketune.trainer_guard import still_wanted
 
 SUPPORTED_METHODS = ("lora", "qlora", "full", "none")  # none: a baseline, no training (as max_steps 0)
 PACKING = ("auto", "tokens", "rows", False)
@@ -713,6 +714,9 @@ def training_arguments(settings: TrainSettings, files: TrainFiles, precision: st
         if files.tensorboard is None:
             raise UserError("tensorboard: true needs a TensorBoard folder (--tensorboard)")
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(files.tensorboard)
+    # transformers 5.2x names it activation_checkpointing and warns on the old name, which older releases use
+    names = {f.name for f in fields(TrainingArguments)}
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     return (config_class or TrainingArguments)(
         output_dir=str(files.checkpoints), run_name=run_name, seed=settings.seed, data_seed=settings.seed,
         learning_rate=settings.learning_rate, num_train_epochs=settings.num_train_epochs,
@@ -721,8 +725,8 @@ def training_arguments(settings: TrainSettings, files: TrainFiles, precision: st
         lr_scheduler_type=settings.lr_scheduler_type, warmup_steps=settings.warmup_steps,
         weight_decay=settings.weight_decay, max_grad_norm=settings.max_grad_norm, optim=settings.optim,
         bf16=precision == "bf16", fp16=precision == "fp16",
-        gradient_checkpointing=settings.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if settings.gradient_checkpointing else None,
+        **{checkpointing: settings.gradient_checkpointing,
+           f"{checkpointing}_kwargs": {"use_reentrant": False} if settings.gradient_checkpointing else None},
         deepspeed=deepspeed_config(settings) if settings.deepspeed else None,
         logging_steps=settings.logging_steps, logging_first_step=True, save_strategy="steps",
         logging_nan_inf_filter=False,  # the default hides a NaN loss behind earlier values; we stop on it
@@ -908,6 +912,8 @@ def train(settings: TrainSettings, model_dir: Path, trust_remote_code: bool, fil
     trainer.save_model(str(staging))
     if rank0:
         tokenizer.save_pretrained(staging)
+        if not still_wanted():  # Snakemake died during the last steps: no live job asked for these outputs
+            raise Interrupted(f"Snakemake is gone: the trained weights stay in {staging}, unused; run again")
         if adapter_out.exists():
             shutil.rmtree(adapter_out)
         os.replace(staging, adapter_out)

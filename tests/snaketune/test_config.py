@@ -271,3 +271,36 @@ def test_a_mix_trains_as_its_datasets_do_and_builtin_models_can_tie_embeddings(d
         "results/datasets/text-matching/tiny-qwen2/test.parquet")
     assert cfg.datasets["mixed"].max_seq_length == 128 and cfg.datasets["mixed"].paths == []
     assert cfg.models["tiny-qwen2"]["tie_word_embeddings"] is True
+
+
+def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path, default_config):
+    text = yaml.safe_dump(default_config, sort_keys=False, allow_unicode=True)
+    # a second identity-lora run (YAML would keep it and drop the first) and a repeated learning_rate
+    text = text.replace("  identity-base:\n", "  identity-lora:\n    model: tiny-qwen2\n    dataset: identity\n"
+                                              "  identity-base:\n    learning_rate: 0.5\n    learning_rate: 0.1\n", 1)
+    path = tmp_path / "config.yaml"
+    path.write_text(text, encoding="utf-8")
+    first_run, second_run = [i for i, line in enumerate(text.splitlines(), 1) if line == "  identity-lora:"]
+    rates = [i for i, line in enumerate(text.splitlines(), 1) if line in ("    learning_rate: 0.5",
+                                                                          "    learning_rate: 0.1")]
+    with pytest.raises(UserError) as problem:
+        load(yaml.safe_load(text), [path])
+    lines = str(problem.value).splitlines()
+    assert f"{path}:{second_run}: runs.identity-lora: given twice (also at line {first_run}); YAML would keep this " \
+           "one and drop the other: remove one" in lines
+    assert any(line.startswith(f"{path}:{rates[1]}: runs.identity-base.learning_rate: given twice (also at line "
+                               f"{rates[0]})") for line in lines)
+
+
+@pytest.mark.parametrize("key, value", [("learning_rate", ".nan"), ("learning_rate", ".inf"),
+                                        ("warmup_steps", "-.inf")])
+def test_nan_and_infinity_are_config_errors(tmp_path, default_config, key, value):
+    text = yaml.safe_dump(default_config, sort_keys=False, allow_unicode=True)
+    text = text.replace("  identity-base:\n", f"  identity-base:\n    {key}: {value}\n", 1)
+    path = tmp_path / "config.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(UserError) as problem:
+        load(yaml.safe_load(text), [path])
+    line = next(i for i, row in enumerate(text.splitlines(), 1) if row == f"    {key}: {value}")
+    assert str(problem.value).splitlines()[0] == (
+        f"{path}:{line}: runs.identity-base.{key}: must be a finite number, not {float(value.replace('.', ''))}")

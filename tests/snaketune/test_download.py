@@ -141,3 +141,40 @@ def test_a_model_folder_that_vanished_is_an_error_never_a_hub_lookup(tmp_path, t
     shutil.rmtree(here)
     with pytest.raises(UserError, match=r"out/manifest.json: the model folder it names, here, is gone"):
         model_path("out/manifest.json")
+
+
+def test_a_model_folder_without_its_weights_is_refused_at_download(tmp_path, tiny_model):
+    import shutil
+
+    folder = tmp_path / "no-weights"
+    shutil.copytree(tiny_model, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    settings = {"source": "local", "path": str(folder), "copy": False, "trust_remote_code": False}
+    with pytest.raises(UserError, match=r"lacks weight files: model.safetensors or pytorch_model.bin \(no weights"):
+        fetch(settings, tmp_path / "out")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    shutil.copy(tiny_model / "model.safetensors", folder / "model-00001-of-00002.safetensors")
+    with pytest.raises(UserError, match=r"lacks weight files: model-00002-of-00002.safetensors; copy or download"):
+        fetch(settings, tmp_path / "out")
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_a_gguf_of_an_architecture_transformers_cannot_read_is_one_line(tmp_path):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "odd.gguf"
+    writer = gguf.GGUFWriter(str(path), "rwkv7")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UserError, match=r"odd.gguf: architecture `rwkv7` cannot be dequantized by transformers "
+                                        r"\(it reads .*llama.*qwen2"):
+        fetch({"source": "gguf", "path": str(path), "dtype": "bfloat16", "trust_remote_code": False},
+              tmp_path / "out")
+    (tmp_path / "text.gguf").write_text("not a gguf")
+    with pytest.raises(UserError, match="is not a readable GGUF file"):
+        fetch({"source": "gguf", "path": str(tmp_path / "text.gguf"), "dtype": "bfloat16",
+               "trust_remote_code": False}, tmp_path / "out")

@@ -259,3 +259,21 @@ def test_a_file_of_only_bad_rows_keeps_their_reasons(tmp_path):
     lines = str(caught.value).splitlines()
     assert lines[0] == f"{path}: all 3 rows are bad (first reasons below)"
     assert [line.split(": ")[0] for line in lines[1:]] == [f"{path}:1", f"{path}:2", f"{path}:3"]
+
+
+@pytest.mark.parametrize("encoding", ["gb18030", "gbk", "auto"])
+def test_a_gbk_csv_reads_with_its_encoding_or_auto(tmp_path, encoding):
+    data = tmp_path / "excel.csv"
+    data.write_bytes("句子1,句子2,标签\r\n今天天气很好,今天天气不错,相同\r\n我喜欢猫,他讨厌狗,不同\r\n".encode("gbk"))
+    records = read(data, "columns", prompt="{句子1}\n{句子2}", response="{标签}", encoding=encoding).records
+    assert [turns(r) for r in records] == [[("user", "今天天气很好\n今天天气不错"), ("assistant", "相同")],
+                                           [("user", "我喜欢猫\n他讨厌狗"), ("assistant", "不同")]]
+    assert [r.line for r in records] == [2, 3]
+
+
+def test_auto_takes_utf8_first_and_names_a_file_no_encoding_reads(tmp_path):
+    data = write_lines(tmp_path / "d.jsonl", [chat("你好", "您好")])
+    assert turns(read(data, "messages", encoding="auto").records[0]) == [("user", "你好"), ("assistant", "您好")]
+    (tmp_path / "binary.jsonl").write_bytes(b'{"a": 1}\n\x80\xff\xfe\x00\xd8')
+    with pytest.raises(UserError, match=r"binary.jsonl:2: not UTF-8 text .*no common encoding reads it whole"):
+        read(tmp_path / "binary.jsonl", "messages", encoding="auto")

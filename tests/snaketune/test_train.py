@@ -49,7 +49,8 @@ def losses(run_dir):
 
 @pytest.mark.parametrize("method", ["lora", "qlora", "full"])
 def test_each_method_trains_and_its_loss_falls(built, tmp_path, method):
-    run_train(built, tmp_path, {**FAST, "method": method, "max_steps": 30, "gradient_checkpointing": True})
+    result = run_train(built, tmp_path, {**FAST, "method": method, "max_steps": 30, "gradient_checkpointing": True})
+    assert "Warning" not in result.stderr, result.stderr[-3000:]  # a failed job's log shows its failure, not noise
     log = losses(tmp_path)
     assert log["step"].iloc[-1] == 30 and log["loss"].iloc[-1] < 0.8 * log["loss"].iloc[0]
     summary = json.loads((tmp_path / "train_summary.json").read_text())
@@ -330,3 +331,25 @@ def test_qlora_in_bf16_keeps_the_frozen_weights_bf16_and_trains_fp32_adapters(ti
 
     assert dtypes("bf16") == {"base": {("torch.bfloat16", False)}, "adapter": {("torch.float32", True)}}
     assert dtypes("fp32") == {"base": {("torch.float32", False)}, "adapter": {("torch.float32", True)}}
+
+
+def test_library_noise_is_silenced_and_errors_are_not(capsys):
+    import logging
+    import warnings
+
+    from snaketune.cli import quiet_known_noise
+
+    quiet_known_noise()
+    bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    bnb.warning("Failed to load CPU gemm_4bit_forward from kernels-community: no module named kernels")
+    bnb.error("a real bitsandbytes error")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        quiet_known_noise()
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning,
+                      stacklevel=1)
+        warnings.warn("`gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning, stacklevel=1)
+        warnings.warn("something else is deprecated", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["something else is deprecated"]
+    err = capsys.readouterr().err
+    assert "gemm_4bit_forward" not in err and "a real bitsandbytes error" in err
