@@ -53,9 +53,16 @@ def test_the_gguf_model_becomes_a_folder_with_its_template_and_a_manifest(real_r
     assert {"model.safetensors", "tokenizer.json", "generation_config.json"} <= {f["path"] for f in manifest["files"]}
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert tokenizer.eos_token == "<|im_end|>" and "SmolLM" in tokenizer.chat_template
-    # the tuned model was trained and scored with the dataset's system prompt, not SmolLM2's default one
-    prompt = pd.read_csv(real_run / "results/runs" / TUNED / "predictions.csv", encoding="utf-8-sig")["prompt"][0]
-    assert prompt.startswith("<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>")
+    # the tuned model was trained and scored with the dataset's system prompt (or a row's own), never SmolLM2's
+    # default one, and its saved template gives that prompt to a conversation without one
+    prompts = pd.read_csv(real_run / "results/runs" / TUNED / "predictions.csv", encoding="utf-8-sig")["prompt"]
+    assert not prompts.str.contains("SmolLM").any()
+    assert prompts.str.startswith("<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>").sum() > 10
+    tuned = AutoTokenizer.from_pretrained(real_run / "results/runs" / TUNED / "merged")
+    alone = tuned.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
+    assert alone.startswith("<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>"), alone
+    modelfile = (real_run / "results/runs" / TUNED / "gguf/q8_0/Modelfile").read_text()
+    assert 'SYSTEM """You are a helpful AI assistant."""' in modelfile
     assert not (real_run / "results/runs" / BASE / "merged").exists()  # the baseline trained and merged nothing
 
 
