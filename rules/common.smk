@@ -37,16 +37,19 @@ wildcard_constraints:
 # `train.py ...`. Their location is not a param, because where the project is checked out does not change any
 # output: a moved checkout or working folder reruns nothing. Their `#!/usr/bin/env python` runs the interpreter of
 # the job's environment (the virtualenv, or the rule's conda env).
+# Every stage's shell runs `script ... 3>&2 > {log} 2>&1`: fd 3 is Snakemake's own stderr, where a job writes the
+# one line that must reach the terminal even when its log cannot be written (a full disk holds the log too).
+os.environ["SNAKETUNE_ERROR_FD"] = "3"
+
+
 envvars:
     "PATH",
+    "SNAKETUNE_ERROR_FD",
 
 
 os.environ["PATH"] = os.pathsep.join(
     [str(Path(workflow.basedir) / "scripts"), os.environ.get("PATH", "")]
 )
-# Every stage's shell runs `script ... 3>&2 > {log} 2>&1`: fd 3 is Snakemake's own stderr, where a job writes the
-# one line that must reach the terminal even when its log cannot be written (a full disk holds the log too).
-os.environ["SNAKETUNE_ERROR_FD"] = "3"
 
 
 def run_model_manifest(wildcards):

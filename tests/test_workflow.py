@@ -216,7 +216,8 @@ def test_lint_reports_nothing():
     assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("stage", ["download", "dataset", "train", "merge", "predict", "evaluate", "exam", "report"])
+@pytest.mark.parametrize("stage", ["download", "replay", "dataset", "train", "merge", "export", "predict", "evaluate",
+                                   "exam", "report"])
 def test_every_stage_script_has_readable_help(stage):
     result = subprocess.run([sys.executable, str(REPO / "scripts" / f"{stage}.py"), "--help"],
                             capture_output=True, text=True)
