@@ -102,6 +102,25 @@ def shape_from_config(config: dict[str, Any]) -> Shape:
                  dtype_bytes=DTYPE_BYTES.get(dtype, 4), family=family)
 
 
+def gguf_shape(path: Path, dtype: str) -> Shape:
+    """The shape a GGUF file declares in its header (no tensor is read), as the download stage will write it."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+
+    def value(key: str):
+        field = reader.get_field(key)
+        return field.contents() if field is not None else None
+
+    arch = value("general.architecture")
+    heads = value(f"{arch}.attention.head_count")
+    return Shape(vocab=len(reader.get_field("tokenizer.ggml.tokens").data), hidden=value(f"{arch}.embedding_length"),
+                 intermediate=value(f"{arch}.feed_forward_length"), layers=value(f"{arch}.block_count"), heads=heads,
+                 kv_heads=value(f"{arch}.attention.head_count_kv") or heads,
+                 tied="output.weight" not in {tensor.name for tensor in reader.tensors},
+                 dtype_bytes=DTYPE_BYTES.get(dtype, 2), family=arch)
+
+
 def model_shape(entry: dict[str, Any], downloaded: Path | None = None) -> Shape | None:
     """The shape of a model entry of the config: the downloaded folder's config.json, a local folder's, the
     builtin settings, or for a hub id not downloaded yet the copy in config/model_shapes.yaml; None if unknown."""
@@ -111,7 +130,10 @@ def model_shape(entry: dict[str, Any], downloaded: Path | None = None) -> Shape 
     if entry.get("source") == "builtin":
         return Shape(vocab=entry["vocab_size"], hidden=entry["hidden_size"], intermediate=entry["intermediate_size"],
                      layers=entry["num_hidden_layers"], heads=entry["num_attention_heads"],
-                     kv_heads=entry["num_key_value_heads"], tied=False, dtype_bytes=4, family="qwen2")
+                     kv_heads=entry["num_key_value_heads"], tied=entry.get("tie_word_embeddings", False),
+                     dtype_bytes=4, family="qwen2")
+    if entry.get("source") == "gguf" and Path(entry["path"]).is_file():
+        return gguf_shape(Path(entry["path"]), entry.get("dtype", "bfloat16"))
     known = yaml.safe_load(SHAPES.read_text(encoding="utf-8"))
     return shape_from_config(known[entry["id"]]) if entry.get("id") in known else None
 
