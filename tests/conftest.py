@@ -77,6 +77,8 @@ def scratch_workflow(tmp: Path, config: dict) -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
     if not (tmp / "data").exists():
         shutil.copytree(REPO / "data", tmp / "data")
+    if (REPO / ".cache").is_dir() and not (tmp / ".cache").exists():  # the real model (make real-model), shared
+        (tmp / ".cache").symlink_to(REPO / ".cache")
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(config, allow_unicode=True, sort_keys=False), encoding="utf-8")
     return path
