@@ -127,16 +127,18 @@ def test_a_train_job_killed_under_the_local_profile_is_rerun_and_resumes(tmp_pat
     assert steps == sorted(set(steps)) and steps[-1] == 400
 
 
-def trainer_pids(run_dir):
-    """PIDs of train.py processes writing into ``run_dir``."""
+def trainer_pids(workdir, run):
+    """PIDs of train.py processes training ``run`` in ``workdir`` (jobs name their files relative to it)."""
     found = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
                 argv = (proc / "cmdline").read_bytes().split(b"\0")
+                cwd = os.readlink(proc / "cwd")
             except OSError:
                 continue
-            if any(arg.endswith(b"train.py") for arg in argv) and str(run_dir).encode() in b" ".join(argv):
+            if any(arg.endswith(b"train.py") for arg in argv) and f"results/runs/{run}/".encode() in b" ".join(
+                    argv) and Path(cwd) == Path(workdir):
                 found.append(int(proc.name))
     return found
 
@@ -161,7 +163,7 @@ def test_a_trainer_whose_snakemake_is_killed_checkpoints_stops_and_is_resumed(tm
     while not any(checkpoints.glob("checkpoint-*/trainer_state.json")):
         assert first.poll() is None and time.monotonic() < deadline, "no checkpoint before the job ended"
         time.sleep(0.5)
-    trainers = trainer_pids(run_dir)
+    trainers = trainer_pids(workdir, "long")
     assert trainers
 
     # while it trains, a second trainer on the same folder is refused, naming the one that holds it
@@ -176,7 +178,7 @@ def test_a_trainer_whose_snakemake_is_killed_checkpoints_stops_and_is_resumed(tm
     os.kill(first.pid, signal.SIGKILL)  # Snakemake alone: its job's shell and train.py live on
     first.wait()
     stopped = time.monotonic()
-    while trainer_pids(run_dir):
+    while trainer_pids(workdir, "long"):
         assert time.monotonic() - stopped < 60, "the orphaned trainer kept training"
         time.sleep(0.2)
     log = (workdir / "logs" / "train" / "long.log").read_text()
