@@ -76,7 +76,8 @@ def test_default_dag_runs_as_slurm_jobs_and_matches_the_local_run(tmp_path, demo
     assert sorted(local_jobs) == ["all", "download"]  # the download ran where Snakemake runs, not as a Slurm job
     ran_rules = set(re.findall(r"^rule (\w+):", output, flags=re.M))
     assert ran_rules == {"dataset", "train", "merge", "predict", "evaluate", "exam", "report"}
-    # 2 dataset builds + 2 runs x (train, merge, predict, evaluate) + the baseline's predict, evaluate + 2 exams + 1 report
+    # 2 dataset builds + 2 runs x (train, merge, predict, evaluate) + the baseline's predict and evaluate
+    # + 2 exams + 1 report
     assert len(submitted) == 15 and set(states.values()) == {"COMPLETED"}, states  # the baseline: no train, merge
     assert all("TresPerJob=gres:gpu:1" in shown for shown in by_rule["train"]), by_rule["train"][0]
     for log in (workdir / "logs" / "train").glob("*.log"):  # and Slurm gave each train job the counted GPU

@@ -370,6 +370,7 @@ def test_an_unknown_remote_architecture_needs_trust_remote_code(tmp_path):
     remote = {"architectures": ["ChatGLMModel"], "auto_map": {"AutoModel": "x.Y"}}
     (folder / "config.json").write_text(json.dumps(remote))
     (folder / "tokenizer_config.json").write_text("{}")
+    (folder / "pytorch_model.bin").write_bytes(b"")  # weights are there (what they hold is not read here)
     settings = {"source": "local", "path": str(folder), "copy": False, "convert": True, "trust_remote_code": False,
                 "name": "glm"}
     with pytest.raises(UserError) as caught:

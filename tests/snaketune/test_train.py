@@ -333,16 +333,15 @@ def test_qlora_in_bf16_keeps_the_frozen_weights_bf16_and_trains_fp32_adapters(ti
     assert dtypes("fp32") == {"base": {("torch.float32", False)}, "adapter": {("torch.float32", True)}}
 
 
-def test_library_noise_is_silenced_and_errors_are_not(capsys):
+def test_library_noise_is_silenced_and_errors_are_not():
     import logging
     import warnings
 
     from snaketune.cli import quiet_known_noise
 
     quiet_known_noise()
-    bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    bnb.warning("Failed to load CPU gemm_4bit_forward from kernels-community: no module named kernels")
-    bnb.error("a real bitsandbytes error")
+    bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")  # "Failed to load CPU gemm_4bit_forward ..."
+    assert not bnb.isEnabledFor(logging.WARNING) and bnb.isEnabledFor(logging.ERROR)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         quiet_known_noise()
@@ -351,5 +350,3 @@ def test_library_noise_is_silenced_and_errors_are_not(capsys):
         warnings.warn("`gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning, stacklevel=1)
         warnings.warn("something else is deprecated", FutureWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["something else is deprecated"]
-    err = capsys.readouterr().err
-    assert "gemm_4bit_forward" not in err and "a real bitsandbytes error" in err
