@@ -168,7 +168,9 @@ def test_the_service_binds_to_localhost_by_default():
     assert build_parser().parse_args(["--run", "x"]).host == "127.0.0.1"
 
 
-def test_the_chat_page_streams_an_answer_in_headless_chromium(chat_model):
+def chat_page_exchange(chat_model, message: str) -> tuple[str, str]:
+    """Type ``message`` into the chat page in headless Chromium and wait for the answer to finish; returns the
+    text of the user line and of the answer as the page shows them."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -180,18 +182,24 @@ def test_the_chat_page_streams_an_answer_in_headless_chromium(chat_model):
         with headless_chromium() as browser:
             browser.get(url + "/")
             WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "model").text == "tiny")
-            browser.find_element(By.ID, "message").send_keys("你好")
+            browser.find_element(By.ID, "message").send_keys(message)
             browser.find_element(By.ID, "send").click()
             answer = WebDriverWait(browser, 120).until(
                 lambda b: next((e for e in b.find_elements(By.CSS_SELECTOR, ".assistant")
                                 if e.get_attribute("data-done") == "true"), None))
-            expected = chat_model.complete([{"role": "user", "content": "你好"}],
-                                           __import__("snaketune.serve").serve.SamplingSettings(128))
-            assert answer.text.strip() == expected and expected
-            assert browser.find_element(By.CSS_SELECTOR, ".user").text == "you: 你好"
+            return browser.find_element(By.CSS_SELECTOR, ".user").text, answer.text
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_the_chat_page_streams_an_answer_in_headless_chromium(chat_model):
+    from snaketune.serve import SamplingSettings
+
+    user, answer = chat_page_exchange(chat_model, "你好")
+    expected = chat_model.complete([{"role": "user", "content": "你好"}], SamplingSettings(128))
+    assert answer.strip() == expected and expected
+    assert user == "you: 你好"
 
 
 def test_terminal_chat_streams_keeps_history_and_resets(tiny_model):
@@ -294,28 +302,10 @@ def test_a_huge_prompt_is_tokenized_off_the_event_loop(chat_model):
 
 
 def test_the_chat_page_shows_an_error_that_comes_mid_stream(chat_model, monkeypatch):
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    from browser import headless_chromium
-    from snaketune.serve import ServiceSettings, create_app
-
     def failing(request):  # the engine emits part of an answer, then fails (as out of GPU memory would)
         request.emit(("text", "Hel"))
         request.emit(("error", "CUDA out of memory"))
 
     monkeypatch.setattr(chat_model.engine, "submit", failing)
-    server, thread, url = start_server(create_app(chat_model, ServiceSettings()))
-    try:
-        with headless_chromium() as browser:
-            browser.get(url + "/")
-            WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "model").text == "tiny")
-            browser.find_element(By.ID, "message").send_keys("hi")
-            browser.find_element(By.ID, "send").click()
-            answer = WebDriverWait(browser, 60).until(
-                lambda b: next((e for e in b.find_elements(By.CSS_SELECTOR, ".assistant")
-                                if e.get_attribute("data-done") == "true"), None))
-            assert answer.text.splitlines() == ["Hel", "error: CUDA out of memory"]
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    _, answer = chat_page_exchange(chat_model, "hi")
+    assert answer.splitlines() == ["Hel", "error: CUDA out of memory"]

@@ -193,10 +193,10 @@ def write_report(records: list[dict[str, Any]], leaderboard: Path, page: Path,
     rows = [run_row(record) for record in records]
     exam_columns = sorted({f"{name}_{what}" for record in records for name in record.get("exams", {})
                            for what in ("accuracy", "ties")})
-    exam_columns += list(dict.fromkeys(key for row in rows for key in row if ":" in key))  # test sets
-    columns = RUN_COLUMNS + TRAIN_COLUMNS + METRIC_COLUMNS + exam_columns
+    test_set_columns = list(dict.fromkeys(key for row in rows for key in row if ":" in key))  # {test_set}:{metric}
+    columns = RUN_COLUMNS + TRAIN_COLUMNS + METRIC_COLUMNS + exam_columns + test_set_columns
     for row in rows:
-        for column in exam_columns:
+        for column in exam_columns + test_set_columns:
             row.setdefault(column, "")
     with atomic_file(leaderboard) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
