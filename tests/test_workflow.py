@@ -2,6 +2,7 @@
 
 import copy
 import json
+import shutil
 import subprocess
 import sys
 
@@ -112,6 +113,26 @@ def test_the_trained_adapter_loads_with_auto_peft_from_any_folder(demo, tmp_path
 def test_right_after_a_full_run_nothing_is_stale(demo):
     result = snakemake(demo, "--configfile", str(demo / "config.yaml"), "--dry-run")
     assert result.returncode == 0 and "Nothing to be done" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("stage, gone, replanned", [
+    # what Snakemake deletes when a forced job is interrupted: its outputs, while everything after it stays
+    ("train", ["adapter", "train_log.csv", "train_summary.json", "loss.png"],
+     ["evaluate", "exam", "merge", "predict", "report", "train"]),
+    ("merge", ["merged"], ["evaluate", "exam", "merge", "predict", "report"]),
+])
+def test_a_rerun_after_an_interrupted_forced_job_rebuilds_it_and_what_follows(demo, tmp_path, stage, gone,
+                                                                               replanned):
+    copied = tmp_path / "demo"
+    shutil.copytree(demo, copied, symlinks=True)
+    for name in gone:
+        path = copied / "results" / "runs" / "identity-lora" / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    result = snakemake(copied, "--configfile", str(copied / "config.yaml"), "--dry-run")
+    assert result.returncode == 0, result.stderr[-2000:]
+    jobs = planned_jobs(result)
+    assert sorted({rule for rule, _ in jobs}) == replanned
+    assert all("identity-lora" in wildcards for rule, wildcards in jobs if rule != "report")
 
 
 def dry_run_with(demo, default_config, edit, name):

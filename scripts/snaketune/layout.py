@@ -279,8 +279,33 @@ class Layout:
                       *record["serve"].values()]
         return list(dict.fromkeys(files))
 
+    def built_files(self, run: str) -> list[str]:
+        """Every file ``run`` is made of, from its model's manifest and dataset build to its exams.
+
+        All of them are targets of the default rule, so a file that is gone is rebuilt with everything after it.
+        Snakemake treats a missing file between two present ones as a deleted temporary and plans nothing: an
+        interrupted ``--forcerun train`` leaves no adapter beside the old merged model and metrics, and a plain
+        rerun would keep those."""
+        spec = self.cfg.runs[run]
+        builds = [(spec.dataset, spec.model), *((name, spec.model) for name in spec.evaluation.test_sets)]
+        files = [self.model_file("model_manifest", spec.model)]
+        for dataset, model in builds:
+            files += [PATTERNS[key].format(dataset=dataset, model=model) for key in DATASET_OUTPUTS.values()]
+            inputs = self.dataset_inputs(dataset, model)
+            inputs.pop("data", None)  # the user's own files: sources, not built
+            files += [path for value in inputs.values() for path in ([value] if isinstance(value, str) else value)]
+        if self.trains(run):
+            files += [self.run_file(name, run) for name in ("adapter", "train_log", "train_summary", "loss_curve")]
+            files.append(self.run_file("merged", run))
+        record = self.report_record(run)
+        files += [*record["files"].values(), *record["exams"].values(), *record["test_sets"].values()]
+        files += [self.run_file("test_set_predictions", run, test_set=name) for name in spec.evaluation.test_sets]
+        return [path for path in files if not path.endswith(".benchmark.tsv")]
+
     def final_outputs(self) -> list[str]:
-        """What the default target builds: the leaderboard, the report page and every sweep's files."""
+        """What the default target builds: the leaderboard, the report page, every sweep's files, every export
+        and every file the runs are made of (``built_files``)."""
         sweeps = [path for name in self.cfg.sweeps for path in self.sweep_files(name).values()]
-        exports = list(dict.fromkeys(path for run in self.cfg.runs for path in self.export_files(run)))
-        return [PATTERNS["leaderboard"], PATTERNS["report_html"], *sweeps, *exports]
+        exports = [path for run in self.cfg.runs for path in self.export_files(run)]
+        built = [path for run in self.cfg.runs for path in self.built_files(run)]
+        return list(dict.fromkeys([PATTERNS["leaderboard"], PATTERNS["report_html"], *sweeps, *exports, *built]))
