@@ -1,4 +1,5 @@
-# One leaderboard row per run, an HTML page with metrics and loss curves, and each sweep's runs.csv/best.json.
+# One leaderboard row per run; an HTML page comparing the runs (metrics against baselines, plots, answers side by
+# side); loss and metric plots per dataset; each sweep's runs.csv, best.json and plot.
 rule report:
     input:
         LAYOUT.report_inputs(),
@@ -13,8 +14,23 @@ rule report:
             category="Leaderboard",
             caption="report/report_html.rst",
         ),
+        loss_plots=[
+            report(path, category="Plots", subcategory="Loss", caption="report/loss_plot.rst")
+            for path in LAYOUT.report_plots()["loss"].values()
+        ],
+        metric_plots=[
+            report(path, category="Plots", subcategory="Metrics", caption="report/metrics_plot.rst")
+            for path in LAYOUT.report_plots()["metrics"].values()
+        ],
         sweep_files=[
-            path for name in CFG.sweeps for path in LAYOUT.sweep_files(name).values()
+            path
+            for name in CFG.sweeps
+            for key, path in LAYOUT.sweep_files(name).items()
+            if key != "plot"
+        ],
+        sweep_plots=[
+            report(LAYOUT.sweep_files(name)["plot"], category="Sweeps", caption="report/sweep_plot.rst")
+            for name in CFG.sweeps
         ],
     log:
         paths.log("report"),
@@ -27,8 +43,9 @@ rule report:
     params:
         runs=stages.report_records(CFG, LAYOUT),
         sweeps=stages.sweep_settings(CFG, LAYOUT),
+        plots=json.dumps(LAYOUT.report_plots(), ensure_ascii=False),
     shell:
-        "report.py --runs {params.runs:q} --sweeps {params.sweeps:q}"
+        "report.py --runs {params.runs:q} --sweeps {params.sweeps:q} --plots {params.plots:q}"
         " --leaderboard {output.leaderboard:q} --html {output.html:q} 3>&2 > {log:q} 2>&1"
 
 

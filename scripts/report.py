@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Collect every run's metrics and loss curve into a leaderboard CSV and an HTML report, and write each sweep's
-runs.csv and best.json.
+"""Collect every run's metrics, loss and answers into a leaderboard CSV, plots and an HTML report that compares
+the runs, and write each sweep's runs.csv, best.json and plot.
 
 Example:
     python scripts/report.py --runs '[{"run": "a", "model": "tiny", ..., "files": {"metrics": "...", "train_log":
@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--html", required=True, help="report.html to write")
     parser.add_argument("--sweeps", type=json.loads, default={},
                         help="JSON: sweep name -> its runs, select_by/select_mode and the files to write")
+    parser.add_argument("--plots", type=json.loads, default={},
+                        help='JSON: {"loss": {dataset: png}, "metrics": {dataset: png}}, the plot files to write')
     return parser
 
 
@@ -36,11 +38,12 @@ def main(argv=None) -> int:
     def body():
         from snaketune.report import write_report
 
-        rows = write_report(args.runs, Path(args.leaderboard), Path(args.html), args.sweeps)
+        rows = write_report(args.runs, Path(args.leaderboard), Path(args.html), args.sweeps, args.plots)
         for row in rows:
             print(json.dumps(row, ensure_ascii=False))
 
-    return main_guard(body, outputs=[args.leaderboard, args.html])
+    plot_files = [path for kind in args.plots.values() for path in kind.values()]
+    return main_guard(body, outputs=[args.leaderboard, args.html, *plot_files])
 
 
 if __name__ == "__main__":

@@ -41,13 +41,16 @@ def test_demo_writes_every_stage_output(demo):
     assert list(log.columns) == ["step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_second"]
     assert log["loss"].iloc[-1] < log["loss"].iloc[0] / 10
     page = (results / "report.html").read_text()
-    assert "identity-lora" in page and "Predictions beside references" in page
+    assert page.index("<h2>Runs compared</h2>") < page.index("<h2>Plots</h2>") < page.index(
+        "<h2>Answers side by side</h2>") < page.index("<h2>Training</h2>")  # what the user came for, first
     exams = page.split("<h2>Exams: accuracy per subject</h2>")[1].split("<h2>")[0]
-    assert "<th>subject</th><th>questions</th><th>identity-lora</th><th>identity-base</th>" in exams
-    assert "<td>医学</td><td>5</td>" in exams and "<td>overall</td><td>9</td>" in exams
+    assert ">identity-lora</th><th title='sort by identity-base'>identity-base</th>" in exams
+    assert "data-v='医学'>医学</td><td class='' data-v='5'>5</td>" in exams and "data-v='overall'>overall</td>" in exams
     confusion = page.split("<h2>Labels: confusion tables</h2>")[1].split("<h2>")[0]
-    assert "<h3>matching-lora</h3>" in confusion and "<td>相同</td>" in confusion
-    assert page.count("<div class='scroll'><table>") >= 4  # wide tables scroll inside the page
+    assert "<h3>matching-lora</h3>" in confusion and ">相同</td>" in confusion
+    assert page.count("<div class='scroll'><table") >= 6  # wide tables scroll inside the page
+    for plot in ("loss-identity", "loss-text-matching", "metrics-identity", "metrics-text-matching"):
+        assert (results / "plots" / f"{plot}.png").read_bytes()[:4] == b"\x89PNG"
     exam = json.loads((results / "runs/identity-lora/exams/mmcu-sample.json").read_text())
     assert (exam["n"], exam["shots"], sorted(exam["subjects"])) == (9, 2, ["医学", "法律"])
     board = pd.read_csv(results / "leaderboard.csv").set_index("run")
@@ -65,6 +68,7 @@ def test_snakemakes_own_report_has_the_loss_curves_and_leaderboard(demo):
     assert result.returncode == 0, result.stderr[-2000:]
     page = (demo / "snakemake_report.html").read_text(errors="replace")
     assert "Loss curves" in page and "Leaderboard" in page and "leaderboard.csv" in page
+    assert "report.html" in page and "loss-identity.png" in page and "metrics-text-matching.png" in page
 
 
 def test_fine_tuning_is_real_learning(demo):

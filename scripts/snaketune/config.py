@@ -121,6 +121,7 @@ class RunConfig:
     exam: ExamSettings
     from_run: str | None = None  # the run whose merged model this one starts from
     export: list[str] = field(default_factory=list)  # gguf types to write the run's model as (f16, q8_0 ...)
+    baseline: str | None = None  # the run the report compares this one against (else found: see report.baselines)
 
 
 @dataclass
@@ -140,7 +141,7 @@ class WorkflowConfig:
 # Where each key of a run's settings goes: the train stage takes the top-level keys it has fields for, each
 # block goes to its stage's dataclass. Defaults come from the dataclasses alone; test_config checks that the
 # schema documents the same keys and defaults.
-RUN_KEYS = {"model", "dataset", "from_run", "export"}
+RUN_KEYS = {"model", "dataset", "from_run", "export", "baseline"}
 SWEEP_KEYS = {"sweep", "select_by", "select_mode"}  # consumed by sweeps.expand
 BLOCKS = {"merge": MergeSettings, "generation": GenerationSettings, "evaluation": EvalSettings}
 DERIVED = {("generation", "seed"): "seed"}  # block field -> the run setting it is copied from
@@ -167,7 +168,7 @@ def build_run(name: str, run: dict[str, Any]) -> RunConfig:
     export = list(dict.fromkeys("f16" if item == "gguf" else item.removeprefix("gguf:")
                                 for item in run.get("export") or []))
     return RunConfig(name=name, model=run["model"], dataset=run["dataset"], train=train, exam=exam,
-                     from_run=run.get("from_run"), export=export, **blocks)
+                     from_run=run.get("from_run"), export=export, baseline=run.get("baseline"), **blocks)
 
 
 def start_chains(runs: dict[str, dict[str, Any]], report) -> None:
@@ -388,6 +389,9 @@ def load(raw: dict[str, Any], files: list[str | Path] = ()) -> WorkflowConfig:
     for name, run in merged_runs.items():
         if run.get("model") is None:
             continue  # reported by start_chains
+        if run.get("baseline") is not None and (run["baseline"] not in merged_runs or run["baseline"] == name):
+            report(("runs", name, "baseline"), f"`{run['baseline']}` is not another run "
+                                               f"(runs: {', '.join(merged_runs)})")
         if run.get("from_run") and run["generation"].get("predict_from") == "adapter":
             report(("runs", name, "generation", "predict_from"), "`adapter` cannot be used with from_run (the "
                                                                  "adapter sits on the other run's merged model)")

@@ -10,6 +10,7 @@ alike. ``Layout.run_file`` applies that sharing, so no caller ever names a folde
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,9 @@ PATTERNS = {
     "report_html": "results/report.html",
     "sweep_runs": "results/sweeps/{sweep}/runs.csv",
     "sweep_best": "results/sweeps/{sweep}/best.json",
+    "sweep_plot": "results/sweeps/{sweep}/points.png",
+    "loss_plot": "results/plots/loss-{dataset}.png",  # train and eval loss of a dataset's runs, shared axes
+    "metrics_plot": "results/plots/metrics-{dataset}.png",  # a dataset's runs' metrics as bars
 }
 
 # The stage whose job writes each per-run file: the sharing of that stage's jobs applies to it.
@@ -130,7 +134,6 @@ def timing(stage: str) -> str:
 
 def _json(settings: Any) -> str:
     import json
-    from dataclasses import asdict
 
     return json.dumps(asdict(settings), sort_keys=True, ensure_ascii=False)
 
@@ -247,14 +250,30 @@ class Layout:
 
     def sweep_files(self, name: str) -> dict[str, str]:
         return {"runs_csv": PATTERNS["sweep_runs"].format(sweep=name),
-                "best_json": PATTERNS["sweep_best"].format(sweep=name)}
+                "best_json": PATTERNS["sweep_best"].format(sweep=name),
+                "plot": PATTERNS["sweep_plot"].format(sweep=name)}
+
+    def report_plots(self) -> dict[str, dict[str, str]]:
+        """The report's plot files by kind and dataset: loss curves where a run of the dataset trains, metric bars
+        for every dataset a run trains or is scored on."""
+        datasets = list(dict.fromkeys(spec.dataset for spec in self.cfg.runs.values()))
+        trained = [name for name in datasets if any(spec.dataset == name and self.trains(run)
+                                                   for run, spec in self.cfg.runs.items())]
+        return {"loss": {name: PATTERNS["loss_plot"].format(dataset=name) for name in trained},
+                "metrics": {name: PATTERNS["metrics_plot"].format(dataset=name) for name in datasets}}
 
     def report_record(self, run: str) -> dict[str, Any]:
         """What the report reads of one run: its settings columns and the path of each file it shows."""
         spec = self.cfg.runs[run]
         trained = ("train_log", "train_summary", "loss_curve") if self.trains(run) else ()
+        settings = {"model": spec.model, "dataset": spec.dataset, "from_run": spec.from_run or "",
+                    **{key: value for key, value in asdict(spec.train).items() if self.trains(run) or key in (
+                        "max_steps", "method")},
+                    **{f"generation.{key}": value for key, value in asdict(spec.generation).items()}}
+        settings["method"] = settings["method"] if self.trains(run) else "none"
         return {
-            "run": run, "model": spec.model, "dataset": spec.dataset,
+            "run": run, "model": spec.model, "dataset": spec.dataset, "baseline": spec.baseline or "",
+            "trains": self.trains(run), "settings": settings,
             "method": spec.train.method if self.trains(run) else "none",
             "stage": spec.train.stage, "from_run": spec.from_run or "",
             "learning_rate": spec.train.learning_rate, "num_train_epochs": spec.train.num_train_epochs,
@@ -308,4 +327,6 @@ class Layout:
         sweeps = [path for name in self.cfg.sweeps for path in self.sweep_files(name).values()]
         exports = [path for run in self.cfg.runs for path in self.export_files(run)]
         built = [path for run in self.cfg.runs for path in self.built_files(run)]
-        return list(dict.fromkeys([PATTERNS["leaderboard"], PATTERNS["report_html"], *sweeps, *exports, *built]))
+        plots = [path for kind in self.report_plots().values() for path in kind.values()]
+        return list(dict.fromkeys([PATTERNS["leaderboard"], PATTERNS["report_html"], *plots, *sweeps, *exports,
+                                   *built]))

@@ -1,24 +1,29 @@
-"""Report stage: one leaderboard row per run and a self-contained HTML page with metrics and loss curves."""
+"""Report stage: one leaderboard row per run, and report.html: the runs compared on their metrics first (each
+against its baseline), then loss and metric plots, every run's answer to the same test row side by side, training,
+the settings that differ, exams and sweeps."""
 
 from __future__ import annotations
 
-import base64
 import csv
 import html
 import json
 from pathlib import Path
 from typing import Any
 
+from snaketune import report_page as page
+from snaketune import report_plots as plots
 from snaketune.io import atomic_file, write_json
+from snaketune.report_page import Cell
 
-RUN_COLUMNS = ["run", "model", "dataset", "stage", "from_run", "method", "learning_rate", "num_train_epochs",
-               "max_steps"]
+RUN_COLUMNS = ["run", "model", "dataset", "baseline", "stage", "from_run", "method", "learning_rate",
+               "num_train_epochs", "max_steps"]
 TRAIN_COLUMNS = ["train_seconds", "train_steps", "final_loss", "tokens_per_second"]
 METRIC_COLUMNS = ["n", "exact_match", "contains", "bleu-4", "rouge-1", "rouge-2", "rouge-l", "text_tokenizer",
                   "bleu_mode", "rouge_mode", "accuracy", "precision", "recall", "f1", "preference_accuracy",
                   "reward_accuracy", "reward_margin"]
 TEST_SET_COLUMNS = ["n", "exact_match", "contains", "bleu-4", "rouge-l", "accuracy"]  # a test set's leaderboard
-SAMPLE_ROWS = 5  # predictions shown beside their references per run
+SCORE_COLUMNS = ["exact_match", "contains", "bleu-4", "rouge-1", "rouge-2", "rouge-l", "accuracy", "precision",
+                 "recall", "f1", "preference_accuracy", "reward_accuracy", "reward_margin"]  # the comparison's
 
 
 def read_log(path: Path) -> list[dict[str, str]]:
@@ -61,25 +66,27 @@ def run_row(record: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def prediction_samples(runs: list[str], predictions: list[Path]) -> str:
-    """HTML: the first few test rows of each run, reference beside prediction."""
-    import pandas as pd
+def baselines(records: list[dict[str, Any]]) -> dict[str, str]:
+    """Each tuned run's baseline, the run its gains are shown against: the one its config names (``baseline:``),
+    else the first run of the same model, dataset and starting point (``from_run``) that trains no steps. A run with
+    neither, and a baseline itself, has none."""
+    untrained = [record for record in records if not record.get("trains", True)]
+    pairs = {}
+    for record in records:
+        if record.get("baseline"):
+            pairs[record["run"]] = record["baseline"]
+        elif record.get("trains", True):
+            match = next((other["run"] for other in untrained if other["model"] == record["model"]
+                          and other["dataset"] == record["dataset"]
+                          and other.get("from_run", "") == record.get("from_run", "")), None)
+            if match:
+                pairs[record["run"]] = match
+    return pairs
 
-    parts = []
-    for run, path in zip(runs, predictions, strict=True):
-        frame = pd.read_csv(path, keep_default_na=False, dtype=str).head(SAMPLE_ROWS)
-        cells = "".join(f"<tr><td>{html.escape(r['id'])}</td><td class='text'>{html.escape(r['reference'])}</td>"
-                        f"<td class='text'>{html.escape(r['prediction'])}</td></tr>" for _, r in frame.iterrows())
-        parts.append(f"<h3>{html.escape(run)}</h3><div class='scroll'><table><thead><tr><th>id</th>"
-                     f"<th>reference</th><th>prediction</th></tr></thead><tbody>{cells}</tbody></table></div>")
-    return "".join(parts)
 
-
-def table(header: list[str], rows: list[list[Any]]) -> str:
-    """An HTML table in a box that scrolls sideways when it is wider than the page."""
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in header)
-    body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>" for row in rows)
-    return f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
+def _plain(rows: list[list[Any]]) -> list[list[Cell]]:
+    return [[Cell(page.number(value, "fraction" if isinstance(value, float) else "plain"), value) for value in row]
+            for row in rows]
 
 
 def exam_tables(records: list[dict[str, Any]]) -> str:
@@ -96,7 +103,7 @@ def exam_tables(records: list[dict[str, Any]]) -> str:
                  *[results[run]["subjects"].get(subject, {}).get("accuracy", "") for run in runs]]
                 for subject in subjects]
         rows.append(["overall", next(iter(results.values()))["n"], *[results[run]["accuracy"] for run in runs]])
-        parts.append(f"<h3>{html.escape(name)}</h3>" + table(["subject", "questions", *runs], rows))
+        parts.append(f"<h3>{html.escape(name)}</h3>" + page.table(["subject", "questions", *runs], _plain(rows)))
     return "".join(parts) or "<p>No run takes an exam.</p>"
 
 
@@ -109,41 +116,20 @@ def confusion_tables(records: list[dict[str, Any]]) -> str:
             predicted = list(next(iter(confusion.values())))
             rows = [[gold, *[counts[p] for p in predicted]] for gold, counts in confusion.items()]
             parts.append(f"<h3>{html.escape(record['run'])}</h3>"
-                         + table(["reference \\ predicted", *predicted], rows))
+                         + page.table(["reference \\ predicted", *predicted], _plain(rows), css="plain"))
     return "".join(parts) or "<p>No run has label metrics.</p>"
 
 
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return html.escape(str(value))
+def image(data: str, alt: str, css: str = "") -> str:
+    return f"<img class='{css}' alt='{html.escape(alt)}' src='data:image/png;base64,{data}'>"
 
 
-def figure_png(fig) -> str:
-    """A matplotlib figure as a base64 PNG for an <img> tag."""
-    import io
-
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-def write_sweep(name: str, sweep: dict[str, Any], rows: list[dict[str, Any]],
-                logs: dict[str, list[dict[str, str]]], serve: dict[str, dict[str, str]]) -> str:
-    """Write the sweep's ``runs_csv`` and ``best_json`` (``sweep["files"]``); return its HTML section.
+def write_sweep(name: str, sweep: dict[str, Any], rows: list[dict[str, Any]], serve: dict[str, dict[str, str]]) -> str:
+    """Write the sweep's ``runs_csv``, ``best_json`` and ``plot`` (``sweep["files"]``); return its HTML section.
 
     ``best.json`` names what to load for the best run (``serve``: its merged folder, or base manifest + adapter),
     which the report's inputs guarantee is built.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from snaketune.sweeps import select_best
 
     by_run = {row["run"]: row for row in rows}
@@ -161,78 +147,112 @@ def write_sweep(name: str, sweep: dict[str, Any], rows: list[dict[str, Any]],
         "settings": sweep["runs"][best["run"]], "load": serve[best["run"]],
         "metrics": {key: best[key] for key in METRIC_COLUMNS if best.get(key, "") != ""},
     })
-
-    fig, axes = plt.subplots(1, len(settings), figsize=(4 * len(settings), 3), squeeze=False)
-    for ax, key in zip(axes[0], settings, strict=True):
-        values = [(sweep["runs"][row["run"]][key], row.get(metric)) for row in members]
-        ax.scatter([str(v) if isinstance(v, str) else v for v, _ in values], [m for _, m in values])
-        ax.set(xlabel=key, ylabel=metric)
-        ax.grid(alpha=0.3)
-    scatter = figure_png(fig)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for run in sweep["runs"]:
-        log = logs[run]
-        ax.plot([int(r["step"]) for r in log], [float(r["loss"]) for r in log], label=run)
-    ax.set(xlabel="step", ylabel="training loss", title=f"sweep {name}")
-    ax.legend(fontsize=6)
-    curves = figure_png(fig)
+    chart = plots.save(plots.sweep_chart(name, sweep["runs"], {run: by_run[run].get(metric) for run in sweep["runs"]},
+                                         metric, best["run"]), sweep["files"].get("plot"))
+    points = [[Cell(html.escape(run), run), *[Cell(html.escape(str(point.get(key, ""))), point.get(key, ""))
+                                              for key in settings],
+               Cell(page.number(by_run[run].get(metric, ""), page.metric_kind(metric)), by_run[run].get(metric, ""),
+                    "best" if run == best["run"] else "")] for run, point in sweep["runs"].items()]
     return (f"<h2>Sweep {html.escape(name)}</h2><p>best by {html.escape(metric)} ({mode}): "
-            f"<b>{html.escape(best['run'])}</b> = {_cell(best[metric])}</p>"
-            f"<img alt='{html.escape(metric)} against each swept setting' src='data:image/png;base64,{scatter}'>"
-            f"<img alt='loss curves of sweep {html.escape(name)}' src='data:image/png;base64,{curves}'>")
+            f"<b>{html.escape(best['run'])}</b> = {page.number(best[metric], page.metric_kind(metric))}</p>"
+            + image(chart, f"{metric} against each swept setting") + page.table(["run", *settings, metric], points))
 
 
-def write_report(records: list[dict[str, Any]], leaderboard: Path, page: Path,
-                 sweeps: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Write ``leaderboard.csv``, ``report.html`` and each sweep's ``runs.csv``/``best.json``.
+def score_columns(rows: list[dict[str, Any]], exam_columns: list[str], test_set_columns: list[str]) -> list[str]:
+    """The comparison's columns: each metric, exam accuracy and other test set's score some run has."""
+    wanted = SCORE_COLUMNS + [c for c in exam_columns if c.endswith("_accuracy")] + test_set_columns
+    return [column for column in wanted if any(page.is_number(row.get(column)) for row in rows)]
 
-    ``records`` holds one entry per run (``layout.Layout.report_record``): its columns and the files to read.
+
+def plot_section(records, rows, logs, plot_files) -> str:
+    """Per dataset, side by side: the loss of its runs on shared axes (linear and log, a switch between them) and
+    their metrics as bars. Each chart is also written to its file in ``plot_files``."""
+    colour = plots.colours([row["run"] for row in rows])
+    summaries = {r["run"]: read_json(r["files"]["train_summary"]) for r in records if "train_summary" in r["files"]}
+    parts = []
+    for dataset in dict.fromkeys(row["dataset"] for row in rows):
+        figures = []
+        if dataset in plot_files.get("loss", {}):
+            runs = {row["run"]: logs[row["run"]] for row in rows if row["dataset"] == dataset and logs[row["run"]]}
+            finals = {run: summaries.get(run, {}).get("eval_loss") for run in runs}
+            linear = plots.save(plots.loss_chart(dataset, runs, finals, colour, log_scale=False),
+                                plot_files["loss"][dataset])
+            logarithmic = plots.save(plots.loss_chart(dataset, runs, finals, colour, log_scale=True))
+            figures.append(f"<figure>{image(linear, f'loss of the runs on {dataset}', 'linear')}"
+                           f"{image(logarithmic, f'loss of the runs on {dataset}, log scale', 'log')}</figure>")
+        if dataset in plot_files.get("metrics", {}):
+            runs = [row["run"] for row in rows if row["dataset"] == dataset]
+            values = {row["run"]: {c: row[c] for c in score_columns([row], [], []) if c != "reward_margin"}
+                      for row in rows if row["dataset"] == dataset}
+            chart = plots.save(plots.metric_chart(dataset, runs, values, page.PERCENT_METRICS, colour),
+                               plot_files["metrics"][dataset])
+            figures.append(f"<figure>{image(chart, f'metrics of the runs on {dataset}')}</figure>")
+        if figures:
+            parts.append(f"<div class='dataset-plots'>{''.join(figures)}</div>")
+    switch = "<p><label><input type='checkbox' id='log-scale'> loss on a log scale</label></p>"
+    return switch + "".join(parts) if parts else "<p>No plots: no run trains or has metrics.</p>"
+
+
+def answers_section(records: list[dict[str, Any]]) -> str:
+    """Per dataset, every run's answer to each test row side by side."""
+    by_dataset: dict[str, dict[str, list]] = {}
+    for record in records:
+        by_dataset.setdefault(record["dataset"], {})[record["run"]] = page.read_predictions(
+            record["files"]["predictions"])
+    return "".join(page.side_by_side(dataset, answers) for dataset, answers in by_dataset.items())
+
+
+def write_leaderboard(rows: list[dict[str, Any]], columns: list[str], path: Path) -> None:
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows({column: row.get(column, "") for column in columns} for row in rows)
+
+
+def write_report(records: list[dict[str, Any]], leaderboard: Path, page_path: Path,
+                 sweeps: dict[str, Any] | None = None, plot_files: dict[str, dict[str, str]] | None = None
+                 ) -> list[dict[str, Any]]:
+    """Write ``leaderboard.csv``, ``report.html``, the plot files and each sweep's ``runs.csv``/``best.json``.
+
+    ``records`` holds one entry per run (``layout.Layout.report_record``): its columns, settings and the files to
+    read; ``plot_files`` the loss and metric plot of each dataset (``layout.Layout.report_plots``).
     """
-    parsed_logs = [read_log(record["files"]["train_log"]) if "train_log" in record["files"] else []
-                   for record in records]
-    rows = [run_row(record) for record in records]
+    pairs = baselines(records)
+    logs = {record["run"]: read_log(record["files"]["train_log"]) if "train_log" in record["files"] else []
+            for record in records}
+    rows = [{**run_row(record), "baseline": pairs.get(record["run"], "")} for record in records]
     exam_columns = sorted({f"{name}_{what}" for record in records for name in record.get("exams", {})
                            for what in ("accuracy", "ties")})
     test_set_columns = list(dict.fromkeys(key for row in rows for key in row if ":" in key))  # {test_set}:{metric}
-    columns = RUN_COLUMNS + TRAIN_COLUMNS + METRIC_COLUMNS + exam_columns + test_set_columns
-    for row in rows:
-        for column in exam_columns + test_set_columns:
-            row.setdefault(column, "")
-    with atomic_file(leaderboard) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-
-    figures = "".join(
-        f"<figure><img alt='loss curve of {html.escape(r['run'])}' src='data:image/png;base64,"
-        f"{base64.b64encode(Path(curve).read_bytes()).decode()}'><figcaption>{html.escape(r['run'])}"
-        f"</figcaption></figure>"
-        for r, curve in zip(rows, [record["files"].get("loss_curve") for record in records], strict=True)
-        if curve is not None
-    )
-    samples = prediction_samples([r["run"] for r in rows], [record["files"]["predictions"] for record in records])
-    log_of = {row["run"]: log for row, log in zip(rows, parsed_logs, strict=True)}
+    write_leaderboard(rows, RUN_COLUMNS + TRAIN_COLUMNS + METRIC_COLUMNS + exam_columns + test_set_columns,
+                      leaderboard)
+    summaries = {r["run"]: read_json(r["files"]["train_summary"]) for r in records if "train_summary" in r["files"]}
     serve = {record["run"]: record["serve"] for record in records}
-    sections = "".join(write_sweep(name, sweep, rows, log_of, serve) for name, sweep in (sweeps or {}).items())
+    sweep_sections = "".join(write_sweep(name, sweep, rows, serve) for name, sweep in (sweeps or {}).items())
+    datasets = list(dict.fromkeys(row["dataset"] for row in rows))
     document = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>snaketune report</title>
-<style>
-body{{font-family:"Noto Sans CJK SC","Source Han Sans SC","PingFang SC","Microsoft YaHei",sans-serif;margin:2em}}
-.scroll{{max-width:100%;overflow-x:auto}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}th{{white-space:normal;max-width:9em}}
-figure{{display:inline-block;margin:1em}}img{{max-width:100%}}
-td.text{{text-align:left;white-space:pre-wrap;max-width:40em;overflow-wrap:anywhere}}</style>
-</head><body><h1>snaketune report</h1>
-<h2>Leaderboard</h2><p>exact_match, accuracy, precision, recall, f1 and exam accuracies are fractions;
-BLEU and ROUGE are percentages.</p>
-{table(columns, [[r[c] for c in columns] for r in rows])}
-<h2>Training loss</h2>{figures}
+<html lang="en"><head><meta charset="utf-8"><title>snaketune report</title><style>{page.STYLE}</style></head><body>
+<h1>snaketune report</h1>
+<p>{len(rows)} runs on {len(datasets)} dataset{'s' if len(datasets) != 1 else ''} ({html.escape(', '.join(datasets))}).
+★ marks the best value of a column among the runs of a dataset; the signed number beside a value is the change
+against the run's baseline. exact match, contains, accuracy, precision, recall, F1 and exam accuracies are
+fractions (0 to 1); BLEU and ROUGE are percentages. A click on a heading sorts the table.</p>
+<h2>Runs compared</h2>
+{page.comparison(rows, score_columns(rows, exam_columns, test_set_columns), pairs)}
+<h2>Plots</h2>
+{plot_section(records, rows, logs, plot_files or {})}
+<h2>Answers side by side</h2>
+{answers_section(records)}
+<h2>Training</h2>
+{page.training(rows, summaries)}
+<h2>Settings that differ between runs</h2>
+{page.differing_settings(records)}
 <h2>Exams: accuracy per subject</h2>{exam_tables(records)}
 <h2>Labels: confusion tables</h2>{confusion_tables(records)}
-<h2>Predictions beside references (first {SAMPLE_ROWS} test rows)</h2>{samples}
-{sections}
+{sweep_sections}
+<script>{page.SCRIPT}</script>
 </body></html>
 """
-    with atomic_file(page) as tmp:
+    with atomic_file(page_path) as tmp:
         tmp.write_text(document, encoding="utf-8")
     return rows
