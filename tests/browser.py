@@ -37,3 +37,18 @@ def headless_chromium(width: int = 1280, height: int = 1000):
         yield browser
     finally:
         browser.quit()
+
+
+def screenshot(page: str, out: str, width: int = 1400, height: int = 1800) -> None:
+    """Save the top ``height`` pixels of ``page`` as a browser ``width`` pixels wide shows it."""
+    from pathlib import Path
+
+    with headless_chromium(width=width, height=height) as browser:
+        browser.get(Path(page).resolve().as_uri())
+        browser.save_screenshot(out)
+
+
+if __name__ == "__main__":  # python tests/browser.py results/report.html report.png [width] [height]
+    import sys
+
+    screenshot(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:5]))

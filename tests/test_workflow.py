@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO, TINY_MODEL, planned_jobs, scratch_workflow, snakemake
+from conftest import REPO, TINY_MODEL, planned_jobs, scratch_workflow, snakemake, workflow_env
 
 
 def test_demo_writes_every_stage_output(demo):
@@ -247,3 +247,40 @@ def test_every_stage_script_has_readable_help(stage):
     result = subprocess.run([sys.executable, str(REPO / "scripts" / f"{stage}.py"), "--help"],
                             capture_output=True, text=True)
     assert result.returncode == 0 and "Example:" in result.stdout and "usage:" in result.stdout
+
+
+def dry_run_with_code(code, workdir):
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(code / "Snakefile"), "--directory",
+               str(workdir), "--profile", str(code / "profiles" / "local"), "--cores", "2", "--dry-run",
+               "--configfile", str(workdir / "config.yaml")]
+    result = subprocess.run(command, capture_output=True, text=True, env=workflow_env(), cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_an_upgrade_adding_a_setting_at_its_default_reruns_nothing_and_a_changed_default_reruns(demo, tmp_path):
+    code = tmp_path / "snaketune"  # snaketune as a later release, with one more train setting
+    code.mkdir()
+    for part in ("Snakefile", "rules", "scripts", "config", "profiles", "envs"):
+        source = REPO / part
+        if source.is_dir():
+            shutil.copytree(source, code / part, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, code / part)
+    train = code / "scripts" / "snaketune" / "train.py"
+    original = train.read_text()
+    anchor = "\n    @property\n    def trains(self)"
+    assert anchor in original
+    import_line = "from snaketune.trainer_guard import still_wanted\n"
+
+    def release(field_line):
+        text = original.replace(anchor, f"\n    {field_line}\n{anchor}", 1)
+        train.write_text(text.replace(import_line, import_line + "from snaketune.settings import added\n", 1))
+
+    release("new_knob: float = added(0.0)")  # a new setting at the value that changes nothing
+    result = dry_run_with_code(code, demo)
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+    release("new_knob: float = added(0.5, same_output_at=0.0)")  # a later default that does change training
+    jobs = planned_jobs(dry_run_with_code(code, demo))
+    assert {wildcards for rule, wildcards in jobs if rule == "train"} == {"run=identity-lora", "run=matching-lora"}

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from snaketune.config import WorkflowConfig
+from snaketune.settings import job_params
 
 # Every file pattern, by the name the code uses for it. {run}, {model}, {dataset}, {exam}, {sweep} are wildcards.
 PATTERNS = {
@@ -267,9 +268,9 @@ class Layout:
         spec = self.cfg.runs[run]
         trained = ("train_log", "train_summary", "loss_curve") if self.trains(run) else ()
         settings = {"model": spec.model, "dataset": spec.dataset, "from_run": spec.from_run or "",
-                    **{key: value for key, value in asdict(spec.train).items() if self.trains(run) or key in (
+                    **{key: value for key, value in job_params(spec.train).items() if self.trains(run) or key in (
                         "max_steps", "method")},
-                    **{f"generation.{key}": value for key, value in asdict(spec.generation).items()}}
+                    **{f"generation.{key}": value for key, value in job_params(spec.generation).items()}}
         settings["method"] = settings["method"] if self.trains(run) else "none"
         return {
             "run": run, "model": spec.model, "dataset": spec.dataset, "baseline": spec.baseline or "",
@@ -286,6 +287,8 @@ class Layout:
             },
             "exams": self.exam_results(run),
             "test_sets": self.test_set_metrics(run),
+            "test_set_answers": {name: self.run_file("test_set_predictions", run, test_set=name)
+                                 for name in spec.evaluation.test_sets},
             "serve": self.run_model(run),
         }
 
@@ -295,7 +298,7 @@ class Layout:
         for run in self.cfg.runs:
             record = self.report_record(run)
             files += [*record["files"].values(), *record["exams"].values(), *record["test_sets"].values(),
-                      *record["serve"].values()]
+                      *record["test_set_answers"].values(), *record["serve"].values()]
         return list(dict.fromkeys(files))
 
     def built_files(self, run: str) -> list[str]:
@@ -317,8 +320,8 @@ class Layout:
             files += [self.run_file(name, run) for name in ("adapter", "train_log", "train_summary", "loss_curve")]
             files.append(self.run_file("merged", run))
         record = self.report_record(run)
-        files += [*record["files"].values(), *record["exams"].values(), *record["test_sets"].values()]
-        files += [self.run_file("test_set_predictions", run, test_set=name) for name in spec.evaluation.test_sets]
+        files += [*record["files"].values(), *record["exams"].values(), *record["test_sets"].values(),
+                  *record["test_set_answers"].values()]
         return [path for path in files if not path.endswith(".benchmark.tsv")]
 
     def final_outputs(self) -> list[str]:

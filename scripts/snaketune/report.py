@@ -194,11 +194,15 @@ def plot_section(records, rows, logs, plot_files) -> str:
 
 
 def answers_section(records: list[dict[str, Any]]) -> str:
-    """Per dataset, every run's answer to each test row side by side."""
+    """Per dataset, every run's answer to each of its test rows side by side; then per other test set
+    (``evaluation.test_sets``), the answers of the runs scored on it."""
     by_dataset: dict[str, dict[str, list]] = {}
     for record in records:
         by_dataset.setdefault(record["dataset"], {})[record["run"]] = page.read_predictions(
             record["files"]["predictions"])
+    for record in records:
+        for name, path in record.get("test_set_answers", {}).items():
+            by_dataset.setdefault(f"{name} (test set)", {})[record["run"]] = page.read_predictions(path)
     return "".join(page.side_by_side(dataset, answers) for dataset, answers in by_dataset.items())
 
 

@@ -2,17 +2,18 @@
 
 Each ``*_settings`` function returns exactly the settings that change a stage's output, as compact JSON; the
 rules pass it as a ``params`` value, so Snakemake reruns a stage when, and only when, those settings change.
+A setting added since (``settings.added``) is left out while it holds the value that changes no output.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from typing import Any
 
 from snaketune.config import WorkflowConfig
 from snaketune.errors import UserError
 from snaketune.layout import Layout
+from snaketune.settings import job_params
 
 
 def as_json(settings: Any) -> str:
@@ -24,7 +25,7 @@ def download_settings(cfg: WorkflowConfig, model: str) -> str:
 
 
 def dataset_settings(cfg: WorkflowConfig, dataset: str) -> str:
-    return as_json(asdict(cfg.datasets[dataset]))
+    return as_json(job_params(cfg.datasets[dataset]))
 
 
 def replay_settings(cfg: WorkflowConfig, dataset: str) -> str:
@@ -35,25 +36,25 @@ def replay_settings(cfg: WorkflowConfig, dataset: str) -> str:
 
 
 def train_settings(cfg: WorkflowConfig, run: str) -> str:
-    return as_json(asdict(cfg.runs[run].train))
+    return as_json(job_params(cfg.runs[run].train))
 
 
 def merge_settings(cfg: WorkflowConfig, run: str) -> str:
-    return as_json(asdict(cfg.runs[run].merge))
+    return as_json(job_params(cfg.runs[run].merge))
 
 
 def generation_settings(cfg: WorkflowConfig, run: str) -> str:
-    return as_json(asdict(cfg.runs[run].generation))
+    return as_json(job_params(cfg.runs[run].generation))
 
 
 def exam_settings(cfg: WorkflowConfig, run: str) -> str:
-    return as_json(asdict(cfg.runs[run].exam))
+    return as_json(job_params(cfg.runs[run].exam))
 
 
 def eval_settings(cfg: WorkflowConfig, run: str) -> str:
     """Settings of evaluate; the exam keys belong to the exam rule and are left out, so changing them does not
     rescore the predictions."""
-    settings = asdict(cfg.runs[run].evaluation)
+    settings = job_params(cfg.runs[run].evaluation)
     return as_json({k: v for k, v in settings.items() if k not in ("exams", "shots", "test_sets")})
 
 

@@ -103,3 +103,13 @@ def test_a_row_with_an_image_shows_its_thumbnail(tmp_path):
     row = {"id": "a", "images": json.dumps([str(picture), str(tmp_path / "gone.png")])}
     assert report_page.image_paths(row) == [str(picture), str(tmp_path / "gone.png")]
     assert report_page.thumbnail(str(tmp_path / "gone.png")) == f"<span class='missing'>{tmp_path / 'gone.png'}</span>"
+
+
+def test_answers_to_another_test_set_sit_side_by_side_too(tmp_path):
+    records = ten_runs(tmp_path)[:3]
+    for record in records:  # each run also answered another dataset's test split (evaluation.test_sets)
+        record["test_set_answers"] = {"general": record["files"]["predictions"]}
+    write_report(records, tmp_path / "leaderboard.csv", tmp_path / "report.html")
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    general = page.split("data-dataset='general (test set)'>")[1].split("</table>")[0]
+    assert "<th>base</th><th>tuned-1</th><th>tuned-2</th>" in general and general.count("<tr") == 31
