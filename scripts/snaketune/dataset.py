@@ -2,7 +2,8 @@
 and a length histogram.
 
 The build is a function of (files, format settings, tokenizer, template, max length, seed) and nothing else: the
-rule passes exactly those, so it reruns when one of them changes and only then.
+rule passes exactly those, so it reruns when one of them changes and only then. ``num_workers`` only sets how many
+processes share the tokenizing (the rule's threads): any number writes the same rows in the same order.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class DatasetSettings(ReadSettings):
     replay_max_new_tokens: int = 256
     mix: list[tuple[str, float]] | None = None  # a mixture of other datasets' builds: (name, weight of its train
     #                                             rows) in the config's order, the first one giving the test split
+    num_workers: int | None = None  # processes that tokenize; None: the job's threads (every core it is given).
+    #                                 Changes the speed, never the rows: not part of what the build depends on
 
     @property
     def mix_names(self) -> list[str]:
@@ -384,14 +387,15 @@ def build(settings: DatasetSettings, tokenizer, outputs: dict[str, str | Path], 
     template = build_template(settings, tokenizer)
     encoder = BatchEncoder(template, tokenizer, settings.max_seq_length)
     outputs = {name: Path(outputs[name]) for name in OUTPUTS}
+    # Two passes over the files, so no split is ever held whole: count the good rows, then split and write them.
+    read = ReadResult([], [], 0, 0)
+    count = sum(1 for _ in iter_records(settings, read))
+    if not count:
+        raise no_records_error(settings, read)
+    labels = split_assignment(count, settings)
+    stats = stats_head(settings, tokenizer, template, read)
+    workers = min(workers, -(-count // ENCODE_BATCH))  # a small dataset is not worth starting processes for
     with worker_pool(encoder, workers) as pool:
-        # Two passes over the files, so no split is ever held whole: count the good rows, then split and write them.
-        read = ReadResult([], [], 0, 0)
-        count = sum(1 for _ in iter_records(settings, read))
-        if not count:
-            raise no_records_error(settings, read)
-        labels = split_assignment(count, settings)
-        stats = stats_head(settings, tokenizer, template, read)
         batches = split_batches(iter_records(settings, ReadResult([], [], 0, 0)), labels)
         stats["splits"], lengths = write_splits(settings, encoded_in_order(encoder, batches, pool, workers), count,
                                                 outputs)
