@@ -33,11 +33,8 @@ from snaketune.templates import (
 )
 
 SPLITS = ("train", "eval", "test")
-COLUMNS = ["id", "line", "input_ids", "labels", "n_tokens", "n_supervised", "truncated", "prompt", "reference",
-           "source", "messages"]
-PAIR_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "rejected"]  # preference datasets (ranking) add these
 PRIVATE = ("full_length", "turns")  # used for stats, not written
-ENCODE_BATCH = 1000  # rows tokenized per call: the fast tokenizer parallelises within a batch
+ENCODE_BATCH = 1000  # rows a worker encodes per call (one Rust tokenizer call, one parquet row group)
 
 
 @dataclass
