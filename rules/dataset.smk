@@ -1,6 +1,7 @@
 # Tokenize a dataset once per model: read any layout, split, render with the chat template, mask, write parquet.
 # Params and inputs are exactly what the build depends on: files, format settings, template, length, seed. A replay
 # dataset reads the answers the replay rule generated; a mix reads its datasets' builds for the same model.
+# Threads are the processes that tokenize (num_workers): not a param, so a new count never rebuilds.
 rule dataset:
     input:
         unpack(lambda wc: LAYOUT.dataset_inputs(wc.dataset, wc.model)),
@@ -15,7 +16,7 @@ rule dataset:
         paths.log("dataset"),
     conda:
         "../envs/dataset.yaml"
-    threads: 1
+    threads: lambda wc: stages.dataset_threads(CFG, wc.dataset)
     resources:
         mem_mb=4000,
         runtime=120,
@@ -25,4 +26,4 @@ rule dataset:
     shell:
         "dataset.py --model-manifest {input.manifest:q} {params.sources} --train {output.train:q}"
         " --eval {output.eval:q} --test {output.test:q} --stats {output.stats:q} --lengths {output.lengths:q}"
-        " --settings {params.settings:q} 3>&2 > {log:q} 2>&1"
+        " --settings {params.settings:q} --num-workers {threads} 3>&2 > {log:q} 2>&1"

@@ -11,6 +11,7 @@ Example:
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -26,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(f"--{split}", required=True, help=f"{split} split to write (parquet)")
     parser.add_argument("--stats", required=True, help="stats.json to write: rows, tokens, dropped and bad rows")
     parser.add_argument("--lengths", required=True, help="lengths.png to write: the token length histogram")
+    parser.add_argument("--num-workers", type=int, help="processes that tokenize (default: the settings' "
+                        "num_workers, else every core this process may run on); the rows are the same for any number")
     parser.add_argument("--replay", help="a replay dataset: the answers the replay stage generated (JSONL), read "
                                          "instead of the settings' path")
     mix = parser.add_argument_group("a mix of built datasets (settings' `mix`, in its order)")
@@ -34,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     mix.add_argument("--mix-test", help="the first dataset's test split: the mix's test split")
     settings_argument(parser)
     return parser
+
+
+def available_cores() -> int:
+    """Cores this process may run on (a Slurm job's allocation, a taskset), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def main(argv=None) -> int:
@@ -63,7 +71,8 @@ def main(argv=None) -> int:
             settings = dataclasses.replace(settings, path=args.replay, format="messages")
         folder, trust = model_path(args.model_manifest)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust)
-        print(json.dumps(build(settings, tokenizer, outputs)["splits"]))
+        workers = min(args.num_workers or settings.num_workers or os.cpu_count() or 1, available_cores())
+        print(json.dumps(build(settings, tokenizer, outputs, workers=max(workers, 1))["splits"]))
 
     return main_guard(body, outputs=[args.train])
 

@@ -2,15 +2,20 @@
 and a length histogram.
 
 The build is a function of (files, format settings, tokenizer, template, max length, seed) and nothing else: the
-rule passes exactly those, so it reruns when one of them changes and only then.
+rule passes exactly those, so it reruns when one of them changes and only then. ``num_workers`` only sets how many
+processes share the tokenizing (the rule's threads): any number writes the same rows in the same order.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
-from contextlib import ExitStack
+from array import array
+from collections import deque
+from collections.abc import Iterator
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,11 +33,8 @@ from snaketune.templates import (
 )
 
 SPLITS = ("train", "eval", "test")
-COLUMNS = ["id", "line", "input_ids", "labels", "n_tokens", "n_supervised", "truncated", "prompt", "reference",
-           "source", "messages"]
-PAIR_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "rejected"]  # preference datasets (ranking) add these
 PRIVATE = ("full_length", "turns")  # used for stats, not written
-ENCODE_BATCH = 1000  # rows tokenized per call: the fast tokenizer parallelises within a batch
+ENCODE_BATCH = 1000  # rows a worker encodes per call (one Rust tokenizer call, one parquet row group)
 
 
 @dataclass
@@ -48,6 +50,8 @@ class DatasetSettings(ReadSettings):
     replay_max_new_tokens: int = 256
     mix: list[tuple[str, float]] | None = None  # a mixture of other datasets' builds: (name, weight of its train
     #                                             rows) in the config's order, the first one giving the test split
+    num_workers: int | None = None  # processes that tokenize; None: the job's threads (every core it is given).
+    #                                 Changes the speed, never the rows: not part of what the build depends on
 
     @property
     def mix_names(self) -> list[str]:
@@ -99,8 +103,53 @@ def split_records(records: list[Record], settings: DatasetSettings) -> dict[str,
             for number, name in enumerate(SPLITS)}
 
 
-def encode_records(template: ChatTemplate | None, tokenizer, records: list[Record], max_length: int) -> list[dict]:
-    """Parquet rows for ``records``: token ids, labels, and the prompt/reference that predict and evaluate use."""
+def eos_error(tokenizer, record: Record) -> UserError:
+    return located(
+        record.path, record.line,
+        f"the chat template does not end assistant turns with the tokenizer's eos token `{tokenizer.eos_token}`; a "
+        "model trained on it would never stop. Set the model's eos_token to the template's end-of-turn token, or "
+        "choose the dataset's `template`",
+    )
+
+
+def encode_records(template: ChatTemplate | None, tokenizer, records: list[Record], max_length: int):
+    """The rows of ``records`` as one Arrow table (``split_schema`` and the PRIVATE counts): token ids, labels, and
+    the prompt/reference that predict and evaluate use. Conversations go through ``ChatTemplate.encode_batch``
+    (arrays); pretraining text and preference pairs through ``encode_rows``."""
+    if template is None or records[0].rejected is not None:
+        return rows_table(encode_rows(template, tokenizer, records, max_length), records[0].rejected is not None)
+    import pyarrow as pa
+
+    conversations = [with_system(r.system, r.messages) for r in records]
+    try:
+        batch = template.encode_batch(conversations, max_length)
+    except TemplateError as exc:
+        raise UserError(f"{records[0].path}: {exc}") from None
+    if not batch.eos_supervised.all():
+        raise eos_error(tokenizer, records[int(batch.eos_supervised.argmin())])
+    row_starts = pa.array(batch.row_starts, pa.int32())
+    columns = {
+        "id": [r.id for r in records], "line": [r.line for r in records],
+        "input_ids": pa.ListArray.from_arrays(row_starts, pa.array(batch.input_ids, pa.int32())),
+        "labels": pa.ListArray.from_arrays(row_starts, pa.array(batch.labels, pa.int32())),
+        "n_tokens": pa.array(batch.row_starts[1:] - batch.row_starts[:-1], pa.int64()),
+        "n_supervised": pa.array(batch.n_supervised, pa.int64()), "truncated": pa.array(batch.truncated),
+        "prompt": batch.prompts, "reference": [r.messages[-1]["content"] for r in records],
+        "source": [json.dumps(r.source or {}, ensure_ascii=False, default=str) for r in records],
+        "messages": [json.dumps(c, ensure_ascii=False) for c in conversations],
+        "full_length": pa.array(batch.length, pa.int64()), "turns": [len(r.messages) for r in records],
+    }
+    return pa.table(columns, schema=table_schema(False))
+
+
+def rows_table(rows: list[dict], ranking: bool):
+    import pyarrow as pa
+
+    return pa.Table.from_pylist(rows, table_schema(ranking))
+
+
+def encode_rows(template: ChatTemplate | None, tokenizer, records: list[Record], max_length: int) -> list[dict]:
+    """``encode_records`` a row at a time, as dicts: for pretraining text and preference pairs."""
     if template is None:  # pretraining text
         encoded = encode_text(tokenizer, [r.text for r in records], max_length)
         prompts = [""] * len(records)
@@ -114,12 +163,7 @@ def encode_records(template: ChatTemplate | None, tokenizer, records: list[Recor
             raise UserError(f"{records[0].path}: {exc}") from None
         for record, row in zip(records, encoded, strict=True):
             if not row.eos_supervised:
-                raise located(
-                    record.path, record.line,
-                    f"the chat template does not end assistant turns with the tokenizer's eos token "
-                    f"`{tokenizer.eos_token}`; a model trained on it would never stop. Set the model's eos_token "
-                    "to the template's end-of-turn token, or choose the dataset's `template`",
-                )
+                raise eos_error(tokenizer, record)
         prompts = [template.render(c[:-1], add_generation_prompt=True) for c in conversations]
         references = [r.messages[-1]["content"] for r in records]
     pairs = [None] * len(records)
@@ -184,55 +228,47 @@ def split_schema(ranking: bool = False):
                       ("messages", pa.string())] + (pair if ranking else []))
 
 
-class SplitWriter:
-    """Tokenizes the rows of one split a batch at a time and appends each batch to its parquet file, so memory
-    holds one batch of token lists, not the split; counts what the stats report."""
+def table_schema(ranking: bool):
+    """What ``encode_records`` returns: a split's columns and the PRIVATE counts."""
+    import pyarrow as pa
 
-    def __init__(self, name: str, path: Path, template: ChatTemplate | None, tokenizer, settings: DatasetSettings):
+    return split_schema(ranking).append(pa.field("full_length", pa.int64())).append(pa.field("turns", pa.int64()))
+
+
+class SplitWriter:
+    """Appends the encoded rows of one split to its parquet file a batch at a time, so memory holds one batch of
+    tokens, not the split; counts what the stats report."""
+
+    def __init__(self, name: str, path: Path, settings: DatasetSettings):
         import pyarrow.parquet as pq
 
-        self.name, self.template, self.tokenizer, self.settings = name, template, tokenizer, settings
+        self.name, self.settings = name, settings
         self.schema = split_schema(settings.ranking)
-        self.columns = COLUMNS + (PAIR_COLUMNS if settings.ranking else [])
         self.writer = pq.ParquetWriter(path, self.schema)
-        self.pending: list[Record] = []
-        self.lengths: list[int] = []  # every row's full length, kept or not (the histogram)
+        self.lengths = array("l")  # every row's full length, kept or not (the histogram)
         self.counts = {"rows": 0, "turns": 0, "tokens": 0, "supervised_tokens": 0, "truncated": 0,
                        "dropped_no_target": 0, "max_tokens": 0}
 
-    def add(self, record: Record) -> None:
-        self.pending.append(record)
-        if len(self.pending) >= ENCODE_BATCH:
-            self.flush()
+    def write(self, table) -> None:
+        """Write the rows of ``table`` (``encode_records``) that keep a trainable token; count the others."""
+        import pyarrow.compute as pc
 
-    def flush(self) -> None:
-        import pyarrow as pa
-
-        if not self.pending:
-            return
-        encoded = encode_records(self.template, self.tokenizer, self.pending, self.settings.max_seq_length)
-        self.pending = []
-        kept = []
-        for row in encoded:
-            self.lengths.append(row["full_length"])
-            if row["n_supervised"] > 0:
-                kept.append(row)
-                continue
+        self.lengths.extend(table.column("full_length").to_numpy())
+        trainable = pc.greater(table.column("n_supervised"), 0)
+        for line in table.filter(pc.invert(trainable)).column("line").to_pylist():
             if self.counts["dropped_no_target"] < 20:
-                print(f"warning: {self.settings.source}:{row['line']}: dropped from {self.name}: no trainable token "
+                print(f"warning: {self.settings.source}:{line}: dropped from {self.name}: no trainable token "
                       f"left within max_seq_length={self.settings.max_seq_length}", file=sys.stderr)
             self.counts["dropped_no_target"] += 1
-        self.writer.write_table(pa.Table.from_pylist([{key: row[key] for key in self.columns} for row in kept],
-                                                     self.schema))
-        self.counts["rows"] += len(kept)
-        self.counts["tokens"] += sum(row["n_tokens"] for row in kept)
-        self.counts["max_tokens"] = max([self.counts["max_tokens"], *(row["n_tokens"] for row in kept)])
-        self.counts["turns"] += sum(row["turns"] for row in kept)
-        self.counts["supervised_tokens"] += sum(row["n_supervised"] for row in kept)
-        self.counts["truncated"] += sum(row["truncated"] for row in kept)
+        kept = table.filter(trainable)
+        self.writer.write_table(kept.select(self.schema.names).cast(self.schema))
+        self.counts["rows"] += kept.num_rows
+        for count, column in (("tokens", "n_tokens"), ("turns", "turns"), ("supervised_tokens", "n_supervised"),
+                              ("truncated", "truncated")):
+            self.counts[count] += pc.sum(kept.column(column)).as_py() or 0
+        self.counts["max_tokens"] = max(self.counts["max_tokens"], pc.max(kept.column("n_tokens")).as_py() or 0)
 
     def close(self) -> dict[str, Any]:
-        self.flush()
         if not self.counts["rows"]:
             self.writer.write_table(self.schema.empty_table())
         self.writer.close()
@@ -242,55 +278,124 @@ class SplitWriter:
                                                      "max_tokens")}}
 
 
+def split_batches(records: Iterator[Record], labels: bytearray) -> Iterator[tuple[str, list[Record]]]:
+    """``(split, records)``: each split's records in file order, ENCODE_BATCH at a time (the last batch of each
+    split at the end). The batches depend on the data alone, never on the number of workers."""
+    pending: dict[str, list[Record]] = {name: [] for name in SPLITS}
+    for record, label in zip(records, labels, strict=True):
+        batch = pending[SPLITS[label]]
+        batch.append(record)
+        if len(batch) >= ENCODE_BATCH:
+            yield SPLITS[label], batch
+            pending[SPLITS[label]] = []
+    yield from ((name, batch) for name, batch in pending.items() if batch)
+
+
+@dataclass
+class BatchEncoder:
+    """Turns a batch of ``(split, records)`` into ``(split, encode_records table)``; picklable, so each worker
+    process gets its own copy once."""
+
+    template: ChatTemplate | None
+    tokenizer: Any
+    max_length: int
+
+    def __call__(self, batch: tuple[str, list[Record]]) -> tuple[str, Any]:
+        name, records = batch
+        return name, encode_records(self.template, self.tokenizer, records, self.max_length)
+
+
+WORKER_ENCODER: BatchEncoder | None = None  # a worker process's encoder, set once when the worker starts
+
+
+def start_worker(encoder: BatchEncoder) -> None:
+    global WORKER_ENCODER
+    # One core per worker: the tokenizer's own threads would only fight the other workers for the cores.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    WORKER_ENCODER = encoder
+
+
+def encode_in_worker(batch: tuple[str, list[Record]]) -> tuple[str, Any]:
+    return WORKER_ENCODER(batch)
+
+
+def encoded_in_order(encoder: BatchEncoder, batches: Iterator, pool, workers: int) -> Iterator[tuple[str, Any]]:
+    """``encoder`` applied to every batch, results in the batches' order: here, or over ``pool``'s ``workers``
+    processes with twice as many batches in flight (every worker busy; memory holds only those)."""
+    if pool is None:
+        yield from map(encoder, batches)
+        return
+    pending = deque()
+    for batch in batches:
+        pending.append(pool.submit(encode_in_worker, batch))
+        if len(pending) >= 2 * workers:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def worker_pool(encoder: BatchEncoder, workers: int):
+    """A pool of ``workers`` fresh processes (spawned: nothing of this process's threads or state is copied; a
+    worker that dies fails the build instead of hanging it), or None for one worker, which encodes here."""
+    if workers <= 1:
+        return nullcontext()
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=start_worker,
+                               initargs=(encoder,))
+
+
 OUTPUTS = ("train", "eval", "test", "stats", "lengths")
 MOST_ROWS_DROPPED = 0.5  # a build that keeps less than this share of the rows it read says so
 
 
-def build(settings: DatasetSettings, tokenizer, outputs: dict[str, str | Path]) -> dict[str, Any]:
-    """Read, split, tokenize; write the ``train``, ``eval`` and ``test`` parquet files, ``stats`` (JSON) and
-    ``lengths`` (PNG) to the paths ``outputs`` names."""
-    from tqdm import tqdm
+def build_template(settings: DatasetSettings, tokenizer) -> ChatTemplate | None:
+    """The dataset's chat template bound to ``tokenizer``; None for pretraining text."""
+    if settings.format == "text":
+        return None
+    try:
+        return ChatTemplate.of(tokenizer, settings.template)
+    except TemplateError as exc:
+        raise UserError(f"{settings.source}: {exc}") from None
 
+
+def stats_head(settings: DatasetSettings, tokenizer, template: ChatTemplate | None, read: ReadResult) -> dict:
+    """What stats.json says before any row is written: settings, template, and what reading found."""
+    # The template the tuned model is saved with (train stores it): with the dataset's system prompt as its default,
+    # so a conversation without one gets the prompt the model was trained with, not the base model's own.
+    saved_template = None if template is None else adopt_system(template, settings.system) if settings.system \
+        else template.source
+    return {
+        "source": settings.path, "format": settings.format, "ranking": settings.ranking,
+        "template": None if template is None else settings.template,
+        "chat_template": saved_template,
+        "chat_template_sha256": None if template is None else template_sha256(saved_template),
+        "max_seq_length": settings.max_seq_length, "eos_token": tokenizer.eos_token,
+        "rows_read": read.rows_read, "bad_rows_skipped": len(read.bad_rows), "bad_rows": read.bad_rows[:20],
+        "duplicates_removed": read.duplicates, "splits": {},
+    }
+
+
+def build(settings: DatasetSettings, tokenizer, outputs: dict[str, str | Path], workers: int = 1) -> dict[str, Any]:
+    """Read, split, tokenize; write the ``train``, ``eval`` and ``test`` parquet files, ``stats`` (JSON) and
+    ``lengths`` (PNG) to the paths ``outputs`` names. ``workers`` processes tokenize (the rows are the same, in the
+    same order, for any number)."""
+    template = build_template(settings, tokenizer)
+    encoder = BatchEncoder(template, tokenizer, settings.max_seq_length)
+    outputs = {name: Path(outputs[name]) for name in OUTPUTS}
     # Two passes over the files, so no split is ever held whole: count the good rows, then split and write them.
     read = ReadResult([], [], 0, 0)
     count = sum(1 for _ in iter_records(settings, read))
     if not count:
         raise no_records_error(settings, read)
     labels = split_assignment(count, settings)
-    text_only = settings.format == "text"
-    template = None
-    if not text_only:
-        try:
-            template = ChatTemplate.of(tokenizer, settings.template)
-        except TemplateError as exc:
-            raise UserError(f"{settings.source}: {exc}") from None
-    outputs = {name: Path(outputs[name]) for name in OUTPUTS}
-    # The template the tuned model is saved with (train stores it): with the dataset's system prompt as its default,
-    # so a conversation without one gets the prompt the model was trained with, not the base model's own.
-    saved_template = None if text_only else adopt_system(template, settings.system) if settings.system \
-        else template.source
-    stats: dict[str, Any] = {
-        "source": settings.path, "format": settings.format, "ranking": settings.ranking,
-        "template": None if text_only else settings.template,
-        "chat_template": saved_template,
-        "chat_template_sha256": None if text_only else template_sha256(saved_template),
-        "max_seq_length": settings.max_seq_length, "eos_token": tokenizer.eos_token,
-        "rows_read": read.rows_read, "bad_rows_skipped": len(read.bad_rows), "bad_rows": read.bad_rows[:20],
-        "duplicates_removed": read.duplicates, "splits": {},
-    }
-    with ExitStack() as stack:
-        writers = {name: SplitWriter(name, stack.enter_context(atomic_file(outputs[name])), template, tokenizer,
-                                     settings) for name in SPLITS}
-        again = ReadResult([], [], 0, 0)
-        with tqdm(total=count, desc="tokenize", unit="row", file=sys.stderr) as bar:
-            for record, label in zip(iter_records(settings, again), labels, strict=True):
-                writers[SPLITS[label]].add(record)
-                bar.update()
-        for name, writer in writers.items():
-            stats["splits"][name] = writer.close()
-        if not stats["splits"]["train"]["rows"] and not settings.test_only:
-            raise UserError(f"{settings.source}: no training row keeps a trainable token within max_seq_length")
-    lengths = {name: writer.lengths for name, writer in writers.items()}
+    stats = stats_head(settings, tokenizer, template, read)
+    workers = min(workers, -(-count // ENCODE_BATCH))  # a small dataset is not worth starting processes for
+    with worker_pool(encoder, workers) as pool:
+        batches = split_batches(iter_records(settings, ReadResult([], [], 0, 0)), labels)
+        stats["splits"], lengths = write_splits(settings, encoded_in_order(encoder, batches, pool, workers), count,
+                                                outputs)
     kept = sum(split["rows"] for split in stats["splits"].values())
     if read.rows_read and kept < read.rows_read * MOST_ROWS_DROPPED:
         warning = (f"{settings.source}: kept {kept} of {read.rows_read} rows ({len(read.bad_rows)} bad, "
@@ -301,6 +406,25 @@ def build(settings: DatasetSettings, tokenizer, outputs: dict[str, str | Path]) 
     plot_lengths(lengths, settings.max_seq_length, settings.source, outputs["lengths"])
     write_json(outputs["stats"], stats)
     return stats
+
+
+def write_splits(settings: DatasetSettings, encoded: Iterator[tuple[str, Any]], count: int,
+                 outputs: dict[str, Path]) -> tuple[dict[str, dict], dict[str, array]]:
+    """Write each encoded batch to its split's file (atomically: all three, or none), with a progress bar of rows
+    per second and the time left on stderr (the job's log); return each split's stats and row lengths."""
+    from tqdm import tqdm
+
+    with ExitStack() as stack:
+        writers = {name: SplitWriter(name, stack.enter_context(atomic_file(outputs[name])), settings)
+                   for name in SPLITS}
+        with tqdm(total=count, desc="tokenize", unit="row", file=sys.stderr, mininterval=1) as bar:
+            for name, table in encoded:
+                writers[name].write(table)
+                bar.update(table.num_rows)
+        splits = {name: writer.close() for name, writer in writers.items()}
+        if not splits["train"]["rows"] and not settings.test_only:
+            raise UserError(f"{settings.source}: no training row keeps a trainable token within max_seq_length")
+    return splits, {name: writer.lengths for name, writer in writers.items()}
 
 
 @dataclass

@@ -19,6 +19,8 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
+from itertools import chain
+from typing import Any
 
 IGNORE_INDEX = -100
 
@@ -161,14 +163,34 @@ class ChatTemplate:
             spans.append((len(before), len(through)))
         return text, spans
 
+    def __reduce__(self):
+        """Pickled as its tokenizer and source (the compiled Jinja is not picklable): dataset workers get a copy."""
+        return type(self), (self.tokenizer, self.source)
+
     def encode(self, conversations: list[list[dict[str, str]]], max_length: int) -> list[Encoded]:
-        """Tokenize conversations in one batch; labels are the ids inside assistant turns, -100 elsewhere."""
+        """Tokenize conversations in one batch; labels are the ids inside assistant turns, -100 elsewhere.
+
+        The reference, row by row; ``encode_batch`` gives the same rows as arrays, many times faster."""
         rendered = [self.assistant_spans(conversation) for conversation in conversations]
         batch = self.tokenizer([text for text, _ in rendered], add_special_tokens=False,
                                return_offsets_mapping=True)
         return [masked(ids, offsets, spans, self.tokenizer.eos_token_id, max_length)
                 for ids, offsets, (_, spans) in zip(batch["input_ids"], batch["offset_mapping"], rendered,
                                                     strict=True)]
+
+    def encode_batch(self, conversations: list[list[dict[str, str]]], max_length: int) -> EncodedBatch:
+        """``encode`` as flat arrays for a whole batch: one Rust tokenizer call, the mask computed with numpy over
+        every token at once, no Python int per token. Also returns each conversation's prompt (its rendering up to
+        the last assistant turn, which ``assistant_spans`` rendered already)."""
+        rendered = [self.assistant_spans(conversation) for conversation in conversations]
+        texts = [text for text, _ in rendered]
+        ids, starts, lengths = tokenize_with_starts(self.tokenizer, texts)
+        spans = [spans for _, spans in rendered]
+        labels = batch_labels(ids, starts, lengths, spans, max(map(len, texts), default=0) + 1)
+        prompts = [text[: row_spans[-1][0]] if row_spans and conversation[-1]["role"] == "assistant"
+                   else self.render(conversation[:-1], add_generation_prompt=True)
+                   for text, row_spans, conversation in zip(texts, spans, conversations, strict=True)]
+        return EncodedBatch.cut(ids, labels, lengths, max_length, self.tokenizer.eos_token_id, prompts)
 
 
     def encode_pairs(self, conversations: list[list[dict[str, str]]], rejected: list[str],
@@ -226,6 +248,76 @@ class Encoded:
     @property
     def n_supervised(self) -> int:
         return sum(label != IGNORE_INDEX for label in self.labels)
+
+
+def tokenize_with_starts(tokenizer, texts: list[str]):
+    """Token ids, the character where each token starts (both flat over the batch) and tokens per text: the fast
+    tokenizer's Rust encoder called straight, as transformers calls it (no special tokens added, no truncation or
+    padding), without the per-row dicts transformers builds around it."""
+    import numpy as np
+
+    backend = tokenizer.backend_tokenizer
+    if backend.truncation or backend.padding:  # transformers turns these off for a call that asks for neither
+        backend = type(backend).from_str(backend.to_str())
+        backend.no_truncation()
+        backend.no_padding()
+    encodings = backend.encode_batch(texts, add_special_tokens=False)
+    lengths = np.fromiter(map(len, encodings), np.int64, len(encodings))
+    total = int(lengths.sum())
+    ids = np.fromiter(chain.from_iterable(e.ids for e in encodings), np.int64, total)
+    offsets = np.fromiter(chain.from_iterable(chain.from_iterable(e.offsets for e in encodings)), np.int64, 2 * total)
+    return ids, offsets[0::2], lengths
+
+
+def batch_labels(ids, starts, lengths, spans: list[list[tuple[int, int]]], stride: int):
+    """``masked``'s labels for a batch at once. Row r's characters are moved to r * stride on (stride: longer than
+    any text), so one running maximum and one sorted search over all rows give what ``masked`` walks to row by row:
+    the span a token's start has reached (the first whose end lies beyond the furthest start so far), and whether
+    the token starts inside it."""
+    import numpy as np
+
+    row = np.repeat(np.arange(len(lengths)), lengths)
+    where = starts + row * stride
+    reached = np.maximum.accumulate(where)
+    span_row = np.fromiter(chain.from_iterable([r] * len(s) for r, s in enumerate(spans)), np.int64)
+    if not len(span_row):
+        return np.full(len(ids), IGNORE_INDEX)
+    flat = np.array([edge for row_spans in spans for span in row_spans for edge in span], np.int64).reshape(-1, 2)
+    span_start, span_end = flat[:, 0] + span_row * stride, flat[:, 1] + span_row * stride
+    index = np.searchsorted(span_end, reached, side="right")
+    found = np.minimum(index, len(span_end) - 1)
+    inside = (index < len(span_end)) & (span_row[found] == row) & (span_start[found] <= where)
+    return np.where(inside, ids, IGNORE_INDEX)
+
+
+@dataclass
+class EncodedBatch:
+    """A batch of encoded rows as arrays: the kept (truncated) tokens of every row end to end, and per row."""
+
+    input_ids: Any  # numpy int32, every row's kept tokens end to end
+    labels: Any
+    row_starts: Any  # numpy int32, len rows + 1: row i is input_ids[row_starts[i]:row_starts[i + 1]]
+    length: Any  # tokens before truncation
+    n_supervised: Any
+    truncated: Any
+    eos_supervised: Any
+    prompts: list[str]
+
+    @classmethod
+    def cut(cls, ids, labels, lengths, max_length: int, eos_token_id, prompts: list[str]) -> EncodedBatch:
+        """Cut every row to ``max_length`` tokens; eos_supervised looks at the whole row, as ``masked`` does."""
+        import numpy as np
+
+        row = np.repeat(np.arange(len(lengths)), lengths)
+        position = np.arange(len(ids)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        kept = position < max_length
+        kept_lengths = np.minimum(lengths, max_length)
+        supervised = (labels != IGNORE_INDEX) & kept
+        eos = np.bincount(row[labels == eos_token_id], minlength=len(lengths)) > 0 if eos_token_id is not None \
+            else np.zeros(len(lengths), bool)
+        return cls(ids[kept].astype(np.int32), labels[kept].astype(np.int32),
+                   np.concatenate([[0], np.cumsum(kept_lengths)]).astype(np.int32), lengths,
+                   np.bincount(row[supervised], minlength=len(lengths)), lengths > max_length, eos, prompts)
 
 
 def masked(input_ids, offsets, spans, eos_token_id, max_length: int) -> Encoded:

@@ -25,7 +25,19 @@ def download_settings(cfg: WorkflowConfig, model: str) -> str:
 
 
 def dataset_settings(cfg: WorkflowConfig, dataset: str) -> str:
-    return as_json(job_params(cfg.datasets[dataset]))
+    """What a build depends on: every dataset setting but ``num_workers`` (the rule's threads; a new worker count
+    must not rebuild a finished dataset)."""
+    settings = job_params(cfg.datasets[dataset])
+    del settings["num_workers"]
+    return as_json(settings)
+
+
+def dataset_threads(cfg: WorkflowConfig, dataset: str) -> int:
+    """The dataset rule's threads, its worker processes: ``num_workers``, else every core of this machine (a local
+    run gives a job at most --cores; the build uses no more cores than it may run on)."""
+    import os
+
+    return cfg.datasets[dataset].num_workers or os.cpu_count() or 1
 
 
 def replay_settings(cfg: WorkflowConfig, dataset: str) -> str:

@@ -184,3 +184,72 @@ def test_a_mix_takes_each_datasets_train_rows_by_its_weight_and_the_first_ones_t
     parts[1].stats.write_text(json.dumps({**other, "chat_template": "{{ messages }}"}))
     with pytest.raises(UserError, match="different chat templates"):
         build_mix(settings, parts, dataset_outputs(tmp_path / "identity")["test"], out)
+
+
+def varied_rows(n):
+    """Conversations of one to three turns, some long enough to be cut or to lose their answer, some repeated."""
+    rows = []
+    for i in range(n):
+        turns = [{"role": role, "content": f"{role} {i} 问题 " * (1 + (i * 7 + t) % 5)}
+                 for t in range(1 + i % 3) for role in ("user", "assistant")]
+        if i % 17 == 0:
+            turns[0]["content"] = "long " * 80  # the answer falls beyond max_seq_length: dropped, counted
+        rows.append({"id": f"r{i % 120 if i % 31 == 0 else i}", "messages": turns})
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def test_one_and_two_workers_write_identical_splits(tmp_path, tiny_tokenizer, monkeypatch):
+    import snaketune.dataset
+
+    monkeypatch.setattr(snaketune.dataset, "ENCODE_BATCH", 16)  # many batches in flight from 150 rows
+    data = tmp_path / "d.jsonl"
+    data.write_text(varied_rows(150), encoding="utf-8")
+    settings = DatasetSettings(path=str(data), format="messages", max_seq_length=48, eval_size=20, test_size=0.1,
+                               max_bad_rows=10)
+    stats = {workers: build(settings, tiny_tokenizer, dataset_outputs(tmp_path / str(workers)), workers=workers)
+             for workers in (1, 2)}
+    assert stats[1] == stats[2] and stats[1]["splits"]["train"]["dropped_no_target"] > 0
+    for name in ("train", "eval", "test", "stats"):
+        one, two = (dataset_outputs(tmp_path / str(workers))[name].read_bytes() for workers in (1, 2))
+        assert one == two, name
+    assert pd.read_parquet(dataset_outputs(tmp_path / "2")["train"])["line"].is_monotonic_increasing
+
+
+def test_batch_encoding_gives_the_reference_rows(tiny_tokenizer):
+    """``encode_batch`` (arrays, the build's path) against ``encode`` (row by row): ids, labels, counts, prompts,
+    for templates that trim content or end turns without a newline, across truncation."""
+    from snaketune.templates import TEMPLATES, ChatTemplate
+
+    pieces = ["x", " ", "\n", "好", "<|im_end|>", "a b", "\n\n", "。", "<|im_start|>", "🙂"]
+    conversations = []
+    for i in range(60):
+        turns = [{"role": "system", "content": pieces[i % 10] * (i % 3)}] if i % 4 == 0 else []
+        for t in range(1 + i % 3):
+            turns += [{"role": "user", "content": "".join(pieces[(i * 3 + t + k) % 10] for k in range(1 + i % 6))},
+                      {"role": "assistant", "content": "".join(pieces[(i + t * 5 + k) % 10] for k in range(i % 7))}]
+        conversations.append(turns)
+    for source in (tiny_tokenizer.chat_template, TEMPLATES["llama3"].replace("{{- bos_token }}", ""),
+                   TEMPLATES["baichuan2"]):
+        template = ChatTemplate(tiny_tokenizer, source)
+        for max_length in (12, 4096):
+            batch = template.encode_batch(conversations, max_length)
+            for i, (row, conversation) in enumerate(zip(template.encode(conversations, max_length), conversations,
+                                                        strict=True)):
+                cut = slice(batch.row_starts[i], batch.row_starts[i + 1])
+                assert batch.input_ids[cut].tolist() == row.input_ids and batch.labels[cut].tolist() == row.labels
+                assert (batch.length[i], batch.n_supervised[i], batch.truncated[i], batch.eos_supervised[i]) == \
+                    (row.length, row.n_supervised, row.truncated, row.eos_supervised)
+                assert batch.prompts[i] == template.render(conversation[:-1], add_generation_prompt=True)
+
+
+def test_the_worker_count_is_not_what_a_build_depends_on():
+    """num_workers sets the rule's threads, never its params: a new count reruns no finished build."""
+    from types import SimpleNamespace
+
+    from snaketune.workflow import dataset_settings, dataset_threads
+
+    configs = [SimpleNamespace(datasets={"d": DatasetSettings(path="d.jsonl", format="messages", num_workers=n)})
+               for n in (None, 1, 8)]
+    assert len({dataset_settings(cfg, "d") for cfg in configs}) == 1
+    assert "num_workers" not in json.loads(dataset_settings(configs[0], "d"))
+    assert [dataset_threads(cfg, "d") for cfg in configs[1:]] == [1, 8] and dataset_threads(configs[0], "d") >= 1
