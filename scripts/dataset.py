@@ -27,8 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(f"--{split}", required=True, help=f"{split} split to write (parquet)")
     parser.add_argument("--stats", required=True, help="stats.json to write: rows, tokens, dropped and bad rows")
     parser.add_argument("--lengths", required=True, help="lengths.png to write: the token length histogram")
-    parser.add_argument("--num-workers", type=int, help="processes that tokenize (default: the settings' "
-                        "num_workers, else every core this process may run on); the rows are the same for any number")
+    parser.add_argument("--num-workers", type=int, help="processes that tokenize (default: the job's threads from "
+                        "OMP_NUM_THREADS, else the settings' num_workers, else every core this process may run on); "
+                        "the rows are the same for any number")
     parser.add_argument("--replay", help="a replay dataset: the answers the replay stage generated (JSONL), read "
                                          "instead of the settings' path")
     mix = parser.add_argument_group("a mix of built datasets (settings' `mix`, in its order)")
@@ -42,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
 def available_cores() -> int:
     """Cores this process may run on (a Slurm job's allocation, a taskset), not the machine's."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def job_threads() -> int | None:
+    """The threads Snakemake gave this job: it sets OMP_NUM_THREADS to them for every shell command."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def main(argv=None) -> int:
@@ -71,7 +78,8 @@ def main(argv=None) -> int:
             settings = dataclasses.replace(settings, path=args.replay, format="messages")
         folder, trust = model_path(args.model_manifest)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust)
-        workers = min(args.num_workers or settings.num_workers or os.cpu_count() or 1, available_cores())
+        workers = min(args.num_workers or job_threads() or settings.num_workers or os.cpu_count() or 1,
+                      available_cores())
         print(json.dumps(build(settings, tokenizer, outputs, workers=max(workers, 1))["splits"]))
 
     return main_guard(body, outputs=[args.train])

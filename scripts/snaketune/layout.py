@@ -254,14 +254,22 @@ class Layout:
                 "best_json": PATTERNS["sweep_best"].format(sweep=name),
                 "plot": PATTERNS["sweep_plot"].format(sweep=name)}
 
+    def scored_on(self, run: str) -> str:
+        """The dataset whose test rows ``run`` answers: its own, or for a mix the first dataset's (the mix's test
+        split is that one's), followed through mixes of mixes."""
+        dataset = self.cfg.runs[run].dataset
+        while self.cfg.datasets[dataset].mix:
+            dataset = self.cfg.datasets[dataset].mix_names[0]
+        return dataset
+
     def report_plots(self) -> dict[str, dict[str, str]]:
-        """The report's plot files by kind and dataset: loss curves where a run of the dataset trains, metric bars
-        for every dataset a run trains or is scored on."""
-        datasets = list(dict.fromkeys(spec.dataset for spec in self.cfg.runs.values()))
-        trained = [name for name in datasets if any(spec.dataset == name and self.trains(run)
-                                                   for run, spec in self.cfg.runs.items())]
+        """The report's plot files by kind and by the dataset whose test rows the runs answer (``scored_on``):
+        loss curves where one of those runs trains, metric bars for each."""
+        runs = self.cfg.runs
+        trained = dict.fromkeys(self.scored_on(run) for run in runs if self.trains(run))
+        scored = dict.fromkeys(self.scored_on(run) for run in runs)
         return {"loss": {name: PATTERNS["loss_plot"].format(dataset=name) for name in trained},
-                "metrics": {name: PATTERNS["metrics_plot"].format(dataset=name) for name in datasets}}
+                "metrics": {name: PATTERNS["metrics_plot"].format(dataset=name) for name in scored}}
 
     def report_record(self, run: str) -> dict[str, Any]:
         """What the report reads of one run: its settings columns and the path of each file it shows."""
@@ -273,7 +281,8 @@ class Layout:
                     **{f"generation.{key}": value for key, value in job_params(spec.generation).items()}}
         settings["method"] = settings["method"] if self.trains(run) else "none"
         return {
-            "run": run, "model": spec.model, "dataset": spec.dataset, "baseline": spec.baseline or "",
+            "run": run, "model": spec.model, "dataset": spec.dataset, "scored_on": self.scored_on(run),
+            "baseline": spec.baseline or "",
             "trains": self.trains(run), "settings": settings,
             "method": spec.train.method if self.trains(run) else "none",
             "stage": spec.train.stage, "from_run": spec.from_run or "",

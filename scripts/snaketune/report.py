@@ -15,8 +15,8 @@ from snaketune import report_plots as plots
 from snaketune.io import atomic_file, write_json
 from snaketune.report_page import Cell
 
-RUN_COLUMNS = ["run", "model", "dataset", "baseline", "stage", "from_run", "method", "learning_rate",
-               "num_train_epochs", "max_steps"]
+RUN_COLUMNS = ["run", "model", "dataset", "scored_on", "baseline", "stage", "from_run", "method",
+               "learning_rate", "num_train_epochs", "max_steps"]
 TRAIN_COLUMNS = ["train_seconds", "train_steps", "final_loss", "tokens_per_second"]
 METRIC_COLUMNS = ["n", "exact_match", "contains", "bleu-4", "rouge-1", "rouge-2", "rouge-l", "text_tokenizer",
                   "bleu_mode", "rouge_mode", "accuracy", "precision", "recall", "f1", "preference_accuracy",
@@ -68,8 +68,9 @@ def run_row(record: dict[str, Any]) -> dict[str, Any]:
 
 def baselines(records: list[dict[str, Any]]) -> dict[str, str]:
     """Each tuned run's baseline, the run its gains are shown against: the one its config names (``baseline:``),
-    else the first run of the same model, dataset and starting point (``from_run``) that trains no steps. A run with
-    neither, and a baseline itself, has none."""
+    else the first run of the same model and starting point (``from_run``) that answers the same test rows
+    (``scored_on``: a mix is scored on its first dataset's) and trains no steps. A run with neither, and a baseline
+    itself, has none."""
     untrained = [record for record in records if not record.get("trains", True)]
     pairs = {}
     for record in records:
@@ -77,11 +78,15 @@ def baselines(records: list[dict[str, Any]]) -> dict[str, str]:
             pairs[record["run"]] = record["baseline"]
         elif record.get("trains", True):
             match = next((other["run"] for other in untrained if other["model"] == record["model"]
-                          and other["dataset"] == record["dataset"]
+                          and scored_on(other) == scored_on(record)
                           and other.get("from_run", "") == record.get("from_run", "")), None)
             if match:
                 pairs[record["run"]] = match
     return pairs
+
+
+def scored_on(record: dict[str, Any]) -> str:
+    return record.get("scored_on") or record["dataset"]
 
 
 def _plain(rows: list[list[Any]]) -> list[list[Cell]]:
@@ -160,33 +165,36 @@ def write_sweep(name: str, sweep: dict[str, Any], rows: list[dict[str, Any]], se
 
 def score_columns(rows: list[dict[str, Any]], exam_columns: list[str], test_set_columns: list[str]) -> list[str]:
     """The comparison's columns: each metric, exam accuracy and other test set's score some run has."""
-    wanted = SCORE_COLUMNS + [c for c in exam_columns if c.endswith("_accuracy")] + test_set_columns
+    wanted = (SCORE_COLUMNS + [c for c in exam_columns if c.endswith("_accuracy")]
+              + [c for c in test_set_columns if not c.endswith(":n")])
     return [column for column in wanted if any(page.is_number(row.get(column)) for row in rows)]
 
 
 def plot_section(records, rows, logs, plot_files) -> str:
-    """Per dataset, side by side: the loss of its runs on shared axes (linear and log, a switch between them) and
-    their metrics as bars. Each chart is also written to its file in ``plot_files``."""
+    """Per dataset whose test rows runs answer, side by side: the loss of those runs on shared axes (linear and log,
+    a switch between them) and their metrics as bars. Each chart is also written to its file in ``plot_files``."""
     colour = plots.colours([row["run"] for row in rows])
     summaries = {r["run"]: read_json(r["files"]["train_summary"]) for r in records if "train_summary" in r["files"]}
     parts = []
-    for dataset in dict.fromkeys(row["dataset"] for row in rows):
+    for dataset in dict.fromkeys(row["scored_on"] for row in rows):
+        group = [row for row in rows if row["scored_on"] == dataset]
         figures = []
         if dataset in plot_files.get("loss", {}):
-            runs = {row["run"]: logs[row["run"]] for row in rows if row["dataset"] == dataset and logs[row["run"]]}
+            runs = {row["run"]: logs[row["run"]] for row in group if logs[row["run"]]}
             finals = {run: summaries.get(run, {}).get("eval_loss") for run in runs}
             linear = plots.save(plots.loss_chart(dataset, runs, finals, colour, log_scale=False),
                                 plot_files["loss"][dataset])
             logarithmic = plots.save(plots.loss_chart(dataset, runs, finals, colour, log_scale=True))
-            figures.append(f"<figure>{image(linear, f'loss of the runs on {dataset}', 'linear')}"
-                           f"{image(logarithmic, f'loss of the runs on {dataset}, log scale', 'log')}</figure>")
+            figures.append(f"<figure>{image(linear, f'loss of the runs scored on {dataset}', 'linear')}"
+                           f"{image(logarithmic, f'loss of the runs scored on {dataset}, log scale', 'log')}</figure>")
         if dataset in plot_files.get("metrics", {}):
-            runs = [row["run"] for row in rows if row["dataset"] == dataset]
-            values = {row["run"]: {c: row[c] for c in score_columns([row], [], []) if c != "reward_margin"}
-                      for row in rows if row["dataset"] == dataset}
-            chart = plots.save(plots.metric_chart(dataset, runs, values, page.PERCENT_METRICS, colour),
+            drawn = [c for c in score_columns(group, [], [c for row in group for c in row if ":" in c])
+                     if page.metric_kind(c) != "plain"]
+            values = {row["run"]: {page.label(c): row[c] for c in drawn if page.is_number(row.get(c))} for row in group}
+            percent = {page.label(c) for c in drawn if page.metric_kind(c) == "percent"}
+            chart = plots.save(plots.metric_chart(dataset, [row["run"] for row in group], values, percent, colour),
                                plot_files["metrics"][dataset])
-            figures.append(f"<figure>{image(chart, f'metrics of the runs on {dataset}')}</figure>")
+            figures.append(f"<figure>{image(chart, f'metrics of the runs scored on {dataset}')}</figure>")
         if figures:
             parts.append(f"<div class='dataset-plots'>{''.join(figures)}</div>")
     switch = "<p><label><input type='checkbox' id='log-scale'> loss on a log scale</label></p>"
@@ -194,11 +202,11 @@ def plot_section(records, rows, logs, plot_files) -> str:
 
 
 def answers_section(records: list[dict[str, Any]]) -> str:
-    """Per dataset, every run's answer to each of its test rows side by side; then per other test set
-    (``evaluation.test_sets``), the answers of the runs scored on it."""
+    """Per dataset whose test rows runs answer, every run's answer to each row side by side; then per other test
+    set (``evaluation.test_sets``), the answers of the runs scored on it."""
     by_dataset: dict[str, dict[str, list]] = {}
     for record in records:
-        by_dataset.setdefault(record["dataset"], {})[record["run"]] = page.read_predictions(
+        by_dataset.setdefault(scored_on(record), {})[record["run"]] = page.read_predictions(
             record["files"]["predictions"])
     for record in records:
         for name, path in record.get("test_set_answers", {}).items():
@@ -224,7 +232,8 @@ def write_report(records: list[dict[str, Any]], leaderboard: Path, page_path: Pa
     pairs = baselines(records)
     logs = {record["run"]: read_log(record["files"]["train_log"]) if "train_log" in record["files"] else []
             for record in records}
-    rows = [{**run_row(record), "baseline": pairs.get(record["run"], "")} for record in records]
+    rows = [{**run_row(record), "scored_on": scored_on(record), "baseline": pairs.get(record["run"], "")}
+            for record in records]
     exam_columns = sorted({f"{name}_{what}" for record in records for name in record.get("exams", {})
                            for what in ("accuracy", "ties")})
     test_set_columns = list(dict.fromkeys(key for row in rows for key in row if ":" in key))  # {test_set}:{metric}
@@ -233,13 +242,13 @@ def write_report(records: list[dict[str, Any]], leaderboard: Path, page_path: Pa
     summaries = {r["run"]: read_json(r["files"]["train_summary"]) for r in records if "train_summary" in r["files"]}
     serve = {record["run"]: record["serve"] for record in records}
     sweep_sections = "".join(write_sweep(name, sweep, rows, serve) for name, sweep in (sweeps or {}).items())
-    datasets = list(dict.fromkeys(row["dataset"] for row in rows))
+    datasets = list(dict.fromkeys(row["scored_on"] for row in rows))
     document = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>snaketune report</title><style>{page.STYLE}</style></head><body>
 <h1>snaketune report</h1>
-<p>{len(rows)} runs on {len(datasets)} dataset{'s' if len(datasets) != 1 else ''} ({html.escape(', '.join(datasets))}).
-★ marks the best value of a column among the runs of a dataset; the signed number beside a value is the change
-against the run's baseline. exact match, contains, accuracy, precision, recall, F1 and exam accuracies are
+<p>{len(rows)} runs answering the test rows of {html.escape(', '.join(datasets))}.
+★ marks the best value of a column among the runs scored on the same test rows; the signed number beside a value
+is the change against the run's baseline. exact match, contains, accuracy, precision, recall, F1 and exam accuracies are
 fractions (0 to 1); BLEU and ROUGE are percentages. A click on a heading sorts the table.</p>
 <h2>Runs compared</h2>
 {page.comparison(rows, score_columns(rows, exam_columns, test_set_columns), pairs)}

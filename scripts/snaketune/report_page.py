@@ -77,15 +77,31 @@ def table(header: list[str], rows: list[list[Cell]], css: str = "sortable") -> s
             "</div>")
 
 
-def best_by_dataset(rows: list[dict[str, Any]], column: str, lower_is_better: bool = False) -> set[str]:
-    """The runs holding the best value of ``column`` among the runs of their dataset (ties all marked)."""
+LABELS = {"exact_match": "exact match", "bleu-4": "BLEU-4", "rouge-1": "ROUGE-1", "rouge-2": "ROUGE-2",
+          "rouge-l": "ROUGE-L", "f1": "F1", "preference_accuracy": "preference accuracy",
+          "reward_accuracy": "reward accuracy", "reward_margin": "reward margin"}
+
+
+def label(column: str) -> str:
+    """A column's heading: ``exact match``, ``BLEU-4``, ``mmcu accuracy``, ``general-qa: contains``."""
+    if ":" in column:
+        test_set, metric = column.rsplit(":", 1)
+        return f"{test_set}: {label(metric)}"
+    return LABELS.get(column, column.replace("_", " "))
+
+
+def best_by_dataset(rows: list[dict[str, Any]], column: str, lower_is_better: bool = False,
+                    group: str = "scored_on") -> set[str]:
+    """The runs holding the best value of ``column`` among the runs of the same ``group`` (the test rows they
+    answer, or the data they train on) (ties all marked)."""
     best = set()
-    for dataset in {row["dataset"] for row in rows}:
-        values = [(row[column], row["run"]) for row in rows if row["dataset"] == dataset and is_number(row.get(column))]
+    for dataset in {row[group] for row in rows}:
+        values = [(row[column], row["run"]) for row in rows if row[group] == dataset and is_number(row.get(column))]
         if len(values) < 2:
             continue
         top = (min if lower_is_better else max)(value for value, _ in values)
-        best |= {run for value, run in values if value == top}
+        if any(value != top for value, _ in values):  # all alike: nobody is best
+            best |= {run for value, run in values if value == top}
     return best
 
 
@@ -98,6 +114,7 @@ def comparison(rows: list[dict[str, Any]], columns: list[str], baselines: dict[s
     for row in rows:
         base = by_run.get(baselines.get(row["run"], ""))
         cells = [Cell(f"<b>{html.escape(row['run'])}</b>", row["run"]),
+                 Cell(html.escape(row["scored_on"]), row["scored_on"]),
                  Cell(html.escape(row["dataset"]), row["dataset"]),
                  Cell(html.escape(base["run"]) if base else "", base["run"] if base else "")]
         for column in columns:
@@ -111,7 +128,7 @@ def comparison(rows: list[dict[str, Any]], columns: list[str], baselines: dict[s
             star = row["run"] in best[column]
             cells.append(Cell(("★ " if star else "") + text, value, "best" if star else ""))
         body.append(cells)
-    return table(["run", "dataset", "baseline", *columns], body)
+    return table(["run", "test rows of", "trained on", "baseline", *[label(c) for c in columns]], body)
 
 
 def training(rows: list[dict[str, Any]], summaries: dict[str, dict[str, Any]]) -> str:
@@ -119,7 +136,7 @@ def training(rows: list[dict[str, Any]], summaries: dict[str, dict[str, Any]]) -
     trained = [row for row in rows if row.get("train_steps")]
     if not trained:
         return "<p>No run trains.</p>"
-    lowest = best_by_dataset(trained, "final_loss", lower_is_better=True)
+    lowest = best_by_dataset(trained, "final_loss", lower_is_better=True, group="dataset")
     body = []
     for row in trained:
         summary = summaries.get(row["run"], {})
@@ -253,7 +270,8 @@ body{font-family:"Noto Sans CJK SC","Source Han Sans SC","PingFang SC","Microsof
   max-width:100%}
 .scroll{max-width:100%;overflow-x:auto}table{border-collapse:collapse;font-size:14px}
 td,th{border:1px solid #ccc;padding:4px 8px;text-align:right;vertical-align:top}
-th{white-space:normal;max-width:10em;overflow-wrap:anywhere;background:#f4f4f4}table.side th{text-align:left}
+th{white-space:normal;max-width:10em;min-width:4em;overflow-wrap:break-word;background:#f4f4f4}
+table.side th{text-align:left}
 .dataset-plots{display:flex;flex-wrap:wrap;gap:1em}table.sortable th{cursor:pointer}
 th.asc::after{content:" ▲"}th.desc::after{content:" ▼"}
 td.best{font-weight:bold;background:#e6f4e6}.delta{font-size:85%;margin-left:.3em}.up{color:#17752b}

@@ -49,7 +49,7 @@ def loss_chart(dataset: str, logs: dict[str, list[dict[str, str]]], eval_losses:
     """Training loss of every run of ``dataset`` against its step (solid), eval loss where the log has it
     (dashed) and each run's final eval loss as a cross at its last step."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    fig, ax = plt.subplots(figsize=(6.0, 3.4))
     for run, rows in logs.items():
         steps, losses = _numbers(rows, "loss")
         ax.plot(steps, losses, color=colour[run], label=f"{run} train")
@@ -64,7 +64,7 @@ def loss_chart(dataset: str, logs: dict[str, list[dict[str, str]]], eval_losses:
     if log_scale:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig
 
 
@@ -73,7 +73,7 @@ def metric_chart(dataset: str, runs: list[str], values: dict[str, dict[str, floa
     """Grouped bars: one group per metric, one bar per run; fractions drawn as percentages."""
     plt = _pyplot()
     metrics = [m for m in dict.fromkeys(m for run in runs for m in values.get(run, {}))]
-    fig, ax = plt.subplots(figsize=(min(9.0, max(5.0, 1.5 + 0.35 * len(metrics) * max(1, len(runs)))), 3.6))
+    fig, ax = plt.subplots(figsize=(min(7.0, max(4.5, 1.5 + 0.3 * len(metrics) * max(1, len(runs)))), 3.4))
     width = 0.8 / max(1, len(runs))
     for index, run in enumerate(runs):
         heights = [values.get(run, {}).get(m, math.nan) for m in metrics]
@@ -83,7 +83,7 @@ def metric_chart(dataset: str, runs: list[str], values: dict[str, dict[str, floa
                   ha="right", fontsize=8)
     ax.set(ylabel="score (%)", title=f"{dataset}: metrics", ylim=(0, 100))
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig
 
 

@@ -23,6 +23,21 @@ def test_a_tuned_run_is_paired_with_the_untrained_run_of_its_model_dataset_and_s
     assert baselines(records) == {"tuned": "base", "dpo": "dpo-start"}  # no untrained run of x, or of e: none
 
 
+def test_a_run_trained_on_a_mix_is_paired_with_the_base_scored_on_the_same_test_rows(monkeypatch):
+    import yaml
+
+    from snaketune.config import load
+    from snaketune.layout import Layout
+
+    monkeypatch.chdir(REPO)  # the real-model example: the tuned run trains on a mix of identity and replay rows
+    path = REPO / "config" / "examples" / "smollm2-135m-identity.yaml"
+    layout = Layout(load(yaml.safe_load(path.read_text(encoding="utf-8")), [str(path)]))
+    records = [layout.report_record(run) for run in layout.cfg.runs]
+    assert [(r["run"], r["dataset"], r["scored_on"]) for r in records] == [
+        ("smollm2-base", "identity", "identity"), ("smollm2-identity", "identity-replay", "identity")]
+    assert baselines(records) == {"smollm2-identity": "smollm2-base"}
+
+
 def test_the_baseline_a_config_names_wins_over_the_one_found():
     records = [record("tuned", baseline="previous"), record("previous"), record("base", trains=False)]
     assert baselines(records) == {"tuned": "previous", "previous": "base"}
