@@ -1,7 +1,9 @@
 # Tokenize a dataset once per model: read any layout, split, render with the chat template, mask, write parquet.
 # Params and inputs are exactly what the build depends on: files, format settings, template, length, seed. A replay
 # dataset reads the answers the replay rule generated; a mix reads its datasets' builds for the same model.
-# Threads are the processes that tokenize (num_workers): not a param, so a new count never rebuilds.
+# Threads are the processes that tokenize (num_workers): not a param, so a new count never rebuilds. The script
+# reads them from OMP_NUM_THREADS, which Snakemake sets to a job's threads (the command line stays as it was, so
+# finished builds are not rerun for a changed command).
 rule dataset:
     input:
         unpack(lambda wc: LAYOUT.dataset_inputs(wc.dataset, wc.model)),
@@ -26,4 +28,4 @@ rule dataset:
     shell:
         "dataset.py --model-manifest {input.manifest:q} {params.sources} --train {output.train:q}"
         " --eval {output.eval:q} --test {output.test:q} --stats {output.stats:q} --lengths {output.lengths:q}"
-        " --settings {params.settings:q} --num-workers {threads} 3>&2 > {log:q} 2>&1"
+        " --settings {params.settings:q} 3>&2 > {log:q} 2>&1"
