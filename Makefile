@@ -26,7 +26,7 @@ demo: install
 	echo "DAG wall time: $$(( $$(date +%s) - start )) s" && \
 	column -s, -t results/leaderboard.csv | cut -c1-200
 
-test: install real-model
+test: install real-model lint
 	PATH="$(BIN):$$PATH" python -m pytest
 
 real-model: $(REAL_MODEL)

@@ -15,11 +15,21 @@ rule report:
             caption="report/report_html.rst",
         ),
         loss_plots=[
-            report(path, category="Plots", subcategory="Loss", caption="report/loss_plot.rst")
+            report(
+                path,
+                category="Plots",
+                subcategory="Loss",
+                caption="report/loss_plot.rst",
+            )
             for path in LAYOUT.report_plots()["loss"].values()
         ],
         metric_plots=[
-            report(path, category="Plots", subcategory="Metrics", caption="report/metrics_plot.rst")
+            report(
+                path,
+                category="Plots",
+                subcategory="Metrics",
+                caption="report/metrics_plot.rst",
+            )
             for path in LAYOUT.report_plots()["metrics"].values()
         ],
         sweep_files=[
@@ -29,7 +39,11 @@ rule report:
             if key != "plot"
         ],
         sweep_plots=[
-            report(LAYOUT.sweep_files(name)["plot"], category="Sweeps", caption="report/sweep_plot.rst")
+            report(
+                LAYOUT.sweep_files(name)["plot"],
+                category="Sweeps",
+                caption="report/sweep_plot.rst",
+            )
             for name in CFG.sweeps
         ],
     log:
