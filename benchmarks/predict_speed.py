@@ -15,6 +15,14 @@ object: seconds and rows/s of each (the whole call, model loading included, and 
 batches' times), the default's speedup over the baseline for both, and how many answers differ from the
 one-at-a-time ones. ``--profile`` adds the top operators of one more run of the default. Target (issue 17): at
 least 2x the baseline on 500 rows of 64 new tokens, no answer different.
+
+``--static`` adds the strongest ``generate`` a user has (issue 36): transformers' static KV cache
+(``cache_implementation="static"``), whose decoding step ``generate`` then compiles (torch.compile,
+``reduce-overhead``: CUDA graphs), in the stage's compute dtype (bf16 on a GPU), batches of ``--baseline-batch``
+rows in the same length order. Every batch is padded to the longest prompt of all rows and the last one filled up
+to the full batch with copies of its last row (cut again after), so the compiled step keeps one shape and compiles
+once. One pass compiles (``cold``: the whole call, model loading included); the best of ``--repeats`` further
+passes is its generation time (``warm``).
 """
 
 import argparse
@@ -47,6 +55,8 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--profile", action="store_true",
                         help="also profile one more run of the stage default (torch.profiler): the top operators")
+    parser.add_argument("--static", action="store_true",
+                        help="also run generate with the static KV cache and its compiled decoding step")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
 
@@ -60,7 +70,8 @@ def main() -> int:
     corpus = [str(REPO / "data" / "identity.jsonl"), str(REPO / "data" / "text_matching.json")]
     settings = {"source": "builtin", "architecture": "qwen2", "seed": 0, "vocab_size": 2048,
                 "max_position_embeddings": 2048, "initializer_range": 0.2 if args.shape == "tiny" else 0.02,
-                "tokenizer_corpus": corpus, "trust_remote_code": False, **SHAPES[args.shape]}
+                "tokenizer_corpus": corpus, "trust_remote_code": False,
+                "tie_word_embeddings": False, **SHAPES[args.shape]}  # untied: the schema's default
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         fetch(settings, tmp / "model")
@@ -89,6 +100,10 @@ def main() -> int:
                 outputs[name] = written["prediction"].tolist()
                 # the batches' own time (the CSV's per-row share of its batch), without loading the model
                 generating[name] = min(generating.get(name, float("inf")), written["generation_seconds"].sum())
+        static = None
+        if args.static:
+            static = static_generate(tmp / "model", prompts, args.max_new_tokens, args.baseline_batch, args.repeats)
+            outputs["generate-static-compiled"] = static.pop("answers")
         profile = None
         if args.profile:
             from torch.profiler import ProfilerActivity
@@ -108,8 +123,16 @@ def main() -> int:
                 tmp / "reference.parquet", tmp / "p1.csv", tmp / "p1.partial")
         one_seconds = time.perf_counter() - start
         one = pd.read_csv(tmp / "p1.csv", keep_default_na=False)["prediction"].tolist()
+    import subprocess
+
+    from snaketune.predict import compute_dtype
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
     result = {
-        "shape": args.shape, "dtype": "float32", "rows": args.rows, "max_new_tokens": args.max_new_tokens,
+        "date": time.strftime("%Y-%m-%d"), "commit": commit, "torch": torch.__version__,
+        "shape": args.shape, "dtype": str(compute_dtype()).removeprefix("torch."), "rows": args.rows,
+        "max_new_tokens": args.max_new_tokens,
         "repeats": args.repeats,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else
         f"cpu ({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})",
@@ -126,12 +149,74 @@ def main() -> int:
     baseline = f"generate-batch-{args.baseline_batch}"
     result["speedup"] = round(timings[baseline] / timings["stage-default"], 2)
     result["generation_speedup"] = round(generating[baseline] / generating["stage-default"], 2)
+    result["answers_that_differ_between_stage_default_and_baseline"] = sum(
+        a != b for a, b in zip(outputs["stage-default"], outputs[baseline], strict=True))
+    if static is not None:
+        answers = outputs["generate-static-compiled"]
+        static["answers_that_differ_from_one_at_a_time"] = sum(
+            a != b for a, b in zip(answers[:reference_rows], one, strict=True))
+        static["answers_that_differ_from_stage_default"] = sum(
+            a != b for a, b in zip(answers, outputs["stage-default"], strict=True))
+        static["answers_that_differ_from_dynamic_generate"] = sum(
+            a != b for a, b in zip(answers, outputs[baseline], strict=True))
+        result["stacks"]["generate-static-compiled"] = static
+        # the stage's whole call against the static cache's first (compiling) call, and generation against its
+        # best warm pass (compiled, CUDA graphs captured)
+        result["speedup_over_static_call"] = round(static["seconds"] / timings["stage-default"], 2)
+        result["generation_speedup_over_static"] = round(
+            static["generation_seconds"] / generating["stage-default"], 2)
     if profile:
         result["profile"] = profile.splitlines()
     print(json.dumps(result))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def static_generate(model_dir: Path, prompts: list[str], max_new_tokens: int, batch: int, repeats: int) -> dict:
+    """transformers' ``generate`` with the static KV cache and its compiled decoding step (see the module doc):
+    the answers in the rows' order, the first call's seconds (loading and compiling included) and the best
+    warm pass's."""
+    import torch
+
+    from snaketune.predict import load_for_generation
+
+    start = time.perf_counter()
+    tokenizer, model = load_for_generation(model_dir, None)  # the stage's loader: bf16 on a GPU, left padding
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    width = max(lengths)
+
+    def one_pass() -> tuple[list[str], float]:
+        answers = [""] * len(prompts)
+        torch.cuda.synchronize() if device == "cuda" else None
+        began = time.perf_counter()
+        for first in range(0, len(order), batch):
+            chunk = order[first : first + batch]
+            filled = chunk + [chunk[-1]] * (batch - len(chunk))  # one shape for the compiled step
+            inputs = tokenizer([prompts[i] for i in filled], return_tensors="pt", padding="max_length",
+                               max_length=width, add_special_tokens=False).to(device)
+            with torch.no_grad():
+                output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                        pad_token_id=tokenizer.pad_token_id, use_cache=True,
+                                        cache_implementation="static")
+            texts = tokenizer.batch_decode(output[: len(chunk), width:], skip_special_tokens=True)
+            for i, text in zip(chunk, texts, strict=True):
+                answers[i] = text.strip()
+        torch.cuda.synchronize() if device == "cuda" else None
+        return answers, time.perf_counter() - began
+
+    answers, cold = one_pass()
+    call = time.perf_counter() - start
+    warm = min(one_pass()[1] for _ in range(max(1, repeats)))
+    rows = len(prompts)
+    return {"settings": {"batch_size": batch, "decoder": "generate", "cache_implementation": "static",
+                         "compiled": "generate's own (torch.compile, reduce-overhead)", "padded_to": width},
+            "seconds": round(call, 2), "rows_per_second": round(rows / call, 2),
+            "cold_generation_seconds": round(cold, 2), "generation_seconds": round(warm, 2),
+            "generation_rows_per_second": round(rows / warm, 2), "answers": answers}
 
 
 if __name__ == "__main__":

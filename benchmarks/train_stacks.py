@@ -7,7 +7,16 @@
   attention, gradient checkpointing on or off;
 - ``stage-<variant>-ckpt|nockpt``: ``snaketune.train.train``, the train stage itself (the Trainer, its data
   loader, the Arrow rows), with its default speed settings (``default``) or a variant of them
-  (``STAGE_VARIANTS``), gradient checkpointing on or off.
+  (``STAGE_VARIANTS``), gradient checkpointing on or off;
+- ``unsloth[-qlora]-ckpt|nockpt``: Unsloth's ``FastLanguageModel`` on the same saved model (bf16, or 4-bit for
+  ``qlora``), LoRA of the same rank on every linear layer, its own kernels and its checkpointing
+  (``use_gradient_checkpointing="unsloth"``) or none, fed the same steps as padding-free packs (``input_ids`` of
+  shape (1, tokens), ``position_ids`` restarting at each row and Unsloth's ``packed_seq_lengths``: what its
+  padding-free collator hands the model). Unsloth patches transformers' classes when imported, so these stacks run
+  in a child process of their own; the JSON records which attention path its packed batches took.
+
+A ``-<N>k`` suffix sets that stack's packs (or the stage's micro-batches) to N x 1024 tokens instead of
+``--pack-tokens``: ``library-flex_attention-nockpt-16k``.
 
 Workload: a random-init Qwen2.5-1.5B shape in bf16, LoRA r16 on every linear layer, rows of lognormal length
 (median 300, sigma 0.8, 16 to 2048 tokens), the first quarter of each row a prompt (label -100), about 16k real
@@ -20,6 +29,13 @@ PaLM convention, which counts a LoRA run as if every weight trained and ignores 
 dense bf16 rate (989 TFLOP/s for an H100 SXM).
 
     python benchmarks/train_stacks.py --out benchmarks/results/train_stacks_h100.json
+    python benchmarks/train_stacks.py --steps 10 --stacks stage-default-nockpt stage-default-ckpt unsloth-nockpt \
+        unsloth-ckpt library-flex_attention-nockpt-8k library-flex_attention-nockpt-16k --out unsloth.json
+    python benchmarks/train_stacks.py --shape qwen-14b-chat --steps 6 --tokens-per-step 8192 \
+        --stacks stage-qlora-nockpt unsloth-qlora-nockpt --out qlora14b.json
+
+Unsloth's stacks need unsloth and unsloth_zoo (and trl, datasets) importable; benchmarks/issue36_call.sh runs
+these in one GPU call with the wheels benchmarks/slim_wheels.py slims.
 """
 
 from __future__ import annotations
@@ -28,6 +44,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -183,6 +200,98 @@ def run_library(model_dir, rows, steps, attention: str, checkpointing: bool, pac
     return train_loop(model, rows, steps, micro_batches)
 
 
+UNSLOTH_ENVIRONMENT = {"UNSLOTH_DISABLE_STATISTICS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                       "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+                       "UNSLOTH_COMPILE_LOCATION": "/tmp/unsloth_compiled_cache"}
+ATTENTION_PATHS = ("_torch_varlen_packed", "_sdpa_packed_segments", "build_sdpa_packed_attention_mask",
+                   "xformers_attention", "flash_attn_varlen_func", "flash_attn_func")
+
+
+def count_attention_paths() -> dict:
+    """Wrap the functions of Unsloth's attention dispatch that each attention path calls, counting calls."""
+    from unsloth.utils import attention_dispatch as dispatch
+
+    counts = {}
+    for name in ATTENTION_PATHS:
+        original = getattr(dispatch, name, None)
+        if not callable(original):
+            continue
+        counts[name] = 0
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            counts[_name] += 1
+            return _original(*args, **kwargs)
+
+        setattr(dispatch, name, counted)
+    return counts
+
+
+def unsloth_backends() -> dict:
+    from unsloth.utils import attention_dispatch as dispatch
+
+    return {"has_flash_attention": bool(getattr(dispatch, "HAS_FLASH_ATTENTION", None)),
+            "has_xformers": bool(getattr(dispatch, "HAS_XFORMERS", None)),
+            "torch_varlen_attn": getattr(dispatch, "_TORCH_VARLEN_ATTN", None) is not None,
+            "sdpa_packed_segments": bool(getattr(dispatch, "_SDPA_PACKED_SEGMENTS", None)),
+            "native_beats_xformers": bool(getattr(dispatch, "_NATIVE_BEATS_XFORMERS", None))}
+
+
+def run_unsloth(model_dir, rows, steps, checkpointing: bool, pack_tokens: int, qlora: bool = False) -> dict:
+    """Unsloth's FastLanguageModel, LoRA r16 on every linear layer, fed padding-free packs of the same steps."""
+    import torch
+    import unsloth  # noqa: F401  (first: it patches transformers and peft)
+    from unsloth import FastLanguageModel
+
+    from snaketune.packing import flatten_rows
+
+    counts = count_attention_paths()
+    torch.manual_seed(0)
+    checkpointing_mode = "unsloth" if checkpointing else False  # "unsloth": its own (activations offloaded)
+    model, _ = FastLanguageModel.from_pretrained(model_name=str(model_dir), max_seq_length=max(4096, pack_tokens),
+                                                 dtype=torch.bfloat16, load_in_4bit=qlora, full_finetuning=False,
+                                                 use_gradient_checkpointing=checkpointing_mode)
+    torch.manual_seed(0)
+    model = FastLanguageModel.get_peft_model(
+        model, r=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"], bias="none",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        use_gradient_checkpointing=checkpointing_mode, random_state=0)
+
+    def micro_batches(step_rows):
+        for pack in pack_rows([len(r["input_ids"]) for r in step_rows], pack_tokens, seed=0):
+            packed = [step_rows[i] for i in pack]
+            flat = flatten_rows(packed)
+            yield {"input_ids": flat["input_ids"], "labels": flat["labels"], "position_ids": flat["position_ids"],
+                   "packed_seq_lengths": torch.tensor([len(r["input_ids"]) for r in packed], dtype=torch.int32)}
+
+    measured = train_loop(model, rows, steps, micro_batches)
+    measured["attention_calls"] = dict(counts)
+    measured["attention_backends"] = unsloth_backends()
+    measured["unsloth"] = unsloth.__version__
+    del model
+    return measured
+
+
+def run_children(stacks: list[str], args, work: Path) -> dict:
+    """Unsloth's stacks, in one child process (Unsloth patches transformers for the whole process)."""
+    out = work / "unsloth-stacks.json"
+    out.unlink(missing_ok=True)
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", "--stacks", *stacks, "--out", str(out),
+               "--steps", str(args.steps), "--pack-tokens", str(args.pack_tokens), "--prompt-share",
+               str(args.prompt_share), "--work", str(work), "--shape", args.shape, "--tokens-per-step",
+               str(args.tokens_per_step)]
+    completed = subprocess.run(command, env={**os.environ, **UNSLOTH_ENVIRONMENT})
+    stacks_measured = json.loads(out.read_text())["stacks"] if out.is_file() else {}
+    for name in stacks:
+        stacks_measured.setdefault(name, {"error": f"child process exited {completed.returncode}"})
+    return stacks_measured
+
+
+def pack_size(name: str, default: int) -> int:
+    """The ``-<N>k`` suffix of a stack's name in tokens, else ``default``."""
+    last = name.rsplit("-", 1)[-1]
+    return int(last[:-1]) * 1024 if last.endswith("k") and last[:-1].isdigit() else default
+
+
 STAGE_VARIANTS = {"default": {}, "nocompile": {"torch_compile": False, "liger_kernels": False},
                   "liger": {"torch_compile": False, "liger_kernels": True}, "chunked": {"fused_loss": "chunked"},
                   # QLoRA through the stage: its default (compiled layers), and as it was before (Liger, eager);
@@ -190,7 +299,8 @@ STAGE_VARIANTS = {"default": {}, "nocompile": {"torch_compile": False, "liger_ke
                   "qlora": {"method": "qlora"}, "qloraliger": {"method": "qlora", "torch_compile": False}}
 
 
-def run_stage(model_dir, rows, n_steps, checkpointing: bool, pack_tokens: int, work: Path, variant: str) -> dict:
+def run_stage(model_dir, rows, n_steps, checkpointing: bool, pack_tokens: int, work: Path, variant: str,
+              tokens_per_step: int = 16_384) -> dict:
     """The train stage's function itself, default speed settings, on the same rows written as a parquet split."""
     import pandas as pd
     import torch
@@ -203,7 +313,7 @@ def run_stage(model_dir, rows, n_steps, checkpointing: bool, pack_tokens: int, w
     pd.DataFrame(rows[:2]).to_parquet(data / "eval.parquet")
     mean_row = sum(len(r["input_ids"]) for r in rows) / len(rows)
     per_device = max(1, round(pack_tokens / mean_row))  # micro-batches of about pack_tokens: per_device mean rows
-    accumulation = max(1, round(16_384 / (per_device * mean_row)))
+    accumulation = max(1, round(tokens_per_step / (per_device * mean_row)))
     run = work / f"stage-{checkpointing}"
     files = TrainFiles(train=data / "train.parquet", eval=data / "eval.parquet", stats=None,
                        adapter=run / "adapter", train_log=run / "train_log.csv", summary=run / "summary.json",
@@ -234,44 +344,74 @@ def main() -> int:
         "recipe", "stage-default-ckpt", "stage-default-nockpt", "library-sdpa-ckpt", "library-sdpa-nockpt",
         "library-flex_attention-ckpt", "library-flex_attention-nockpt"])
     parser.add_argument("--work", default="/tmp/snaketune-stacks")
+    parser.add_argument("--shape", default="qwen2.5-1.5b", help="a shape of train_gpu.SHAPES")
+    parser.add_argument("--tokens-per-step", type=int, default=16_384)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # Unsloth's stacks, in a child
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
+    if args.child:  # Unsloth wants to be imported before transformers and peft
+        import unsloth  # noqa: F401
     import torch
-    from train_gpu import build_model
+    from train_gpu import SHAPES, build_model
     from transformers import AutoConfig
 
+    if args.shape not in SHAPES:
+        parser.error(f"--shape: one of {sorted(SHAPES)}")
     work = Path(args.work)
-    model_dir = build_model("qwen2.5-1.5b", work / "model").parent
+    model_dir = build_model(args.shape, work / f"model-{args.shape}").parent
     config = AutoConfig.from_pretrained(model_dir)
     rows = make_rows(4000, vocab=1100, seed=0, prompt_share=args.prompt_share)
-    steps = optimizer_steps(rows, 16_384)[: args.steps]
+    steps = optimizer_steps(rows, args.tokens_per_step)[: args.steps]
     rows = [rows[i] for step in steps for i in step]  # exactly the rows the steps use, in order
-    steps = optimizer_steps(rows, 16_384)
+    steps = optimizer_steps(rows, args.tokens_per_step)
     per_token = flops_per_token(config, rows)
     device = torch.cuda.get_device_name(0)
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in device), None)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
     result = {"date": time.strftime("%Y-%m-%d"), "device": device, "commit": commit, "torch": torch.__version__,
-              "shape": "qwen2.5-1.5b", "lora": LORA, "steps": len(steps), "rows": len(rows),
+              "shape": args.shape, "lora": LORA, "steps": len(steps), "rows": len(rows),
               "tokens_per_step": round(sum(len(r["input_ids"]) for r in rows) / len(steps)),
               "prompt_share": args.prompt_share, "flops_per_token": per_token, "peak_tflops": peak, "stacks": {}}
-    for name in args.stacks:
+    pending = list(args.stacks)
+    while pending:
+        name = pending.pop(0)
+        if name.startswith("unsloth") and not args.child:  # this and the next Unsloth stacks, in one child
+            group = [name]
+            while pending and pending[0].startswith("unsloth"):
+                group.append(pending.pop(0))
+            print(f"== {' '.join(group)} (child process)", flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+            for child_name, measured in run_children(group, args, work).items():
+                if measured.get("tokens_per_second") and peak:
+                    measured["mfu"] = round(measured["tokens_per_second"] * per_token / (peak * 1e12), 4)
+                result["stacks"][child_name] = measured
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+            continue
         print(f"== {name}", flush=True)
         began = time.monotonic()
+        tokens = pack_size(name, args.pack_tokens)
+        parts = name.split("-")
         try:
             if name == "recipe":
                 measured = run_recipe(model_dir, rows, steps)
             elif name.startswith("library-"):
-                _, attention, ckpt = name.split("-")
-                measured = run_library(model_dir, rows, steps, attention, ckpt == "ckpt", args.pack_tokens)
+                measured = run_library(model_dir, rows, steps, parts[1], parts[2] == "ckpt", tokens)
+            elif name.startswith("unsloth"):
+                measured = run_unsloth(model_dir, rows, steps, "ckpt" in parts, tokens, qlora="qlora" in parts)
             else:
                 with tempfile.TemporaryDirectory(dir=work) as scratch:
-                    measured = run_stage(model_dir, rows, len(steps), name.endswith("-ckpt"), args.pack_tokens,
-                                         Path(scratch), variant=name.split("-")[1])
+                    measured = run_stage(model_dir, rows, len(steps), parts[2] == "ckpt", tokens, Path(scratch),
+                                         variant=parts[1], tokens_per_step=args.tokens_per_step)
         except Exception as exc:  # one stack failing still leaves the others' figures
+            import traceback
+
+            traceback.print_exc()
             measured = {"error": f"{type(exc).__name__}: {exc}"[-2000:]}
+        measured["pack_tokens"] = tokens
         measured["wall_seconds"] = round(time.monotonic() - began, 1)
         if measured.get("tokens_per_second") and peak:
             measured["mfu"] = round(measured["tokens_per_second"] * per_token / (peak * 1e12), 4)

@@ -1,0 +1,59 @@
+#!/bin/bash
+# Issue 36 in one GPU call: every stack, each part under its own timeout, so a hang in one still leaves the
+# others' JSON in $OUT. Wheels in .whl (slimmed by benchmarks/slim_wheels.py): unsloth, unsloth_zoo, trl,
+# datasets, dill, multiprocess, liger-kernel, bitsandbytes.
+#
+#   bash benchmarks/issue36_call.sh        # $OUT: where results and logs go; LIMIT: seconds for the whole call
+#   PARTS=c bash benchmarks/issue36_call.sh   # only the QLoRA 14B part (PARTS: any of a b c; default all three)
+set -u
+PARTS=" ${PARTS:-a b c} "
+want() { [[ "$PARTS" == *" $1 "* ]]; }
+OUT=${OUT:-/tmp/issue36}
+LIMIT=${LIMIT:-580}
+mkdir -p "$OUT"
+began=$(date +%s)
+left() { echo $((LIMIT - ($(date +%s) - began))); }
+export PYTHONUNBUFFERED=1 UNSLOTH_DISABLE_STATISTICS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+    HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >/tmp/install.log 2>&1 || { cat /tmp/install.log; exit 1; }
+export PYTHONPATH=/tmp/site
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/env.txt"
+python3 -c "import torch, transformers, peft, trl, datasets, bitsandbytes, liger_kernel; \
+print(torch.__version__, torch.version.cuda, transformers.__version__, peft.__version__, trl.__version__, \
+datasets.__version__, bitsandbytes.__version__)" 2>&1 | tail -1 | tee -a "$OUT/env.txt"
+echo "setup: $(( $(date +%s) - began )) s" | tee -a "$OUT/env.txt"
+
+# (a) LoRA, Qwen2.5-1.5B shape: the stage's default with and without checkpointing, Unsloth with and without its
+# checkpointing (child process), the library stack with packs of 8k and 16k tokens
+if want a; then
+    timeout -k 10 "${PART_A:-360}" python3 benchmarks/train_stacks.py --steps 10 --stacks stage-default-nockpt \
+        stage-default-ckpt unsloth-nockpt unsloth-ckpt unsloth-nockpt-16k library-flex_attention-nockpt-8k \
+        library-flex_attention-nockpt-16k --out "$OUT/train_stacks_unsloth.json" 2>&1 | tee "$OUT/train.log" | \
+        grep -vE "it/s\]|s/it\]|row/s\]"
+    echo "after (a): $(( $(date +%s) - began )) s"
+    cp /tmp/snaketune-stacks/unsloth-stacks.json "$OUT/train_stacks_unsloth_child.json" 2>/dev/null
+fi
+
+# (b) predict, Qwen2.5-0.5B shape, bf16: the stage's default, generate with the dynamic cache, generate with the
+# static cache and its compiled decoding step
+t=$(( $(left) - 10 )); [ "$t" -gt 150 ] && t=150
+if want b && [ "$t" -gt 60 ]; then
+    timeout -k 10 "$t" python3 benchmarks/predict_speed.py --shape qwen2.5-0.5b --rows 512 --max-new-tokens 64 \
+        --baseline-batch 128 --reference-rows 16 --repeats 2 --static --out "$OUT/predict_static.json" 2>&1 | \
+        tee "$OUT/predict.log" | grep -vE "it/s\]|s/it\]|row/s\]"
+fi
+echo "after (b): $(( $(date +%s) - began )) s"
+
+# (c) QLoRA, Qwen-14B-Chat shape: the stage's default (compiled layers, checkpointing off as auto picks on 80 GB)
+# against Unsloth's QLoRA, only if enough time is left
+t=$(( $(left) - 5 ))
+if want c && [ "$t" -gt 150 ]; then
+    rm -rf /tmp/snaketune-stacks/model-qwen2.5-1.5b
+    timeout -k 10 "$t" python3 benchmarks/train_stacks.py --shape qwen-14b-chat --steps 6 --tokens-per-step 8192 \
+        --stacks stage-qlora-nockpt unsloth-qlora-nockpt --out "$OUT/train_stacks_qlora14b_unsloth.json" 2>&1 | \
+        tee "$OUT/qlora14b.log" | grep -vE "it/s\]|s/it\]|row/s\]"
+else
+    echo "(c) skipped: $t s left"
+fi
+echo "done: $(( $(date +%s) - began )) s"
