@@ -15,7 +15,7 @@ import sys
 from array import array
 from collections import deque
 from collections.abc import Iterator
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -346,6 +346,22 @@ def worker_pool(encoder: BatchEncoder, workers: int):
                                initargs=(encoder,))
 
 
+@contextmanager
+def one_core_here(wanted: bool):
+    """While open (when ``wanted``), this process's tokenizer encodes on one thread: one worker is one core, as a
+    job given one thread must use, and as each worker process does (its own threads would take every core)."""
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    if wanted:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if wanted and saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        elif wanted:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
+
+
 OUTPUTS = ("train", "eval", "test", "stats", "lengths")
 MOST_ROWS_DROPPED = 0.5  # a build that keeps less than this share of the rows it read says so
 
@@ -392,7 +408,7 @@ def build(settings: DatasetSettings, tokenizer, outputs: dict[str, str | Path], 
     labels = split_assignment(count, settings)
     stats = stats_head(settings, tokenizer, template, read)
     workers = min(workers, -(-count // ENCODE_BATCH))  # a small dataset is not worth starting processes for
-    with worker_pool(encoder, workers) as pool:
+    with worker_pool(encoder, workers) as pool, one_core_here(workers <= 1):
         batches = split_batches(iter_records(settings, ReadResult([], [], 0, 0)), labels)
         stats["splits"], lengths = write_splits(settings, encoded_in_order(encoder, batches, pool, workers), count,
                                                 outputs)
