@@ -327,10 +327,11 @@ class Layout:
             files += [path for value in inputs.values() for path in ([value] if isinstance(value, str) else value)]
         if self.trains(run):
             files += [self.run_file(name, run) for name in ("adapter", "train_log", "train_summary", "loss_curve")]
-            files.append(self.run_file("merged", run))
         record = self.report_record(run)
         files += [*record["files"].values(), *record["exams"].values(), *record["test_sets"].values(),
-                  *record["test_set_answers"].values()]
+                  *record["test_set_answers"].values(), *record["serve"].values(), *self.start_model(run).values()]
+        if spec.export:  # the model an export reads (a run predicting from its adapter merges only for it)
+            files += [path for key, path in self.export_model(run).items() if key != "source_gguf"]
         return [path for path in files if not path.endswith(".benchmark.tsv")]
 
     def final_outputs(self) -> list[str]:
