@@ -170,11 +170,10 @@ def score_columns(rows: list[dict[str, Any]], exam_columns: list[str], test_set_
     return [column for column in wanted if any(page.is_number(row.get(column)) for row in rows)]
 
 
-def plot_section(records, rows, logs, plot_files) -> str:
+def plot_section(rows, logs, summaries, plot_files) -> str:
     """Per dataset whose test rows runs answer, side by side: the loss of those runs on shared axes (linear and log,
     a switch between them) and their metrics as bars. Each chart is also written to its file in ``plot_files``."""
     colour = plots.colours([row["run"] for row in rows])
-    summaries = {r["run"]: read_json(r["files"]["train_summary"]) for r in records if "train_summary" in r["files"]}
     parts = []
     for dataset in dict.fromkeys(row["scored_on"] for row in rows):
         group = [row for row in rows if row["scored_on"] == dataset]
@@ -253,7 +252,7 @@ fractions (0 to 1); BLEU and ROUGE are percentages. A click on a heading sorts t
 <h2>Runs compared</h2>
 {page.comparison(rows, score_columns(rows, exam_columns, test_set_columns), pairs)}
 <h2>Plots</h2>
-{plot_section(records, rows, logs, plot_files or {})}
+{plot_section(rows, logs, summaries, plot_files or {})}
 <h2>Answers side by side</h2>
 {answers_section(records)}
 <h2>Training</h2>
