@@ -9,12 +9,13 @@ sys.path.insert(0, str(Path(workflow.basedir) / "scripts"))
 
 from snaketune import layout as paths
 from snaketune import workflow as stages
-from snaketune.config import load as load_config
+from snaketune.config import load_files
 from snaketune.errors import UserError
 from snaketune.exam import exam_files
 
 try:
-    CFG = load_config(config, workflow.configfiles)
+    # The same loader as plan.py, chat.py and serve.py: the files merged as Snakemake merged them into `config`.
+    CFG = load_files(workflow.configfiles, workflow.config_settings.config)
 except UserError as problem:
     # One line per problem, no traceback: these are the user's mistakes, not ours.
     for line in str(problem).splitlines():
@@ -119,27 +120,14 @@ def quote(value):
 
 
 onstart:
-    # A run that spans several nodes needs Slurm: refuse it on a single machine before any job starts.
-    executor = workflow.executor_plugin.name if workflow.executor_plugin else ""
-    spanning = [name for name, run in CFG.runs.items() if run.train.nodes > 1]
-    if spanning and "slurm" not in executor:
-        nodes = CFG.runs[spanning[0]].train.nodes
-        sys.stderr.write(
-            f"error: runs.{spanning[0]}.nodes: {nodes} nodes need a Slurm cluster (--profile profiles/slurm); "
-            "on one machine set nodes: 1 and gpus: <its GPUs>\n"
-        )
-        sys.exit(1)
-    # A stage that cannot fit the machine the profile declares (gpu_memory_gib, disk_gib) is refused here, not
-    # hours in: `snakemake plan` prints the whole plan.
-    from snaketune.plan import plan as resource_plan, problems as misfits
-
-    planning_only = {job.rule.name for job in workflow.dag.targetjobs} == {"plan"}
-    misfit = (
-        []
-        if planning_only
-        else misfits(resource_plan(CFG), CFG.gpu_memory_gib, CFG.disk_gib)
+    # Refused before any job starts (workflow.preflight): several nodes without Slurm, a stage that cannot fit the
+    # machine the profile declares (`snakemake plan` prints the whole plan).
+    refusals = stages.preflight(
+        CFG,
+        workflow.executor_plugin.name if workflow.executor_plugin else "",
+        {job.rule.name for job in workflow.dag.targetjobs},
     )
-    for line in misfit:
+    for line in refusals:
         sys.stderr.write(f"error: {line}\n")
-    if misfit:
+    if refusals:
         sys.exit(1)

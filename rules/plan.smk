@@ -6,6 +6,7 @@ rule plan:
     conda:
         "../envs/evaluate.yaml"
     params:
-        config=json.dumps(config),
+        files=" ".join(quote(str(path)) for path in workflow.configfiles),
+        overrides=json.dumps(workflow.config_settings.config),
     shell:
-        "plan.py --config {params.config:q} 2>&1 | tee {log:q}"
+        "plan.py --configfile {params.files} --config {params.overrides:q} 2>&1 | tee {log:q}"

@@ -18,8 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configfile", nargs="*", default=[], help="config YAML files, later ones override")
-    parser.add_argument("--config", help="the config as JSON (how the workflow passes it)")
+    parser.add_argument("--configfile", nargs="*", default=[],
+                        help="config YAML files, merged in order as snakemake does (default: config/config.yaml)")
+    parser.add_argument("--config", help="settings over the files, as JSON (how the workflow passes its --config)")
     parser.add_argument("--gpu-memory-gib", type=float, help="GPU memory of each GPU (overrides the config)")
     parser.add_argument("--disk-gib", type=float, help="disk the runs may fill (overrides the config)")
     return parser
@@ -31,16 +32,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
     def body():
-        import yaml
-
-        from snaketune.config import load
+        from snaketune.config import load_files
         from snaketune.plan import plan, problems, table
 
-        raw = {}
-        for path in args.configfile:
-            raw.update(yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {})
-        raw.update(json.loads(args.config) if args.config else {})
-        cfg = load(raw, args.configfile)
+        cfg = load_files(args.configfile, json.loads(args.config) if args.config else None)
         needs = plan(cfg)
         sys.stdout.write(table(needs))
         gpu = args.gpu_memory_gib or cfg.gpu_memory_gib

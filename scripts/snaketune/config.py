@@ -425,3 +425,50 @@ def load(raw: dict[str, Any], files: list[str | Path] = ()) -> WorkflowConfig:
     return WorkflowConfig(models=models, datasets=datasets, runs=runs, sweeps=sweeps, exams=exams,
                           serve_run=raw.get("serve_run"), gpu_memory_gib=raw.get("gpu_memory_gib"),
                           disk_gib=raw.get("disk_gib"))
+
+
+DEFAULT_CONFIG = Path("config") / "config.yaml"  # the embedded default, as the Snakefile's `configfile:` names it
+
+
+def merge_into(config: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Update ``config`` in place as Snakemake merges config files and ``--config``: a mapping merges key by key
+    into a mapping, recursively; any other value (a list too) replaces what was there."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            merge_into(config[key], value)
+        else:
+            config[key] = copy.deepcopy(value)
+    return config
+
+
+def read_file(path: str | Path) -> dict[str, Any]:
+    """One config file (YAML, or JSON, which is YAML) as a mapping; a missing or malformed file is a UserError."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
+    try:
+        content = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    if content is None:
+        return {}
+    if not isinstance(content, dict):
+        raise UserError(f"{path}: a config file holds a mapping (`key: value` lines), not a {type(content).__name__}")
+    return content
+
+
+def load_files(files: list[str | Path] = (), overrides: dict[str, Any] | None = None) -> WorkflowConfig:
+    """The config the workflow runs with ``--configfile files... --config overrides``: the files merged in order
+    as Snakemake merges them, then the overrides, validated by ``load``. No files: the embedded default, as the
+    Snakefile reads it. The workflow, ``plan.py``, ``chat.py`` and ``serve.py`` all load their config here, so the
+    same files mean the same runs everywhere."""
+    files = [Path(path) for path in files] or [DEFAULT_CONFIG]
+    raw: dict[str, Any] = {}
+    for path in files:
+        merge_into(raw, read_file(path))
+    merge_into(raw, overrides or {})
+    return load(raw, files)

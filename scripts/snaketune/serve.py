@@ -360,31 +360,33 @@ def add_model_arguments(parser) -> None:
 
     model_source_arguments(parser).add_argument(
         "--run", help="a run of the workflow's config: the model its predictions came from (shared jobs included)")
-    parser.add_argument("--configfile", default="config/config.yaml",
-                        help="the workflow config --run is looked up in (as given to snakemake); paths are "
-                             "relative to the working directory, as in the workflow")
+    parser.add_argument("--configfile", nargs="+", default=[],
+                        help="the workflow's config files --run is looked up in, as given to snakemake (default: "
+                             "config/config.yaml); paths are relative to the working directory, as in the workflow")
     parser.add_argument("--name", help="the model name the service reports (default: the run or folder name)")
 
 
-def run_model(run: str, configfile: str | Path) -> dict[str, Path]:
+def run_model(run: str, configfiles: list[str | Path]) -> dict[str, Path]:
     """What the workflow built for ``run`` to predict with (layout.Layout.run_model), checked to exist."""
-    import yaml
+    import shlex
 
-    from snaketune.config import load
+    from snaketune.config import DEFAULT_CONFIG, load_files
     from snaketune.errors import UserError
     from snaketune.layout import Layout
 
-    configfile = Path(configfile)
-    if not configfile.is_file():
-        raise UserError(f"--configfile: `{configfile}` not found (--run looks the run up in the workflow's config)")
-    cfg = load(yaml.safe_load(configfile.read_text(encoding="utf-8")) or {}, [configfile])
+    files = [Path(path) for path in configfiles] or [DEFAULT_CONFIG]
+    for path in files:
+        if not path.is_file():
+            raise UserError(f"--configfile: `{path}` not found (--run looks the run up in the workflow's config)")
+    cfg = load_files(files)
+    named = " ".join(shlex.quote(str(path)) for path in files)
     if run not in cfg.runs:
-        raise UserError(f"--run: `{run}` is not a run of {configfile} (runs: {', '.join(cfg.runs)})")
+        raise UserError(f"--run: `{run}` is not a run of {named} (runs: {', '.join(cfg.runs)})")
     found = {key: Path(path) for key, path in Layout(cfg).run_model(run).items()}
     missing = [str(path) for path in found.values() if not path.exists()]
     if missing:
         raise UserError(f"run `{run}` is not built yet ({', '.join(missing)} missing); build it with "
-                        f"`snakemake --profile profiles/local --configfile {configfile} {' '.join(missing)}`")
+                        f"`snakemake --profile profiles/local --configfile {named} {' '.join(missing)}`")
     return found
 
 

@@ -88,3 +88,25 @@ def serve_run(cfg: WorkflowConfig) -> str:
     if run not in cfg.runs:
         raise UserError(f"serve_run: `{run}` is not a run (runs: {', '.join(cfg.runs)})")
     return run
+
+
+def preflight(cfg: WorkflowConfig, executor: str, targets: set[str]) -> list[str]:
+    """Why the workflow must not start, one line each (empty: start). Checked before any job runs, not hours in:
+
+    - a run that spans several nodes needs the Slurm executor;
+    - a stage that cannot fit the machine the profile declares (``gpu_memory_gib``, ``disk_gib``), unless the only
+      target is ``plan``, which prints exactly that.
+
+    ``executor``: the executor plugin's name (``local``, ``slurm`` ...); ``targets``: the rule names of the
+    target jobs.
+    """
+    from snaketune.plan import plan, problems
+
+    spanning = [name for name, run in cfg.runs.items() if run.train.nodes > 1]
+    if spanning and "slurm" not in executor:
+        nodes = cfg.runs[spanning[0]].train.nodes
+        return [f"runs.{spanning[0]}.nodes: {nodes} nodes need a Slurm cluster (--profile profiles/slurm); on one "
+                "machine set nodes: 1 and gpus: <its GPUs>"]
+    if targets == {"plan"}:
+        return []
+    return problems(plan(cfg), cfg.gpu_memory_gib, cfg.disk_gib)

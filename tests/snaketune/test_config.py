@@ -7,6 +7,7 @@ import os
 import pytest
 import yaml
 
+from conftest import REPO
 from snaketune.config import BLOCKS, DERIVED, RUN_KEYS, SWEEP_KEYS, load, load_schema
 from snaketune.dataset import DatasetSettings
 from snaketune.errors import UserError
@@ -304,3 +305,46 @@ def test_nan_and_infinity_are_config_errors(tmp_path, default_config, key, value
     line = next(i for i, row in enumerate(text.splitlines(), 1) if row == f"    {key}: {value}")
     assert str(problem.value).splitlines()[0] == (
         f"{path}:{line}: runs.identity-base.{key}: must be a finite number, not {float(value.replace('.', ''))}")
+
+
+def test_config_files_and_overrides_merge_as_snakemake_merges_them(tmp_path, default_config, monkeypatch):
+    from snakemake.utils import update_config
+
+    from snaketune.config import load_files, merge_into
+
+    monkeypatch.chdir(REPO)  # the default config's data paths are relative to the working directory
+    base = write(tmp_path, default_config)
+    change = {"runs": {"identity-lora": {"learning_rate": 0.002, "evaluation": {"metrics": ["bleu"]}}},
+              "run_defaults": {"max_steps": 3}, "disk_gib": 40}
+    over = tmp_path / "over.yaml"
+    over.write_text(yaml.safe_dump(change), encoding="utf-8")
+    overrides = {"gpu_memory_gib": 24, "runs": {"matching-lora": {"lora_rank": 4}}}
+
+    snakemake_merged = copy.deepcopy(default_config)
+    update_config(snakemake_merged, change)
+    update_config(snakemake_merged, overrides)
+    assert merge_into(merge_into(copy.deepcopy(default_config), change), overrides) == snakemake_merged
+
+    cfg = load_files([base, over], overrides)
+    assert cfg == load(snakemake_merged, [base, over])
+    lora = cfg.runs["identity-lora"]
+    assert lora.train.learning_rate == 0.002 and lora.train.max_steps == 3 and lora.evaluation.metrics == ["bleu"]
+    assert lora.evaluation.exams == ["mmcu-sample"] and lora.evaluation.shots == 2  # merged into, not replaced
+    assert cfg.runs["matching-lora"].train.lora_rank == 4 and (cfg.gpu_memory_gib, cfg.disk_gib) == (24, 40)
+    assert load_files([]) == load(default_config)  # no files: the embedded default, as the Snakefile reads it
+
+
+@pytest.mark.parametrize("text, message", [
+    (None, "cannot read the config file"),
+    ("runs: [a\n", "config.yaml:2: not valid YAML"),
+    ("- a\n- b\n", "config.yaml: a config file holds a mapping (`key: value` lines), not a list"),
+])
+def test_a_config_file_that_is_missing_malformed_or_not_a_mapping_is_one_line(tmp_path, text, message):
+    from snaketune.config import load_files
+
+    path = tmp_path / "config.yaml"
+    if text is not None:
+        path.write_text(text, encoding="utf-8")
+    with pytest.raises(UserError) as raised:
+        load_files([path])
+    assert message in str(raised.value) and len(str(raised.value).splitlines()) == 1
