@@ -12,6 +12,8 @@ import yaml
 
 from conftest import REPO, TINY_MODEL, planned_jobs, scratch_workflow, snakemake, workflow_env
 
+pytestmark = pytest.mark.workflow
+
 
 def test_demo_writes_every_stage_output(demo):
     results = demo / "results"

@@ -13,6 +13,8 @@ import yaml
 from conftest import REPO, llama_greedy, open_llama, scratch_workflow, snakemake
 from snaketune.io import sha256_file
 
+pytestmark = [pytest.mark.slow, pytest.mark.workflow]
+
 EXAMPLE = REPO / "config" / "examples" / "smollm2-135m-identity.yaml"
 REAL_GGUF = REPO / ".cache" / "real-model" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 TUNED, BASE = "smollm2-identity", "smollm2-base"

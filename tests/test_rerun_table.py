@@ -8,6 +8,8 @@ import yaml
 
 from conftest import BASELINE_RUNS, planned_jobs, run_stages, snakemake
 
+pytestmark = pytest.mark.workflow
+
 RUNS = ["identity-lora", "identity-base", "matching-lora"]
 IDENTITY_RUNS = ["identity-lora", "identity-base"]
 

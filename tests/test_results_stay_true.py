@@ -15,6 +15,8 @@ import yaml
 
 from conftest import REPO, RUN_STAGES, TINY_MODEL, planned_jobs, run_stages, scratch_workflow, snakemake, workflow_env
 
+pytestmark = pytest.mark.workflow
+
 GEN_SMALL, GEN_FULL = "gen-generation.max_new_tokens1", "gen-generation.max_new_tokens40"
 
 

@@ -13,6 +13,8 @@ import pytest
 from conftest import REPO, start_server, workflow_env
 from snaketune.serve import ChatModel, ServiceSettings, create_app
 
+pytestmark = pytest.mark.slow
+
 MESSAGES = [{"role": "user", "content": "你好"}]
 
 

@@ -16,7 +16,8 @@ import yaml
 from conftest import REPO, scratch_workflow, workflow_env
 from local_slurm import CPU_PARTITION, PARTITION, LocalSlurm
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the local Slurm cluster is Debian packages")
+pytestmark = [pytest.mark.slow, pytest.mark.workflow,
+              pytest.mark.skipif(sys.platform != "linux", reason="the local Slurm cluster is Debian packages")]
 
 
 def machine_profile(folder, cluster):

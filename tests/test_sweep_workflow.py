@@ -3,8 +3,11 @@
 import json
 
 import pandas as pd
+import pytest
 
 from conftest import RUN_STAGES, TINY_MODEL, planned_jobs, scratch_workflow, snakemake
+
+pytestmark = pytest.mark.workflow
 
 
 def sweep_config(rates):

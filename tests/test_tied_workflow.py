@@ -7,6 +7,8 @@ import pytest
 
 from conftest import TINY_MODEL, scratch_workflow, snakemake
 
+pytestmark = pytest.mark.workflow
+
 RUNS = {"llama-lora": ("tiny-llama", "lora"), "llama-full": ("tiny-llama", "full"),
         "qwen2-lora": ("tiny-qwen2", "lora"), "qwen2-qlora": ("tiny-qwen2", "qlora")}
 

@@ -143,6 +143,7 @@ def test_a_killed_run_resumes_to_the_same_step_and_loss(built, tmp_path, uninter
     assert resumed["loss"].iloc[-1] == pytest.approx(uninterrupted["loss"].iloc[-1], rel=0.01)
 
 
+@pytest.mark.slow
 def test_zero3_in_two_processes_trains_consolidates_and_resumes(built, tmp_path, tied_model):
     """The expensive real run: full fine-tune, ZeRO-3, two CPU processes under torchrun, killed and resumed, on
     the GPU's fast path: packs sized in tokens, varlen attention and the fused loss (the head's weight gathered
@@ -189,6 +190,7 @@ def start_node(built, run_dir, settings, node, port):
                             stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_two_nodes_train_zero3_resume_after_a_kill_and_match_two_local_processes(built, tmp_path, tiny_model):
     """The multi-node path without a multi-node cluster: two node launchers (SLURM_NODEID 0 and 1) meet at the
     first host of the node list through torchrun's static rendezvous, one process each, ZeRO-3 across them."""
