@@ -19,10 +19,19 @@ def settings_argument(parser: argparse.ArgumentParser) -> None:
 
 def make_settings(settings_class, values: dict[str, Any]):
     """Build a settings dataclass; an unknown or missing key is a user error naming the key."""
+    from dataclasses import MISSING, fields
+
+    known = {item.name: item for item in fields(settings_class) if item.init}
+    unknown = sorted(set(values) - set(known))
+    missing = [name for name, item in known.items() if name not in values
+               and item.default is MISSING and item.default_factory is MISSING]
+    if unknown or missing:
+        problem = f"unknown key `{unknown[0]}`" if unknown else f"`{missing[0]}` is required"
+        raise UserError(f"--settings: {problem} ({settings_class.__name__} takes: {', '.join(known)})")
     try:
         return settings_class(**values)
-    except TypeError as exc:
-        raise UserError(f"--settings: {exc}".replace("__init__()", settings_class.__name__)) from None
+    except TypeError as exc:  # a value of the wrong type, met by a check in __post_init__
+        raise UserError(f"--settings: {exc}") from None
 
 
 # Messages the libraries print on every run that say nothing about this run: a user reading a failed job's log

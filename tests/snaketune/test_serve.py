@@ -237,6 +237,7 @@ def test_a_run_not_built_or_not_in_the_config_is_one_clear_error(tmp_path):
         assert message in result.stderr
 
 
+@pytest.mark.workflow
 def test_snakemake_serve_target_needs_only_the_runs_merged_model(demo):
     from conftest import planned_jobs, snakemake
 

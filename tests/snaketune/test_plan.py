@@ -72,6 +72,7 @@ def test_qlora_plans_less_gpu_memory_than_lora_and_checkpointing_less_than_none(
     assert (toggled > qlora) == (not run.train.gradient_checkpointing)
 
 
+@pytest.mark.workflow
 def test_a_run_that_cannot_fit_the_declared_gpu_is_refused_before_any_job(tmp_path, default_config):
     config = scratch_workflow(tmp_path, default_config)
     refused = snakemake(tmp_path, "--configfile", str(config), "--config", "gpu_memory_gib=0.5")
