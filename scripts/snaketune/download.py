@@ -98,8 +98,9 @@ def corpus_texts(paths: list[str]) -> Iterator[str]:
             yield from text.split("\n")
 
 
-def build_tokenizer(corpus: list[str], vocab_size: int):
-    """Train a byte-level BPE tokenizer (GPT-2/Qwen2 style) on local text, with ChatML special tokens."""
+def build_tokenizer(corpus: list[str], vocab_size: int, extra_special_tokens: tuple[str, ...] = ()):
+    """Train a byte-level BPE tokenizer (GPT-2/Qwen2 style) on local text, with ChatML special tokens (and a
+    vision-language family's image tokens)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -112,7 +113,8 @@ def build_tokenizer(corpus: list[str], vocab_size: int):
     ])
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + list(extra_special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     bpe.train_from_iterator(corpus_texts(corpus), trainer)
@@ -123,15 +125,23 @@ def build_tokenizer(corpus: list[str], vocab_size: int):
     return tokenizer
 
 
+VISION_TOKENS = {"qwen2_vl": ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"),
+                 "llava": ("<image>",)}
+TINY_IMAGE = 56  # pixels a side: the builtin vision towers see 56x56 images as 14-pixel patches
+
+
 def build_builtin(settings: dict[str, Any], out: Path) -> None:
-    """Build a tiny random-init causal LM of a real architecture, deterministic from ``seed``."""
+    """Build a tiny random-init model of a real architecture, deterministic from ``seed``: a causal LM (qwen2,
+    llama), or a vision-language model with its processor (qwen2_vl: Qwen2-VL's layout; llava: a CLIP vision
+    tower, a projector and a Qwen2 language model)."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, Qwen2Config
 
-    tokenizer = build_tokenizer(settings["tokenizer_corpus"], settings["vocab_size"])
-    config_class = {"qwen2": Qwen2Config, "llama": LlamaConfig}[settings["architecture"]]
+    architecture = settings["architecture"]
+    tokenizer = build_tokenizer(settings["tokenizer_corpus"], settings["vocab_size"],
+                                VISION_TOKENS.get(architecture, ()))
     eos, pad = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
-    config = config_class(
+    text = dict(
         vocab_size=len(tokenizer), hidden_size=settings["hidden_size"],
         intermediate_size=settings["intermediate_size"], num_hidden_layers=settings["num_hidden_layers"],
         num_attention_heads=settings["num_attention_heads"], num_key_value_heads=settings["num_key_value_heads"],
@@ -141,12 +151,57 @@ def build_builtin(settings: dict[str, Any], out: Path) -> None:
         bos_token_id=None, eos_token_id=eos, pad_token_id=pad,
     )
     torch.manual_seed(settings["seed"])
-    model = AutoModelForCausalLM.from_config(config)
+    if architecture in VISION_TOKENS:
+        model, image_processor = tiny_vision_model(architecture, text, tokenizer)
+        image_processor.save_pretrained(out)
+    else:
+        model = AutoModelForCausalLM.from_config({"qwen2": Qwen2Config, "llama": LlamaConfig}[architecture](**text))
     model.generation_config = GenerationConfig(
         eos_token_id=[eos, pad], pad_token_id=pad, bos_token_id=None, do_sample=False,
     )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def tiny_vision_model(architecture: str, text: dict[str, Any], tokenizer):
+    """A random-init vision-language model in a real family's layout, and its image processor. (No transformers
+    processor class: Qwen2-VL's wants a video processor, which needs torchvision; the stages use the tokenizer and
+    the image processor, each saved in the folder as a real checkpoint has them.)"""
+    from transformers import (
+        AutoModelForImageTextToText,
+        CLIPVisionConfig,
+        LlavaConfig,
+        Qwen2Config,
+        Qwen2VLConfig,
+    )
+
+    hidden, heads = text["hidden_size"], text["num_attention_heads"]
+    tower = dict(hidden_size=hidden, num_attention_heads=heads, intermediate_size=2 * hidden, num_hidden_layers=1,
+                 patch_size=14, initializer_range=text["initializer_range"])
+    if architecture == "qwen2_vl":
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        half = hidden // heads // 2  # rotary frequencies per head, split over time, height and width as Qwen2-VL
+        section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]  # 128: 16 24 24
+        config = Qwen2VLConfig(
+            text_config={**text, "rope_scaling": {"type": "mrope", "mrope_section": section}},
+            vision_config=dict(depth=1, embed_dim=hidden, num_heads=heads, hidden_size=hidden, patch_size=14,
+                               spatial_merge_size=2, temporal_patch_size=2, in_channels=3, mlp_ratio=2),
+            **{f"{name}_token_id": tokenizer.convert_tokens_to_ids(token) for name, token in (
+                ("vision_start", "<|vision_start|>"), ("vision_end", "<|vision_end|>"),
+                ("image", "<|image_pad|>"), ("video", "<|video_pad|>"))},
+            tie_word_embeddings=text["tie_word_embeddings"])
+        images = Qwen2VLImageProcessorPil(min_pixels=TINY_IMAGE * TINY_IMAGE, max_pixels=4 * TINY_IMAGE * TINY_IMAGE)
+    else:
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+        config = LlavaConfig(vision_config=CLIPVisionConfig(image_size=TINY_IMAGE, **tower),
+                             text_config=Qwen2Config(**text), image_token_index=tokenizer.convert_tokens_to_ids(
+                                 "<image>"), projector_hidden_act="gelu", vision_feature_layer=-1,
+                             vision_feature_select_strategy="default", tie_word_embeddings=text["tie_word_embeddings"])
+        images = CLIPImageProcessorPil(size={"shortest_edge": TINY_IMAGE},
+                                       crop_size={"height": TINY_IMAGE, "width": TINY_IMAGE})
+    return AutoModelForImageTextToText.from_config(config), images
 
 
 def gguf_architecture(path: Path) -> str:

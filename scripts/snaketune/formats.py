@@ -19,6 +19,11 @@ Layouts (``format``), each with the field names it reads by default; ``columns``
 Preference pairs (``ranking: true``, LLaMA-Factory's name, or ``format: preference``): alpaca rows carry ``chosen``
 and ``rejected`` answers instead of ``output``; sharegpt/messages rows end on a user turn and carry ``chosen`` and
 ``rejected`` turns. The record's last assistant turn is the chosen answer and ``rejected`` holds the other.
+
+Images (sharegpt and messages): a row's ``images`` list (LLaMA-Factory) or ``image`` path (LLaVA's JSON), or
+OpenAI content parts (``{"type": "image_url", "image_url": {"url": ...}}``, a path or a data URL) in a turn. The
+text keeps ``<image>`` where each goes (with none, they lead the first user turn); paths resolve against the
+dataset file's folder. An image that is missing, unreadable or does not decode makes its row bad.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from snaketune.errors import UserError, located
+from snaketune.vision import ImageProblem, content_parts, place_images
 
 ROLES = ("system", "user", "assistant", "tool")
 PROMPT_ROLES = ("user", "tool")  # turns the model reads; the assistant turns after them are trained on
@@ -45,8 +51,8 @@ RANKING_FORMATS = ("alpaca", "sharegpt", "messages", "preference")  # the layout
 DEFAULT_COLUMNS = {
     "alpaca": {"instruction": "instruction", "input": "input", "output": "output", "system": "system",
                "history": "history"},
-    "sharegpt": {"conversations": "conversations", "system": "system"},
-    "messages": {"conversations": "messages", "system": "system"},
+    "sharegpt": {"conversations": "conversations", "system": "system", "images": "images"},
+    "messages": {"conversations": "messages", "system": "system", "images": "images"},
     "firefly": {"conversation": "conversation", "system": "system"},
     "text": {"text": "text"},
     "columns": {},
@@ -73,16 +79,19 @@ class Record:
     text: str | None = None
     source: dict[str, Any] | None = None  # the row as the file had it (its original columns)
     rejected: str | None = None  # preference pairs: the rejected answer (the last assistant turn is the chosen one)
+    images: list[str] = field(default_factory=list)  # absolute paths or data URLs, one per <image> in the messages
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) of each, as decoded
 
     def as_dict(self) -> dict[str, Any]:
         if self.text is not None:
             return {"id": self.id, "text": self.text}
-        return {"id": self.id, "system": self.system, "messages": self.messages}
+        images = {"images": self.images} if self.images else {}
+        return {"id": self.id, "system": self.system, "messages": self.messages, **images}
 
     def content_key(self) -> str:
         """Identity of the content, for exact-duplicate removal (ids and lines left out)."""
-        body = json.dumps([self.system, self.messages, self.text] + ([self.rejected] if self.rejected else []),
-                          ensure_ascii=False, sort_keys=True)
+        body = json.dumps([self.system, self.messages, self.text] + ([self.rejected] if self.rejected else [])
+                          + ([self.images] if self.images else []), ensure_ascii=False, sort_keys=True)
         return hashlib.sha1(body.encode("utf-8")).hexdigest()
 
 
@@ -359,7 +368,20 @@ class RowReader:
             record.system = self.settings.system
         if record.text is None:
             check_turns(path, line, record)
+        if record.images:
+            self.check_images(path, line, record)
         return record
+
+    @staticmethod
+    def check_images(path: Path, line: int, record: Record) -> None:
+        """Each image decodes: else the row is bad, naming the image. Keeps their sizes for the build's stats."""
+        from snaketune.vision import ImageProblem, open_image, resolve
+
+        try:
+            record.images = [resolve(ref, path.parent) for ref in record.images]
+            record.image_sizes = [open_image(ref).size for ref in record.images]
+        except ImageProblem as problem:
+            raise bad(path, line, str(problem)) from None
 
     def answer(self, path: Path, line: int, row: dict, key: str) -> str:
         """A preference answer: a string, a turn object (sharegpt ``from``/``value``, OpenAI ``role``/``content``)
@@ -417,11 +439,17 @@ class RowReader:
         roles = {self.tags[name]: name for name in ("user", "assistant", "system", "function_call", "observation")}
         canonical = {"user": "user", "assistant": "assistant", "system": "system", "function_call": "assistant",
                      "observation": "tool"}
-        system, messages = self.text(path, line, row, "system", required=False), []
+        system, messages, images = self.text(path, line, row, "system", required=False), [], []
         for index, turn in enumerate(turns):
             where = f"{key}[{index}]"
             if not isinstance(turn, dict):
                 raise bad(path, line, f'field "{where}" must be an object with "{role_tag}" and "{content_tag}"')
+            if isinstance(turn.get(content_tag), list):  # OpenAI content parts: text and images
+                try:
+                    turn = {**turn, content_tag: self.content_parts(turn[content_tag], f"{where}.{content_tag}",
+                                                                   images)}
+                except ImageProblem as problem:
+                    raise bad(path, line, str(problem)) from None
             for tag in (role_tag, content_tag):
                 if not isinstance(turn.get(tag), str):
                     raise bad(path, line, f'field "{where}.{tag}" missing or not a string')
@@ -435,9 +463,31 @@ class RowReader:
                 system = turn[content_tag]
                 continue
             messages.append({"role": canonical[role], "content": turn[content_tag]})
-        return Record(row_id(path, line, row), system, messages, line)
+        images = self.row_images(path, line, row) + images
+        try:
+            place_images(messages, len(images))
+        except ImageProblem as problem:
+            raise bad(path, line, str(problem)) from None
+        return Record(row_id(path, line, row), system, messages, line, images=images)
 
     read_messages = read_sharegpt
+
+    @staticmethod
+    def content_parts(parts: list, where: str, images: list[str]) -> str:
+        text, found = content_parts(parts, where)
+        images += found
+        return text
+
+    def row_images(self, path: Path, line: int, row: dict) -> list:
+        """The row's image column: a list (LLaMA-Factory's ``images``) or one path (LLaVA's ``image``)."""
+        name = self.columns["images"]
+        value = row.get(name, row.get("image") if name == "images" else None)
+        if value is None:
+            return []
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise bad(path, line, f'field "{name}" must be an image path or a list of them')
+        return value
 
     def read_firefly(self, path: Path, line: int, row: dict) -> Record:
         key = self.columns["conversation"]
