@@ -10,7 +10,7 @@ import csv
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 PREDICTION_COLUMNS = ["id", "prompt", "reference", "prediction", "generation_seconds"]
@@ -18,9 +18,9 @@ AUTO_BATCH_LIMIT = {"cuda": 512, "cpu": 128}  # rows: a GPU's decoding step cost
 # rows; the CPU computes every padded position, so smaller, tighter length-sorted batches serve it better
 
 
-def source_columns(sources):
+def source_columns(sources, ours=PREDICTION_COLUMNS):
     """The test rows' original fields as columns (nested values as JSON), for people reading predictions.csv
-    beside their data; a field named like one of ours gets a ``source_`` prefix."""
+    beside their data; a field named like one of ``ours`` gets a ``source_`` prefix."""
     import json
 
     import pandas as pd
@@ -28,7 +28,7 @@ def source_columns(sources):
     rows = [json.loads(text) if text else {} for text in sources]
     frame = pd.DataFrame([{key: value if isinstance(value, str | int | float | bool) or value is None
                            else json.dumps(value, ensure_ascii=False) for key, value in row.items()} for row in rows])
-    return frame.rename(columns=lambda c: f"source_{c}" if c in PREDICTION_COLUMNS else c)
+    return frame.rename(columns=lambda c: f"source_{c}" if c in set(ours) else c)
 
 
 @dataclass
@@ -67,31 +67,63 @@ def compute_dtype(wanted: str = "auto", gpu: bool | None = None):
 def load_for_generation(model_dir: Path, adapter_dir: Path | None, trust_remote_code: bool = False,
                         dtype: str = "auto"):
     """Tokenizer (left padding) and model in eval mode, in ``compute_dtype(dtype)``: a merged folder, or a base
-    with its adapter applied."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    with its adapter applied. A vision-language folder loads as transformers' image-text-to-text model."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+
+    from snaketune.vision import family_of
+
+    auto_class = AutoModelForImageTextToText if family_of(model_dir) else AutoModelForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir or model_dir, padding_side="left",
                                               trust_remote_code=trust_remote_code)
     torch_dtype = compute_dtype(dtype)
     print(f"computing in {torch_dtype}", file=sys.stderr)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    model = auto_class.from_pretrained(model_dir, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     if adapter_dir is not None and (adapter_dir / "adapter_config.json").is_file():
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter_dir)
     elif adapter_dir is not None:  # a full fine-tune: the "adapter" folder holds the whole model
-        model = AutoModelForCausalLM.from_pretrained(adapter_dir, dtype=torch_dtype,
-                                                     trust_remote_code=trust_remote_code)
+        model = auto_class.from_pretrained(adapter_dir, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer, model.eval()
 
 
-def generate_batch(model, tokenizer, prompts: list[str], settings: GenerationSettings, device) -> list[str]:
-    """Greedy (or sampled) continuations of left-padded prompts, decoded without special tokens."""
+def image_prompts(tokenizer, prompts: list[str], images: list[list[str]], vision):
+    """Left-padded ids of prompts whose image tokens are expanded for their images, and the model's image inputs."""
     import torch
 
-    inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    from snaketune.vision import expand_image_tokens, open_image
+
+    rows = []
+    for prompt, refs in zip(prompts, images, strict=True):
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        sizes = [open_image(ref).size for ref in refs]
+        rows.append(expand_image_tokens(ids, ids, vision.image_token_id, vision.token_counts(sizes))[0])
+    width = max(len(row) for row in rows)
+    input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(row)) + row for row in rows])
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+    return input_ids, mask
+
+
+def generate_batch(model, tokenizer, prompts: list[str], settings: GenerationSettings, device,
+                   images: list[list[str]] | None = None, vision=None) -> list[str]:
+    """Greedy (or sampled) continuations of left-padded prompts, decoded without special tokens. ``images``: each
+    prompt's images, for a vision-language model (``vision``: its ImageInputs)."""
+    import torch
+
+    if images is not None and any(images):
+        from snaketune.vision import model_image_inputs
+
+        input_ids, mask = image_prompts(tokenizer, prompts, images, vision)
+        extra = model_image_inputs(model, vision, input_ids, images)
+        extra.pop("mm_token_type_ids", None)  # generate computes it for the prompt and each new token
+        inputs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device),
+                  **{key: value.to(device) for key, value in extra.items()}}
+        settings = replace(settings, decoder="generate")  # the one decoder that feeds pixels to the prefill
+    else:
+        inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     with torch.no_grad():
         if settings.decoder == "generate" or settings.do_sample:
             sampling = {"temperature": settings.temperature, "top_p": settings.top_p} if settings.do_sample else {}
@@ -299,6 +331,7 @@ def predict(settings: GenerationSettings, model_dir: Path, test_path: Path, out_
     from tqdm import tqdm
     from transformers import set_seed
 
+    from snaketune.errors import UserError
     from snaketune.io import atomic_file, sha256_file
 
     set_seed(settings.seed)
@@ -309,9 +342,18 @@ def predict(settings: GenerationSettings, model_dir: Path, test_path: Path, out_
         use_grouped_decode(model)  # sdpa neither copies keys per head nor pads a query into a tile)
     import pyarrow.parquet as pq
 
-    wanted = ["id", "prompt", "reference"] + (["source"] if "source" in pq.read_schema(test_path).names else [])
+    names = pq.read_schema(test_path).names
+    wanted = ["id", "prompt", "reference"] + [name for name in ("source", "images") if name in names]
     test = pd.read_parquet(test_path, columns=wanted)
     test["id"] = test["id"].astype(str)
+    vision = None
+    if "images" in test:  # a vision-language build: each row's image paths (or data URLs stored in the build)
+        from snaketune.vision import ImageInputs
+
+        vision = ImageInputs.of(model_dir, tokenizer)
+        if vision is None:
+            raise UserError(f"{test_path}: its rows have images, and {model_dir} is a text-only model")
+        test["images"] = [list(refs) for refs in test["images"]]
     fingerprint = hashlib.sha256(json.dumps(
         [vars(settings), str(model_dir.resolve()), str(adapter_dir.resolve()) if adapter_dir else None,
          sha256_file(test_path)], sort_keys=True).encode()).hexdigest()
@@ -332,7 +374,8 @@ def predict(settings: GenerationSettings, model_dir: Path, test_path: Path, out_
             batch = order[start : start + size]
             began = time.perf_counter()
             try:
-                texts = generate_batch(model, tokenizer, [test["prompt"][i] for i in batch], settings, device)
+                texts = generate_batch(model, tokenizer, [test["prompt"][i] for i in batch], settings, device,
+                                       [test["images"][i] for i in batch] if vision else None, vision)
             except torch.OutOfMemoryError:
                 if size == 1 or settings.batch_size != "auto":
                     raise
@@ -346,10 +389,13 @@ def predict(settings: GenerationSettings, model_dir: Path, test_path: Path, out_
             predictions.update({row_id: (text, sec) for row_id, text, sec in rows})
             bar.update(len(batch))
             start += len(batch)
+    columns = PREDICTION_COLUMNS + (["images"] if vision else [])  # the images' paths: the report shows them
     frame = test.assign(prediction=[predictions[i][0] for i in test["id"]],
-                        generation_seconds=[predictions[i][1] for i in test["id"]])[PREDICTION_COLUMNS]
+                        generation_seconds=[predictions[i][1] for i in test["id"]])[columns]
+    if vision:
+        frame["images"] = [json.dumps(refs) for refs in frame["images"]]
     if "source" in test:
-        frame = pd.concat([frame, source_columns(test["source"])], axis=1)
+        frame = pd.concat([frame, source_columns(test["source"], frame.columns)], axis=1)
     with atomic_file(out_csv) as tmp:
         # Quote every field: generated text can hold a bare "\r", which unquoted would split a row in two.
         # UTF-8 with a BOM: Excel on a Chinese (GBK) Windows otherwise shows the text garbled.

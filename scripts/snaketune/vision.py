@@ -209,3 +209,68 @@ def expand_image_tokens(ids: list[int], labels: list[int], image_token_id: int,
         out_labels += labels[start:position] + [-100] * count
         start = position + 1
     return out_ids + ids[start:], out_labels + labels[start:]
+
+
+@dataclass
+class ImageInputs:
+    """What the dataset build, train and predict need of a vision-language model folder besides its tokenizer."""
+
+    family: Family
+    config: dict[str, Any]
+    image_processor: Any
+    image_token_id: int
+
+    @classmethod
+    def of(cls, model_dir: str | Path, tokenizer) -> ImageInputs | None:
+        """The model's image inputs, or None for a text-only model."""
+        family = family_of(model_dir)
+        if family is None:
+            return None
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+        return cls(family, config, load_image_processor(model_dir), tokenizer.convert_tokens_to_ids(family.image_token))
+
+    def token_counts(self, sizes: list[tuple[int, int]]) -> list[int]:
+        return image_token_counts(self.family, self.config, self.image_processor, sizes)
+
+
+
+def expand_rows(columns: dict[str, list], sizes: list[list[tuple[int, int]]], inputs: ImageInputs,
+                max_length: int) -> None:
+    """Expand each row's image tokens (``columns``: input_ids, labels, n_tokens, n_supervised, truncated,
+    full_length as lists, updated in place). A row longer than ``max_length`` afterwards is cut there, unless the
+    cut would split an image: then it keeps no trainable token (and the build counts it as dropped)."""
+    for row, row_sizes in enumerate(sizes):
+        if not row_sizes:
+            continue
+        ids, labels = expand_image_tokens(columns["input_ids"][row], columns["labels"][row], inputs.image_token_id,
+                                          inputs.token_counts(row_sizes))
+        columns["full_length"][row] += len(ids) - len(columns["input_ids"][row])
+        if len(ids) > max_length:
+            if inputs.image_token_id in ids[max_length:]:
+                labels = [-100] * len(labels)
+            ids, labels = ids[:max_length], labels[:max_length]
+            columns["truncated"][row] = True
+        columns["input_ids"][row], columns["labels"][row] = ids, labels
+        columns["n_tokens"][row] = len(ids)
+        columns["n_supervised"][row] = sum(label != -100 for label in labels)
+
+
+def model_image_inputs(model, inputs: ImageInputs, input_ids, refs: list[list[str]]) -> dict[str, Any]:
+    """The keyword arguments besides ids that a vision-language forward needs for a batch whose rows have the
+    images ``refs``: pixel inputs of all its images in row order, and the image-token mask where the model's forward
+    takes one (transformers 5.2x's Qwen2-VL: ``mm_token_type_ids``)."""
+    import inspect
+
+    flat = [ref for row in refs for ref in row]
+    if not flat:
+        return {}
+    images = [open_image(ref) for ref in flat]
+    found = int((input_ids == inputs.image_token_id).sum())
+    counts = sum(inputs.token_counts([image.size for image in images]))
+    if found != counts:
+        raise ImageProblem(f"{found} image tokens in the batch's ids for {counts} image features: the dataset was "
+                           "built for another image processor; rebuild it")
+    extra = pixel_inputs(inputs.image_processor, images)
+    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+        extra["mm_token_type_ids"] = (input_ids == inputs.image_token_id).long()
+    return extra
