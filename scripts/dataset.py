@@ -80,7 +80,10 @@ def main(argv=None) -> int:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust)
         workers = min(args.num_workers or job_threads() or settings.num_workers or os.cpu_count() or 1,
                       available_cores())
-        print(json.dumps(build(settings, tokenizer, outputs, workers=max(workers, 1))["splits"]))
+        from snaketune.vision import ImageInputs
+
+        print(json.dumps(build(settings, tokenizer, outputs, workers=max(workers, 1),
+                               image_inputs=ImageInputs.of(folder, tokenizer))["splits"]))
 
     return main_guard(body, outputs=[args.train])
 

@@ -16,7 +16,7 @@ from array import array
 from collections import deque
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -112,10 +112,14 @@ def eos_error(tokenizer, record: Record) -> UserError:
     )
 
 
-def encode_records(template: ChatTemplate | None, tokenizer, records: list[Record], max_length: int):
+def encode_records(template: ChatTemplate | None, tokenizer, records: list[Record], max_length: int,
+                   images: ImageRows | None = None):
     """The rows of ``records`` as one Arrow table (``split_schema`` and the PRIVATE counts): token ids, labels, and
     the prompt/reference that predict and evaluate use. Conversations go through ``ChatTemplate.encode_batch``
-    (arrays); pretraining text and preference pairs through ``encode_rows``."""
+    (arrays); pretraining text and preference pairs through ``encode_rows``. With ``images`` (a vision-language
+    model's build), each image's token is repeated for its features and the rows keep their image paths."""
+    if images is not None:
+        return images.encode(template, tokenizer, records, max_length)
     if template is None or records[0].rejected is not None:
         return rows_table(encode_rows(template, tokenizer, records, max_length), records[0].rejected is not None)
     import pyarrow as pa
@@ -216,8 +220,9 @@ def plot_lengths(lengths: dict[str, list[int]], max_length: int, title: str, pat
     save_png(figure, path)
 
 
-def split_schema(ranking: bool = False):
-    """The columns of a split; preference datasets add the tokenized pair and the rejected answer."""
+def split_schema(ranking: bool = False, images: bool = False):
+    """The columns of a split; preference datasets add the tokenized pair and the rejected answer, a
+    vision-language build each row's image paths."""
     import pyarrow as pa
 
     tokens = pa.list_(pa.int32())
@@ -225,25 +230,60 @@ def split_schema(ranking: bool = False):
     return pa.schema([("id", pa.string()), ("line", pa.int64()), ("input_ids", tokens), ("labels", tokens),
                       ("n_tokens", pa.int64()), ("n_supervised", pa.int64()), ("truncated", pa.bool_()),
                       ("prompt", pa.string()), ("reference", pa.string()), ("source", pa.string()),
-                      ("messages", pa.string())] + (pair if ranking else []))
+                      ("messages", pa.string())] + (pair if ranking else [])
+                     + ([("images", pa.list_(pa.string()))] if images else []))
 
 
-def table_schema(ranking: bool):
+def table_schema(ranking: bool, images: bool = False):
     """What ``encode_records`` returns: a split's columns and the PRIVATE counts."""
     import pyarrow as pa
 
-    return split_schema(ranking).append(pa.field("full_length", pa.int64())).append(pa.field("turns", pa.int64()))
+    return split_schema(ranking, images).append(pa.field("full_length", pa.int64())).append(
+        pa.field("turns", pa.int64()))
+
+
+@dataclass
+class ImageRows:
+    """The build's side of a vision-language model: its image inputs, and the folder where images given as data
+    URLs are written once (the splits hold paths, never pixels)."""
+
+    inputs: Any  # vision.ImageInputs
+    folder: Path
+
+    def encode(self, template: ChatTemplate | None, tokenizer, records: list[Record], max_length: int):
+        """``encode_records`` for a vision-language model: the family's image marker in the text, each image's
+        token repeated for its features (never labelled), the rows' image paths."""
+        import pyarrow as pa
+
+        from snaketune.vision import expand_rows, store_data_url, with_markers
+
+        if template is None or records[0].rejected is not None:
+            raise UserError(f"{records[0].path}: vision-language models train on conversations (sharegpt or "
+                            "messages), not on pretraining text or preference pairs yet")
+        marked = [replace(record, messages=with_markers(record.messages, self.inputs.family)) for record in records]
+        table = encode_records(template, tokenizer, marked, max_length)
+        columns = {name: table.column(name).to_pylist() for name in (
+            "input_ids", "labels", "n_tokens", "n_supervised", "truncated", "full_length")}
+        expand_rows(columns, [record.image_sizes for record in records], self.inputs, max_length)
+        paths = [[store_data_url(ref, self.folder) for ref in record.images] for record in records]
+        for name, values in columns.items():
+            table = table.set_column(table.schema.get_field_index(name), name,
+                                     pa.array(values, table.schema.field(name).type))
+        messages = [json.dumps(with_system(r.system, r.messages), ensure_ascii=False) for r in records]
+        table = table.set_column(table.schema.get_field_index("messages"), "messages", pa.array(messages))
+        return table.append_column(pa.field("images", pa.list_(pa.string())), [paths]).select(
+            table_schema(False, True).names)
 
 
 class SplitWriter:
     """Appends the encoded rows of one split to its parquet file a batch at a time, so memory holds one batch of
     tokens, not the split; counts what the stats report."""
 
-    def __init__(self, name: str, path: Path, settings: DatasetSettings):
+    def __init__(self, name: str, path: Path, settings: DatasetSettings, images: bool = False):
         import pyarrow.parquet as pq
 
         self.name, self.settings = name, settings
-        self.schema = split_schema(settings.ranking)
+        self.schema = split_schema(settings.ranking, images)
         self.writer = pq.ParquetWriter(path, self.schema)
         self.lengths = array("l")  # every row's full length, kept or not (the histogram)
         self.counts = {"rows": 0, "turns": 0, "tokens": 0, "supervised_tokens": 0, "truncated": 0,
@@ -299,10 +339,11 @@ class BatchEncoder:
     template: ChatTemplate | None
     tokenizer: Any
     max_length: int
+    images: ImageRows | None = None
 
     def __call__(self, batch: tuple[str, list[Record]]) -> tuple[str, Any]:
         name, records = batch
-        return name, encode_records(self.template, self.tokenizer, records, self.max_length)
+        return name, encode_records(self.template, self.tokenizer, records, self.max_length, self.images)
 
 
 WORKER_ENCODER: BatchEncoder | None = None  # a worker process's encoder, set once when the worker starts
@@ -393,25 +434,31 @@ def stats_head(settings: DatasetSettings, tokenizer, template: ChatTemplate | No
     }
 
 
-def build(settings: DatasetSettings, tokenizer, outputs: dict[str, str | Path], workers: int = 1) -> dict[str, Any]:
+def build(settings: DatasetSettings, tokenizer, outputs: dict[str, str | Path], workers: int = 1,
+          image_inputs=None) -> dict[str, Any]:
     """Read, split, tokenize; write the ``train``, ``eval`` and ``test`` parquet files, ``stats`` (JSON) and
     ``lengths`` (PNG) to the paths ``outputs`` names. ``workers`` processes tokenize (the rows are the same, in the
-    same order, for any number)."""
+    same order, for any number). ``image_inputs``: a vision-language model's (vision.ImageInputs); None for a
+    text-only model, which refuses rows with images."""
     template = build_template(settings, tokenizer)
-    encoder = BatchEncoder(template, tokenizer, settings.max_seq_length)
     outputs = {name: Path(outputs[name]) for name in OUTPUTS}
+    images = ImageRows(image_inputs, outputs["train"].parent / "images") if image_inputs is not None else None
+    encoder = BatchEncoder(template, tokenizer, settings.max_seq_length, images)
     # Two passes over the files, so no split is ever held whole: count the good rows, then split and write them.
     read = ReadResult([], [], 0, 0)
-    count = sum(1 for _ in iter_records(settings, read))
+    image_sizes = ImageSizes()
+    count = sum(1 for record in iter_records(settings, read) if image_sizes.add(record, images is not None))
     if not count:
         raise no_records_error(settings, read)
     labels = split_assignment(count, settings)
     stats = stats_head(settings, tokenizer, template, read)
+    if image_sizes.images:
+        stats["images"] = image_sizes.summary()
     workers = min(workers, -(-count // ENCODE_BATCH))  # a small dataset is not worth starting processes for
     with worker_pool(encoder, workers) as pool, one_core_here(workers <= 1):
         batches = split_batches(iter_records(settings, ReadResult([], [], 0, 0)), labels)
         stats["splits"], lengths = write_splits(settings, encoded_in_order(encoder, batches, pool, workers), count,
-                                                outputs)
+                                                outputs, images is not None)
     kept = sum(split["rows"] for split in stats["splits"].values())
     if read.rows_read and kept < read.rows_read * MOST_ROWS_DROPPED:
         warning = (f"{settings.source}: kept {kept} of {read.rows_read} rows ({len(read.bad_rows)} bad, "
@@ -424,14 +471,40 @@ def build(settings: DatasetSettings, tokenizer, outputs: dict[str, str | Path], 
     return stats
 
 
+class ImageSizes:
+    """The images of the rows read: how many, and their sizes (stats.json's ``images``)."""
+
+    def __init__(self):
+        self.rows, self.widths, self.heights = 0, array("l"), array("l")
+
+    @property
+    def images(self) -> int:
+        return len(self.widths)
+
+    def add(self, record: Record, vision_model: bool) -> bool:
+        """Count ``record``'s images; a row with images for a text-only model is the user's mistake."""
+        if record.images:
+            if not vision_model:
+                raise located(record.path, record.line, "this row has images and the model is text-only: use a "
+                                                        "vision-language model (Qwen2-VL, LLaVA ...) for this dataset")
+            self.rows += 1
+            self.widths.extend(width for width, _ in record.image_sizes)
+            self.heights.extend(height for _, height in record.image_sizes)
+        return True
+
+    def summary(self) -> dict[str, Any]:
+        return {"rows_with_images": self.rows, "images": self.images, "width": length_summary(self.widths),
+                "height": length_summary(self.heights)}
+
+
 def write_splits(settings: DatasetSettings, encoded: Iterator[tuple[str, Any]], count: int,
-                 outputs: dict[str, Path]) -> tuple[dict[str, dict], dict[str, array]]:
+                 outputs: dict[str, Path], images: bool = False) -> tuple[dict[str, dict], dict[str, array]]:
     """Write each encoded batch to its split's file (atomically: all three, or none), with a progress bar of rows
     per second and the time left on stderr (the job's log); return each split's stats and row lengths."""
     from tqdm import tqdm
 
     with ExitStack() as stack:
-        writers = {name: SplitWriter(name, stack.enter_context(atomic_file(outputs[name])), settings)
+        writers = {name: SplitWriter(name, stack.enter_context(atomic_file(outputs[name])), settings, images)
                    for name in SPLITS}
         with tqdm(total=count, desc="tokenize", unit="row", file=sys.stderr, mininterval=1) as bar:
             for name, table in encoded:

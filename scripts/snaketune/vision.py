@@ -242,6 +242,10 @@ def expand_rows(columns: dict[str, list], sizes: list[list[tuple[int, int]]], in
     for row, row_sizes in enumerate(sizes):
         if not row_sizes:
             continue
+        if columns["input_ids"][row].count(inputs.image_token_id) < len(row_sizes):  # cut before an image
+            columns["labels"][row] = [-100] * len(columns["labels"][row])
+            columns["n_supervised"][row] = 0
+            continue
         ids, labels = expand_image_tokens(columns["input_ids"][row], columns["labels"][row], inputs.image_token_id,
                                           inputs.token_counts(row_sizes))
         columns["full_length"][row] += len(ids) - len(columns["input_ids"][row])
