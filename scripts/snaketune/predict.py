@@ -117,8 +117,7 @@ def generate_batch(model, tokenizer, prompts: list[str], settings: GenerationSet
         from snaketune.vision import model_image_inputs
 
         input_ids, mask = image_prompts(tokenizer, prompts, images, vision)
-        extra = model_image_inputs(model, vision, input_ids, images)
-        extra.pop("mm_token_type_ids", None)  # generate computes it for the prompt and each new token
+        extra = model_image_inputs(vision, input_ids, images, token_types=False)
         inputs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device),
                   **{key: value.to(device) for key, value in extra.items()}}
         settings = replace(settings, decoder="generate")  # the one decoder that feeds pixels to the prefill

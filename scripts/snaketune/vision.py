@@ -259,12 +259,10 @@ def expand_rows(columns: dict[str, list], sizes: list[list[tuple[int, int]]], in
         columns["n_supervised"][row] = sum(label != -100 for label in labels)
 
 
-def model_image_inputs(model, inputs: ImageInputs, input_ids, refs: list[list[str]]) -> dict[str, Any]:
+def model_image_inputs(inputs: ImageInputs, input_ids, refs: list[list[str]], token_types: bool) -> dict[str, Any]:
     """The keyword arguments besides ids that a vision-language forward needs for a batch whose rows have the
-    images ``refs``: pixel inputs of all its images in row order, and the image-token mask where the model's forward
-    takes one (transformers 5.2x's Qwen2-VL: ``mm_token_type_ids``)."""
-    import inspect
-
+    images ``refs``: pixel inputs of all its images in row order, and (``token_types``: where the model's forward
+    takes it, as transformers 5.2x's Qwen2-VL) the image-token mask ``mm_token_type_ids``."""
     flat = [ref for row in refs for ref in row]
     if not flat:
         return {}
@@ -275,6 +273,56 @@ def model_image_inputs(model, inputs: ImageInputs, input_ids, refs: list[list[st
         raise ImageProblem(f"{found} image tokens in the batch's ids for {counts} image features: the dataset was "
                            "built for another image processor; rebuild it")
     extra = pixel_inputs(inputs.image_processor, images)
-    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+    if token_types:
         extra["mm_token_type_ids"] = (input_ids == inputs.image_token_id).long()
     return extra
+
+
+def takes_token_types(model) -> bool:
+    import inspect
+
+    return "mm_token_type_ids" in inspect.signature(model.forward).parameters
+
+
+@dataclass
+class ImageCollator:
+    """Training batches of rows with images: ids and labels padded on the right to the longest row, the attention
+    mask, and the model's image inputs for the rows' images (read from disk a batch at a time)."""
+
+    inputs: ImageInputs
+    pad_id: int
+    token_types: bool
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(row["input_ids"]) for row in rows)
+        pad = [width - len(row["input_ids"]) for row in rows]
+        input_ids = torch.tensor([row["input_ids"] + [self.pad_id] * n for row, n in zip(rows, pad, strict=True)])
+        batch = {"input_ids": input_ids,
+                 "labels": torch.tensor([row["labels"] + [-100] * n for row, n in zip(rows, pad, strict=True)]),
+                 "attention_mask": torch.tensor([[1] * len(row["input_ids"]) + [0] * n
+                                                 for row, n in zip(rows, pad, strict=True)])}
+        return {**batch, **model_image_inputs(self.inputs, input_ids, [row.get("images") or [] for row in rows],
+                                              self.token_types)}
+
+
+def trainable_parts(model, family: Family, tower: bool, projector: bool, language: bool) -> dict[str, list[str]]:
+    """Which modules of a vision-language model train: ``lora`` (the linear layers LoRA wraps: the language
+    model's, and the tower's when it trains; never the output head) and ``whole`` (the projector's top modules,
+    trained whole, as LoRA's modules_to_save). Also sets requires_grad for a full fine-tune."""
+    import torch
+
+    def part(name: str) -> str:
+        return "tower" if name.startswith(family.tower) else "projector" if name.startswith(family.projector) \
+            else "language"
+
+    wanted = {"tower": tower, "projector": projector, "language": language}
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(wanted[part(name)])
+    output = model.get_output_embeddings()
+    lora = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
+            and module is not output and wanted[part(name)] and part(name) != "projector"]
+    whole = [prefix for prefix in family.projector if projector and any(
+        name == prefix for name, _ in model.named_modules())]
+    return {"lora": lora, "whole": whole}
