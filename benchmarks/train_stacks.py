@@ -305,7 +305,8 @@ def run_stage(model_dir, rows, n_steps, checkpointing: bool, pack_tokens: int, w
     import pandas as pd
     import torch
 
-    from snaketune.train import TrainFiles, TrainSettings, train
+    from snaketune.settings import TrainSettings
+    from snaketune.train import TrainFiles, train
 
     data = work / "data"
     data.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,8 @@ def main(argv=None) -> int:
 
     def body():
         from snaketune.gpus import claim
-        from snaketune.predict import GenerationSettings, predict
+        from snaketune.predict import predict
+        from snaketune.settings import GenerationSettings
 
         claim(1)
         folder, trust, adapter = model_source(args)

@@ -54,7 +54,8 @@ def main(argv=None) -> int:
         from snaketune.download import model_path
         from snaketune.gpus import claim
         from snaketune.launch import NODE_LAUNCHER, launch_command
-        from snaketune.train import TrainFiles, TrainSettings, prepare_environment, train
+        from snaketune.settings import TrainSettings
+        from snaketune.train import TrainFiles, prepare_environment, train
         from snaketune.trainer_guard import lock_run_folder, snakemake_ancestor, watch_snakemake
 
         settings = make_settings(TrainSettings, args.settings)

@@ -30,17 +30,16 @@ import json
 import math
 import string
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from snaketune.errors import UserError, located
+from snaketune.settings import FORMATS, ReadSettings
 
 ROLES = ("system", "user", "assistant", "tool")
 PROMPT_ROLES = ("user", "tool")  # turns the model reads; the assistant turns after them are trained on
 TABULAR = (".csv", ".tsv", ".parquet")  # cells of these may be numbers where text is meant
-FORMATS = ("alpaca", "sharegpt", "messages", "firefly", "text", "columns", "preference")
-RANKING_FORMATS = ("alpaca", "sharegpt", "messages", "preference")  # the layouts that carry chosen/rejected pairs
 
 DEFAULT_COLUMNS = {
     "alpaca": {"instruction": "instruction", "input": "input", "output": "output", "system": "system",
@@ -84,34 +83,6 @@ class Record:
         body = json.dumps([self.system, self.messages, self.text] + ([self.rejected] if self.rejected else []),
                           ensure_ascii=False, sort_keys=True)
         return hashlib.sha1(body.encode("utf-8")).hexdigest()
-
-
-@dataclass
-class ReadSettings:
-    """How to read one dataset's files (the ``datasets:`` entry of the config, resolved)."""
-
-    path: str | list[str]
-    format: str
-    system: str | None = None
-    columns: dict[str, str] = field(default_factory=dict)
-    tags: dict[str, str] = field(default_factory=dict)
-    prompt: str | None = None
-    response: str | None = None
-    max_bad_rows: int = 0
-    deduplicate: bool = True
-    ranking: bool = False  # rows are preference pairs (chosen/rejected); format preference always is
-    encoding: str = "utf-8"  # of text files (JSON, CSV, TSV): any Python codec (gb18030 for Excel's Chinese CSV), or
-    #                          auto: UTF-8 when the whole file is, else GB18030 when it is, else an error
-
-    def __post_init__(self) -> None:
-        if self.format == "preference":
-            self.ranking = True
-        if self.ranking and self.format not in RANKING_FORMATS:
-            raise UserError(f"ranking: true needs format {', '.join(RANKING_FORMATS)}, not `{self.format}`")
-
-    @property
-    def paths(self) -> list[Path]:
-        return [Path(p) for p in ([self.path] if isinstance(self.path, str) else self.path)]
 
 
 @dataclass

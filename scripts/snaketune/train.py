@@ -28,15 +28,9 @@ from typing import Any
 from snaketune import preference
 from snaketune.errors import UserError
 from snaketune.io import atomic_file, file_problem, save_png, sha256_file, write_json
-from snaketune.preference import PREF_LOSSES, STAGES
+from snaketune.settings import DEEPSPEED_CONFIGS, TrainSettings
 from snaketune.trainer_guard import still_wanted
 
-SUPPORTED_METHODS = ("lora", "qlora", "full", "none")  # none: a baseline, no training (as max_steps 0)
-PACKING = ("auto", "tokens", "rows", False)
-ATTENTION = ("auto", "varlen", "flex_attention", "sdpa", "eager")
-FUSED_LOSS = ("auto", "liger", "chunked", "none")
-AUTO_BOOL = ("auto", True, False)
-DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[2] / "config" / "deepspeed"
 LOG_COLUMNS = ["step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_second"]
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -54,96 +48,6 @@ class TrainFiles:
     curve: Path  # loss.png to write
     checkpoints: Path  # resumable state (kept between attempts, removed after success)
     tensorboard: Path | None = None  # TensorBoard events, when settings.tensorboard
-
-
-@dataclass
-class TrainSettings:
-    """Hyperparameters, named as in transformers' TrainingArguments, PEFT's LoraConfig and LLaMA-Factory."""
-
-    method: str = "lora"  # lora | qlora (4-bit NF4 base) | full (every parameter) | none (a baseline)
-    stage: str = "sft"  # sft: supervised on the answers | dpo | orpo: preference pairs (a dataset with ranking)
-    pref_beta: float = 0.1  # dpo: beta of the loss (how far from the reference); orpo: weight of the odds ratio
-    pref_loss: str = "sigmoid"  # dpo: trl's loss_type, sigmoid (DPO), hinge (SLiC) or ipo
-    pref_ftx: float = 0.0  # dpo: weight of a supervised loss on the chosen answers added to DPO's (LLaMA-Factory's)
-    learning_rate: float = 2e-4
-    num_train_epochs: float = 3
-    max_steps: int = -1  # -1: run num_train_epochs; 0: no training at all (a baseline run)
-    per_device_train_batch_size: int = 4
-    gradient_accumulation_steps: int = 1  # effective batch = per_device * accumulation * processes
-    lr_scheduler_type: str = "cosine"
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    logging_steps: int = 10
-    save_steps: int = 500
-    save_total_limit: int = 2
-    seed: int = 42
-    lora_rank: int = 8
-    lora_alpha: float = 16
-    lora_dropout: float = 0.05
-    lora_target: str | list[str] = "all"  # "all": every linear layer but the output head
-    loraplus_lr_ratio: float | None = None  # LoRA+: B matrices learn this many times faster than A
-    modules_to_save: list[str] | None = None  # trained in full beside the adapter (e.g. embed_tokens, lm_head)
-    precision: str = "auto"  # auto: bf16 on a GPU that has it, else fp16 on a GPU, fp32 on the CPU
-    gradient_checkpointing: str | bool = "auto"  # recompute activations: much less memory, 30-40% slower; auto:
-    #                                              on a GPU only when the plan says the run would not fit without
-    optim: str = "adamw_torch"  # any TrainingArguments optim, e.g. paged_adamw_8bit for QLoRA
-    deepspeed: str | None = None  # zero1 | zero2 | zero3 | zero3_offload (config/deepspeed/<name>.json)
-    gpus: int = 1  # processes to launch on each node (one per GPU; on a machine without GPUs, CPU processes)
-    nodes: int = 1  # machines the job spans (Slurm: one torchrun per node through srun)
-    tensorboard: bool = False  # also write TensorBoard events to results/runs/{run}/tensorboard
-    # speed: each switchable; auto is the fastest correct choice on the machine the job runs on
-    packing: str | bool = "auto"  # tokens: rows end to end, a step's rows (the padded run's) dealt into its
-    #                               micro-batches by tokens; rows: each batch's rows end to end; false: padded to
-    #                               the longest (the reference); auto: tokens on a GPU, false on the CPU
-    attention: str = "auto"  # varlen: flash attention row by row within a pack (needs packing); auto: varlen for
-    #                          packed rows on a GPU in bf16/fp16, flex_attention in fp32, else sdpa
-    fused_loss: str = "auto"  # head + cross-entropy without full logits: chunked | liger | none; auto: chunked on
-    #                           a GPU, none on the CPU
-    liger_kernels: str | bool = "auto"  # Liger's RMSNorm, RoPE and SwiGLU kernels; auto: on where installed
-    torch_compile: str | bool = "auto"  # compile each decoder layer (dynamic shapes); auto: on a GPU for lora
-    #                                     without DeepSpeed (1.6x on an H100, benchmarks/README.md)
-
-    @property
-    def trains(self) -> bool:
-        """False for a baseline (``max_steps: 0`` or ``method: none``): the workflow gives it no train or merge job."""
-        return self.max_steps != 0 and self.method != "none"
-
-    def __post_init__(self) -> None:
-        problems = []
-        for name, allowed in (("packing", PACKING), ("attention", ATTENTION), ("fused_loss", FUSED_LOSS),
-                              ("liger_kernels", AUTO_BOOL), ("torch_compile", AUTO_BOOL),
-                              ("gradient_checkpointing", AUTO_BOOL)):
-            value = getattr(self, name)
-            if not any(value is a or (isinstance(a, str) and value == a) for a in allowed):
-                problems.append(f"{name} `{value}` is not one of {', '.join(map(str, allowed))}")
-        if self.stage not in STAGES:
-            problems.append(f"stage `{self.stage}` is not one of {', '.join(STAGES)}")
-        if self.pref_loss not in PREF_LOSSES:
-            problems.append(f"pref_loss `{self.pref_loss}` is not one of {', '.join(PREF_LOSSES)}")
-        if self.pref_ftx and self.stage != "dpo":
-            problems.append(f"`pref_ftx` is for stage dpo (orpo has its supervised loss already), not {self.stage}")
-        if self.stage != "sft":
-            for name, plain in (("packing", (False,)), ("attention", ("sdpa", "eager", "flex_attention")),
-                                ("fused_loss", ("none",))):
-                value = getattr(self, name)
-                if value != "auto" and not any(value is p or value == p for p in plain):
-                    problems.append(f"{name} `{value}` does not apply to stage {self.stage} (trl pads each pair; "
-                                    "leave it at auto)")
-            if self.loraplus_lr_ratio:
-                problems.append(f"`loraplus_lr_ratio` is for stage sft; stage {self.stage} uses trl's optimizer")
-        if self.method not in SUPPORTED_METHODS:
-            problems.append(f"method `{self.method}` is not one of {', '.join(SUPPORTED_METHODS)}")
-        if self.deepspeed and not (DEEPSPEED_CONFIGS / f"{self.deepspeed}.json").is_file():
-            known = sorted(p.stem for p in DEEPSPEED_CONFIGS.glob("*.json"))
-            problems.append(f"deepspeed `{self.deepspeed}` is not one of {', '.join(known)}")
-        if self.method == "qlora" and self.deepspeed and self.deepspeed.startswith("zero3"):
-            problems.append("method `qlora` cannot shard 4-bit weights with ZeRO-3; use zero2, or method `lora`")
-        if self.loraplus_lr_ratio and (self.method == "full" or self.deepspeed):
-            problems.append("`loraplus_lr_ratio` needs method lora/qlora without deepspeed (it builds its own "
-                            "optimizer)")
-        if problems:
-            raise UserError("; ".join(problems))
 
 
 def fix_cuda_arch_list(environ: dict[str, str] = os.environ) -> str | None:

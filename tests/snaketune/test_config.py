@@ -8,12 +8,9 @@ import pytest
 import yaml
 
 from snaketune.config import BLOCKS, DERIVED, RUN_KEYS, SWEEP_KEYS, load, load_schema
-from snaketune.dataset import DatasetSettings
 from snaketune.errors import UserError
-from snaketune.exam import ExamSettings
 from snaketune.layout import Layout
-from snaketune.predict import GenerationSettings
-from snaketune.train import TrainSettings
+from snaketune.settings import DatasetSettings, ExamSettings, GenerationSettings, TrainSettings
 from snaketune.workflow import dataset_settings
 
 

@@ -12,8 +12,9 @@ from test_train import FAST, built, losses, run_train  # noqa: F401  (built is a
 from snaketune.errors import UserError
 from snaketune.fused_loss import install, linear_cross_entropy
 from snaketune.packing import balance_step, flatten_rows, register_varlen_attention
+from snaketune.settings import TrainSettings
 from snaketune.token_rows import TokenRows
-from snaketune.train import TrainSettings, resolve_speedups
+from snaketune.train import resolve_speedups
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,11 @@ import yaml
 
 from conftest import REPO, workflow_env
 from snaketune.config import load
-from snaketune.dataset import DatasetSettings, build
+from snaketune.dataset import build
 from snaketune.errors import UserError
-from snaketune.formats import ReadSettings, from_dataset_info, read_records
+from snaketune.formats import from_dataset_info, read_records
 from snaketune.layout import dataset_outputs, train_arguments
+from snaketune.settings import DatasetSettings, ReadSettings
 from snaketune.train import complete_checkpoints
 
 PROMPT, CHOSEN, REJECTED = "Greet Ann.", "Hello, Ann!", "Thank you, Ann!"

@@ -12,10 +12,11 @@ import pandas as pd
 import pytest
 
 from conftest import REPO, workflow_env
-from snaketune.dataset import DatasetSettings, build
+from snaketune.dataset import build
 from snaketune.errors import UserError
 from snaketune.layout import dataset_outputs, run_outputs, train_arguments
-from snaketune.train import TrainFiles, TrainSettings, complete_checkpoints, fix_cuda_arch_list
+from snaketune.settings import DatasetSettings, TrainSettings
+from snaketune.train import TrainFiles, complete_checkpoints, fix_cuda_arch_list
 
 FAST = {"learning_rate": 0.01, "per_device_train_batch_size": 8, "logging_steps": 5, "save_steps": 20,
         "save_total_limit": 2, "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "warmup_steps": 0}
