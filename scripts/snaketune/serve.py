@@ -381,7 +381,7 @@ def load_chat_model(args, **engine) -> ChatModel:
     from snaketune.cli import model_source
     from snaketune.download import model_path
     from snaketune.errors import UserError
-    from snaketune.gpus import claim
+    from snaketune.train.distributed import claim
 
     claim(1)
     if args.run:
