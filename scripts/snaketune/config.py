@@ -127,7 +127,7 @@ class WorkflowConfig:
 
 
 # Where each key of a run's settings goes: the train stage takes the top-level keys it has fields for, each
-# block goes to its stage's dataclass. Defaults come from the dataclasses alone; test_config checks that the
+# block goes to its stage's dataclass. Defaults come from the dataclasses alone; test_settings checks that the
 # schema documents the same keys and defaults.
 RUN_KEYS = {"model", "dataset", "from_run", "export", "baseline"}
 SWEEP_KEYS = {"sweep", "select_by", "select_mode"}  # consumed by sweeps.expand
