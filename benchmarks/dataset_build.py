@@ -27,9 +27,10 @@ def main() -> int:
     import yaml
     from transformers import AutoTokenizer
 
-    from snaketune.dataset import DatasetSettings, build
+    from snaketune.dataset import build
     from snaketune.download import fetch
     from snaketune.layout import dataset_outputs
+    from snaketune.settings import DatasetSettings
 
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text(encoding="utf-8"))
     model = dict(config["models"]["tiny-qwen2"])

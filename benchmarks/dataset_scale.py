@@ -50,8 +50,9 @@ def peak_rss_mb() -> float:
 def phase_build(work: Path, workers: int) -> dict:
     from transformers import AutoTokenizer
 
-    from snaketune.dataset import DatasetSettings, build
+    from snaketune.dataset import build
     from snaketune.layout import dataset_outputs
+    from snaketune.settings import DatasetSettings
 
     tokenizer = AutoTokenizer.from_pretrained(work / "model")
     settings = DatasetSettings(path=str(work / "firefly.jsonl"), format="firefly", max_seq_length=512,

@@ -98,9 +98,9 @@ def main() -> int:
     from train_gpu import build_dataset, build_model
 
     from snaketune.config import load
-    from snaketune.dataset import DatasetSettings
     from snaketune.layout import train_arguments
     from snaketune.plan import plan
+    from snaketune.settings import DatasetSettings
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

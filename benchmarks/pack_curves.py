@@ -41,9 +41,10 @@ def main() -> int:
     import pandas as pd
     from transformers import AutoTokenizer
 
-    from snaketune.dataset import DatasetSettings, build
+    from snaketune.dataset import build
     from snaketune.download import fetch
     from snaketune.layout import dataset_outputs, train_arguments
+    from snaketune.settings import DatasetSettings
 
     base = {"learning_rate": 0.005, "per_device_train_batch_size": 8, "logging_steps": 1, "save_steps": 10_000,
             "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "warmup_steps": 0, "max_steps": args.steps,

@@ -64,7 +64,8 @@ def main() -> int:
     import torch
 
     from snaketune.download import fetch
-    from snaketune.predict import GenerationSettings, predict
+    from snaketune.predict import predict
+    from snaketune.settings import GenerationSettings
     from snaketune.templates import render
 
     corpus = [str(REPO / "data" / "identity.jsonl"), str(REPO / "data" / "text_matching.json")]

@@ -36,8 +36,9 @@ CASES = {  # stage, method, settings beyond the common ones
 def build_pairs(manifest: Path, folder: Path) -> Path:
     from transformers import AutoTokenizer
 
-    from snaketune.dataset import DatasetSettings, build
+    from snaketune.dataset import build
     from snaketune.layout import dataset_outputs
+    from snaketune.settings import DatasetSettings
 
     if not (folder / "stats.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(json.loads(manifest.read_text())["path"])

@@ -5,7 +5,7 @@
 - ``library-<attention>-ckpt|nockpt``: what a user gets by switching on libraries: Liger Kernel (RoPE, RMSNorm,
   SwiGLU, fused linear cross-entropy) + padding-free packing (packs of ``--pack-tokens``) + flex or sdpa
   attention, gradient checkpointing on or off;
-- ``stage-<variant>-ckpt|nockpt``: ``snaketune.train.train``, the train stage itself (the Trainer, its data
+- ``stage-<variant>-ckpt|nockpt``: ``snaketune.train.recipe.train``, the train stage itself (the Trainer, its data
   loader, the Arrow rows), with its default speed settings (``default``) or a variant of them
   (``STAGE_VARIANTS``), gradient checkpointing on or off;
 - ``unsloth[-qlora]-ckpt|nockpt``: Unsloth's ``FastLanguageModel`` on the same saved model (bf16, or 4-bit for
@@ -189,7 +189,7 @@ def pack_rows(lengths: list[int], capacity: int, seed: int, open_packs: int = 8)
 
 
 def run_library(model_dir, rows, steps, attention: str, checkpointing: bool, pack_tokens: int) -> dict:
-    from snaketune.packing import flatten_rows
+    from snaketune.train.packing import flatten_rows
 
     model = load_lora(model_dir, attention, checkpointing, liger=True)
 
@@ -242,7 +242,7 @@ def run_unsloth(model_dir, rows, steps, checkpointing: bool, pack_tokens: int, q
     import unsloth  # noqa: F401  (first: it patches transformers and peft)
     from unsloth import FastLanguageModel
 
-    from snaketune.packing import flatten_rows
+    from snaketune.train.packing import flatten_rows
 
     counts = count_attention_paths()
     torch.manual_seed(0)
@@ -305,7 +305,8 @@ def run_stage(model_dir, rows, n_steps, checkpointing: bool, pack_tokens: int, w
     import pandas as pd
     import torch
 
-    from snaketune.train import TrainFiles, TrainSettings, train
+    from snaketune.settings import TrainSettings
+    from snaketune.train.recipe import TrainFiles, train
 
     data = work / "data"
     data.mkdir(parents=True, exist_ok=True)

@@ -59,9 +59,10 @@ def main(argv=None) -> int:
     def body():
         from transformers import AutoTokenizer
 
-        from snaketune.dataset import OUTPUTS, DatasetSettings, MixPart, build, build_mix
+        from snaketune.dataset import OUTPUTS, MixPart, build, build_mix
         from snaketune.download import model_path
         from snaketune.errors import UserError
+        from snaketune.settings import DatasetSettings
 
         settings = make_settings(DatasetSettings, args.settings)
         outputs = {name: getattr(args, name) for name in OUTPUTS}

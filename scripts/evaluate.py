@@ -34,8 +34,9 @@ def main(argv=None) -> int:
     def body():
         import pandas as pd
 
-        from snaketune.evaluate import EvalSettings, evaluate, preference_metrics
+        from snaketune.evaluate import evaluate, preference_metrics
         from snaketune.io import write_json
+        from snaketune.settings import EvalSettings
 
         frame = pd.read_csv(args.predictions, keep_default_na=False, dtype=str)
         metrics = evaluate(make_settings(EvalSettings, args.settings), list(frame["reference"]),

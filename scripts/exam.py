@@ -35,10 +35,11 @@ def main(argv=None) -> int:
     def body():
         import torch
 
-        from snaketune.exam import ExamSettings, load_exam, score_exam
-        from snaketune.gpus import claim
+        from snaketune.exam import load_exam, score_exam
         from snaketune.io import write_json
         from snaketune.predict import load_for_generation
+        from snaketune.settings import ExamSettings
+        from snaketune.train.distributed import claim
 
         settings = make_settings(ExamSettings, args.settings)
         exam = load_exam(args.name, args.exam)  # bad CSVs fail before the model loads

@@ -33,7 +33,8 @@ def main(argv=None) -> int:
 
     def body():
         from snaketune.download import model_path
-        from snaketune.merge import MergeSettings, merge
+        from snaketune.merge import merge
+        from snaketune.settings import MergeSettings
 
         folder, trust = model_path(args.model_manifest)
         folder = Path(args.start_model).absolute() if args.start_model else folder

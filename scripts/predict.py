@@ -35,8 +35,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
     def body():
-        from snaketune.gpus import claim
-        from snaketune.predict import GenerationSettings, predict
+        from snaketune.predict import predict
+        from snaketune.settings import GenerationSettings
+        from snaketune.train.distributed import claim
 
         claim(1)
         folder, trust, adapter = model_source(args)

@@ -33,8 +33,9 @@ def main(argv=None) -> int:
 
     def body():
         from snaketune.download import model_path
-        from snaketune.gpus import claim
-        from snaketune.replay import ReplaySettings, replay
+        from snaketune.replay import replay
+        from snaketune.settings import ReplaySettings
+        from snaketune.train.distributed import claim
 
         claim(1)
         settings = make_settings(ReplaySettings, args.settings)

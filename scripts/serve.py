@@ -50,7 +50,8 @@ def main(argv=None) -> int:
     def body():
         import uvicorn
 
-        from snaketune.serve import ServiceSettings, create_app, load_chat_model
+        from snaketune.serve import create_app, load_chat_model
+        from snaketune.settings import ServiceSettings
 
         chat = load_chat_model(args, max_batch=args.max_batch, max_waiting=args.max_waiting)
         settings = ServiceSettings(api_key=os.environ.get(args.api_key_env) or None,

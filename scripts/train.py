@@ -52,29 +52,14 @@ def main(argv=None) -> int:
 
     def body():
         from snaketune.download import model_path
-        from snaketune.gpus import claim
-        from snaketune.launch import NODE_LAUNCHER, launch_command
-        from snaketune.train import TrainFiles, TrainSettings, prepare_environment, train
-        from snaketune.trainer_guard import lock_run_folder, snakemake_ancestor, watch_snakemake
+        from snaketune.settings import TrainSettings
+        from snaketune.train.distributed import start_processes
+        from snaketune.train.guard import snakemake_ancestor, watch_snakemake
+        from snaketune.train.recipe import TrainFiles, train
 
         settings = make_settings(TrainSettings, args.settings)
-        if "LOCAL_RANK" not in os.environ and os.environ.get(NODE_LAUNCHER) != "1":  # the job's first process
-            lock = lock_run_folder(Path(args.checkpoints))  # held (and inherited by torchrun) until the job ends
-            print(f"holding {lock.name}", file=sys.stderr)
-        command = launch_command(settings.nodes, settings.gpus, bool(settings.deepspeed),
-                                 str(Path(__file__).resolve()), argv)
-        if "SLURM_JOB_ID" in os.environ and "LOCAL_RANK" not in os.environ:  # which GPUs Slurm gave this job
-            gpus = os.environ.get("SLURM_STEP_GPUS") or os.environ.get("SLURM_JOB_GPUS") or "none"
-            print(f"Slurm job {os.environ['SLURM_JOB_ID']} on {os.environ.get('SLURMD_NODENAME', '?')}: GPUs {gpus}",
-                  file=sys.stderr)
-        if "LOCAL_RANK" not in os.environ and "SLURM_JOB_ID" not in os.environ:  # Slurm assigns a job's GPUs
-            claim(settings.gpus)  # torchrun's workers inherit the launcher's GPUs
-        if command:
-            prepare_environment(settings)
-            print(f"launching: {' '.join(command[:8])} ...", file=sys.stderr)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.execvp(command[0], command)
+        # lock the run folder, claim GPUs; with gpus > 1, DeepSpeed or nodes > 1, become torchrun (or srun): no return
+        start_processes(settings, str(Path(__file__).resolve()), argv, Path(args.checkpoints))
         watch_snakemake(snakemake_ancestor())  # a trainer whose Snakemake is killed checkpoints and stops
         folder, trust = model_path(args.model_manifest)
         folder = Path(args.start_model).absolute() if args.start_model else folder

@@ -81,12 +81,13 @@ def imported_modules(path, seen=None) -> set[str]:
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module]
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]  # a name may be a module
         for name in names:
             top = name.split(".")[0]
             if top == "snaketune":
-                module = REPO / "scripts" / (name.replace(".", "/") + ".py")
-                found |= imported_modules(module, seen) if module.exists() else set()
+                base = REPO / "scripts" / name.replace(".", "/")
+                for module in (base.with_suffix(".py"), base / "__init__.py"):  # a module, or a package
+                    found |= imported_modules(module, seen) if module.exists() else set()
             elif top not in sys.stdlib_module_names:
                 found.add(top)
     return found

@@ -11,7 +11,8 @@ import time
 import pytest
 
 from conftest import REPO, start_server, workflow_env
-from snaketune.serve import ChatModel, ServiceSettings, create_app
+from snaketune.serve import ChatModel, create_app
+from snaketune.settings import ServiceSettings
 
 pytestmark = pytest.mark.slow
 

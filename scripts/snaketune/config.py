@@ -19,33 +19,21 @@ from typing import Any
 import jsonschema
 import yaml
 
-from snaketune.dataset import DatasetSettings
 from snaketune.errors import UserError
-from snaketune.evaluate import EvalSettings
-from snaketune.exam import ExamSettings
 from snaketune.formats import from_dataset_info
-from snaketune.merge import MergeSettings
-from snaketune.predict import GenerationSettings
+from snaketune.settings import (
+    SOURCE_KEYS,
+    SOURCE_REQUIRED,
+    DatasetSettings,
+    EvalSettings,
+    ExamSettings,
+    GenerationSettings,
+    MergeSettings,
+    TrainSettings,
+)
 from snaketune.sweeps import expand as expand_sweeps
-from snaketune.train import TrainSettings
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "config" / "schema" / "config.schema.yaml"
-
-
-# Model keys that only make sense for one source; any other source naming them is a mistake.
-SOURCE_KEYS = {
-    "builtin": {
-        "architecture", "seed", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-        "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "initializer_range",
-        "tokenizer_corpus", "tie_word_embeddings",
-    },
-    "local": {"path", "copy", "convert"},
-    "gguf": {"path", "dtype"},
-    "modelscope": {"id", "revision", "cache_dir", "convert"},
-    "huggingface": {"id", "revision", "cache_dir", "convert"},
-}
-SOURCE_REQUIRED = {"builtin": {"tokenizer_corpus"}, "local": {"path"}, "gguf": {"path"}, "modelscope": {"id"},
-                   "huggingface": {"id"}}
 
 
 def load_schema() -> dict[str, Any]:
@@ -139,7 +127,7 @@ class WorkflowConfig:
 
 
 # Where each key of a run's settings goes: the train stage takes the top-level keys it has fields for, each
-# block goes to its stage's dataclass. Defaults come from the dataclasses alone; test_config checks that the
+# block goes to its stage's dataclass. Defaults come from the dataclasses alone; test_settings checks that the
 # schema documents the same keys and defaults.
 RUN_KEYS = {"model", "dataset", "from_run", "export", "baseline"}
 SWEEP_KEYS = {"sweep", "select_by", "select_mode"}  # consumed by sweeps.expand

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from snaketune.errors import UserError, located
-from snaketune.formats import ReadResult, ReadSettings, Record, iter_records, no_records_error
+from snaketune.formats import ReadResult, Record, iter_records, no_records_error
 from snaketune.io import atomic_file, save_png, write_json
+from snaketune.settings import DatasetSettings
 from snaketune.templates import (
     ChatTemplate,
     TemplateError,
@@ -35,35 +36,6 @@ from snaketune.templates import (
 SPLITS = ("train", "eval", "test")
 PRIVATE = ("full_length", "turns")  # used for stats, not written
 ENCODE_BATCH = 1000  # rows a worker encodes per call (one Rust tokenizer call, one parquet row group)
-
-
-@dataclass
-class DatasetSettings(ReadSettings):
-    """How to read a dataset (ReadSettings) and how to build it: template, length, split."""
-
-    template: str = "auto"
-    max_seq_length: int = 512
-    eval_size: float = 0.1
-    test_size: float | str = 0.1  # all: every row is a test row (a test set, never trained on)
-    seed: int = 0
-    replay: str | None = None  # a prompt file the base model answers itself (snaketune.replay); rows = answers
-    replay_max_new_tokens: int = 256
-    mix: list[tuple[str, float]] | None = None  # a mixture of other datasets' builds: (name, weight of its train
-    #                                             rows) in the config's order, the first one giving the test split
-    num_workers: int | None = None  # processes that tokenize; None: the job's threads (every core it is given).
-    #                                 Changes the speed, never the rows: not part of what the build depends on
-
-    @property
-    def mix_names(self) -> list[str]:
-        return [name for name, _ in self.mix or []]
-
-    @property
-    def source(self) -> str:
-        return self.path if isinstance(self.path, str) else ", ".join(self.path)
-
-    @property
-    def test_only(self) -> bool:
-        return self.test_size == "all"
 
 
 def split_sizes(n: int, eval_size: float, test_size: float) -> tuple[int, int]:

@@ -15,25 +15,13 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from dataclasses import dataclass, field
 
 from snaketune.errors import UserError
+from snaketune.settings import EvalSettings
 
 CJK = r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
 # One CJK character, or a run of letters/digits of any other script; punctuation is not a token.
 CHAR_TOKEN = re.compile(rf"[{CJK}]|[^\W_{CJK}]+")
-
-
-@dataclass
-class EvalSettings:
-    metrics: list[str] = field(default_factory=lambda: ["bleu", "rouge", "exact_match"])
-    text_tokenizer: str = "char"
-    bleu: str = "default"  # default | llamafactory
-    rouge: str = "default"  # default | llamafactory
-    labels: dict[str, list[str]] = field(default_factory=dict)  # label -> texts that mean it (the label itself too)
-    exams: list[str] = field(default_factory=list)  # multiple-choice exams (scored by the exam rule)
-    shots: int = 0
-    test_sets: list[str] = field(default_factory=list)  # datasets whose test split the run is also scored on
 
 
 def tokenize(text: str, how: str) -> list[str]:
@@ -47,9 +35,6 @@ def tokenize(text: str, how: str) -> list[str]:
 def normalize_answer(text: str) -> str:
     """Exact match ignores surrounding whitespace and Unicode width differences, nothing else."""
     return unicodedata.normalize("NFKC", str(text)).strip()
-
-
-MODES = ("default", "llamafactory")
 
 
 def bleu4(references: list[str], predictions: list[str], how: str, mode: str = "default") -> float:

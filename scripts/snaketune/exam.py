@@ -34,13 +34,6 @@ class Question:
 
 
 @dataclass
-class ExamSettings:
-    shots: int = 0  # solved dev questions put before each test question
-    batch_size: int = 8  # prompts scored together
-    dtype: str = "auto"  # what the model computes in (the run's generation.dtype): float32 on a CPU, bf16 on a GPU
-
-
-@dataclass
 class Exam:
     name: str
     test: dict[str, list[Question]] = field(default_factory=dict)  # subject -> questions

@@ -40,13 +40,12 @@ from pathlib import Path
 from typing import Any
 
 from snaketune.errors import UserError, located
+from snaketune.settings import FORMATS, ReadSettings
 from snaketune.vision import ImageProblem, content_parts, place_images
 
 ROLES = ("system", "user", "assistant", "tool")
 PROMPT_ROLES = ("user", "tool")  # turns the model reads; the assistant turns after them are trained on
 TABULAR = (".csv", ".tsv", ".parquet")  # cells of these may be numbers where text is meant
-FORMATS = ("alpaca", "sharegpt", "messages", "firefly", "text", "columns", "preference")
-RANKING_FORMATS = ("alpaca", "sharegpt", "messages", "preference")  # the layouts that carry chosen/rejected pairs
 
 DEFAULT_COLUMNS = {
     "alpaca": {"instruction": "instruction", "input": "input", "output": "output", "system": "system",
@@ -79,7 +78,7 @@ class Record:
     text: str | None = None
     source: dict[str, Any] | None = None  # the row as the file had it (its original columns)
     rejected: str | None = None  # preference pairs: the rejected answer (the last assistant turn is the chosen one)
-    images: list[str] = field(default_factory=list)  # absolute paths or data URLs, one per <image> in the messages
+    images: list[str] = field(default_factory=list)  # paths or data URLs, one per <image> in the messages
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) of each, as decoded
 
     def as_dict(self) -> dict[str, Any]:
@@ -93,34 +92,6 @@ class Record:
         body = json.dumps([self.system, self.messages, self.text] + ([self.rejected] if self.rejected else [])
                           + ([self.images] if self.images else []), ensure_ascii=False, sort_keys=True)
         return hashlib.sha1(body.encode("utf-8")).hexdigest()
-
-
-@dataclass
-class ReadSettings:
-    """How to read one dataset's files (the ``datasets:`` entry of the config, resolved)."""
-
-    path: str | list[str]
-    format: str
-    system: str | None = None
-    columns: dict[str, str] = field(default_factory=dict)
-    tags: dict[str, str] = field(default_factory=dict)
-    prompt: str | None = None
-    response: str | None = None
-    max_bad_rows: int = 0
-    deduplicate: bool = True
-    ranking: bool = False  # rows are preference pairs (chosen/rejected); format preference always is
-    encoding: str = "utf-8"  # of text files (JSON, CSV, TSV): any Python codec (gb18030 for Excel's Chinese CSV), or
-    #                          auto: UTF-8 when the whole file is, else GB18030 when it is, else an error
-
-    def __post_init__(self) -> None:
-        if self.format == "preference":
-            self.ranking = True
-        if self.ranking and self.format not in RANKING_FORMATS:
-            raise UserError(f"ranking: true needs format {', '.join(RANKING_FORMATS)}, not `{self.format}`")
-
-    @property
-    def paths(self) -> list[Path]:
-        return [Path(p) for p in ([self.path] if isinstance(self.path, str) else self.path)]
 
 
 @dataclass

@@ -18,22 +18,15 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from snaketune.io import atomic_dir, process_status, safetensors_problem
+from snaketune.settings import MergeSettings
 
 CHECK_PROMPTS = ["Hello, who are you?", "你好，请介绍一下你自己。", "1 2 3 4 5"]
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-@dataclass
-class MergeSettings:
-    dtype: str = "auto"  # dtype of the merged weights; auto: the base model's own (its config's torch_dtype)
-    max_shard_size: str = "2GB"
-    tolerance: float = 1e-3  # max abs logit difference allowed between merged and base+adapter (float32)
 
 
 def prompt_logits(model, tokenizer) -> list:

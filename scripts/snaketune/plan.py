@@ -159,7 +159,7 @@ def train_gpu_gib(shape: Shape, train, max_seq_length: int) -> float:
         trainable = 8 * p
     else:
         linear = shape.layers * (shape.layer_params - 2 * shape.hidden)
-        # QLoRA: NF4 with double-quantized scales; the rest bf16 (fp32 in an fp16 or fp32 run: train.load_model)
+        # QLoRA: NF4 with double-quantized scales; the rest bf16 (fp32 in an fp16 or fp32 run: train/model_setup.py)
         rest = 4 if train.precision in ("fp16", "fp32") else 2
         base = linear * 0.52 + rest * (p - linear) if train.method == "qlora" else 2 * p
         base = base / processes if zero.startswith("zero3") else base

@@ -10,8 +10,10 @@ import csv
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
+
+from snaketune.settings import GenerationSettings
 
 PREDICTION_COLUMNS = ["id", "prompt", "reference", "prediction", "generation_seconds"]
 AUTO_BATCH_LIMIT = {"cuda": 512, "cpu": 128}  # rows: a GPU's decoding step costs about the same for 1 or 500
@@ -29,24 +31,6 @@ def source_columns(sources, ours=PREDICTION_COLUMNS):
     frame = pd.DataFrame([{key: value if isinstance(value, str | int | float | bool) or value is None
                            else json.dumps(value, ensure_ascii=False) for key, value in row.items()} for row in rows])
     return frame.rename(columns=lambda c: f"source_{c}" if c in set(ours) else c)
-
-
-@dataclass
-class GenerationSettings:
-    max_new_tokens: int = 64
-    batch_size: int | str = "auto"  # rows generated together; auto: as many as 70% of the free GPU memory (a
-    #                                 quarter of the available RAM on the CPU) holds, up to AUTO_BATCH_LIMIT
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-    predict_from: str = "merged"  # merged: the merged folder; adapter: the base with the adapter on top
-    decoder: str = "greedy"  # greedy: our lean greedy loop (same tokens as generate); generate: transformers'
-    #                          generate, also used whenever do_sample is set
-    dtype: str = "auto"  # what predict and exams compute in: auto is float32 on a CPU, bf16 on a GPU
-
-
-COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def compute_dtype(wanted: str = "auto", gpu: bool | None = None):

@@ -10,22 +10,12 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from snaketune.errors import UserError, located
 from snaketune.io import atomic_file
-
-
-@dataclass
-class ReplaySettings:
-    prompts: str  # .txt: a prompt a line; .jsonl: {"prompt": ...} a line (an "id" is kept)
-    system: str | None = None  # the system prompt the answers are generated (and later trained) with
-    template: str = "auto"
-    max_new_tokens: int = 256
-    batch_size: int | str = "auto"
-    dtype: str = "auto"
+from snaketune.settings import ReplaySettings
 
 
 def read_prompts(path: str | Path) -> list[dict[str, Any]]:

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from snaketune.batching import Engine, QueueFull, Request, SamplingSettings
+from snaketune.settings import ServiceSettings
 
 PAGE = Path(__file__).with_name("chat_page.html")
-__all__ = ["ChatModel", "Conversation", "SamplingSettings", "ServiceSettings", "create_app"]
+__all__ = ["ChatModel", "Conversation", "SamplingSettings", "create_app"]
 
 
 class ChatModel:
@@ -91,19 +92,6 @@ class Conversation:
 
 
 # -- the HTTP service ---------------------------------------------------------------------------------------
-@dataclass
-class ServiceSettings:
-    api_key: str | None = None
-    max_body_bytes: int = 1_000_000
-    max_tokens_limit: int = 2048
-    default_max_tokens: int = 256
-    max_context: int | None = None  # prompt + max_tokens cap; None: the model's context (max_position_embeddings)
-    host: str = "127.0.0.1"  # the address the service is bound to: Host headers must name it (or allowed_hosts)
-    allowed_hosts: list[str] = field(default_factory=list)  # more names clients may reach it by
-    allowed_origins: list[str] = field(default_factory=list)  # other web origins whose pages may call it
-    retry_after_seconds: int = 1
-
-
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 
@@ -395,7 +383,7 @@ def load_chat_model(args, **engine) -> ChatModel:
     from snaketune.cli import model_source
     from snaketune.download import model_path
     from snaketune.errors import UserError
-    from snaketune.gpus import claim
+    from snaketune.train.distributed import claim
 
     claim(1)
     if args.run:

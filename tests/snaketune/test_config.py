@@ -8,13 +8,10 @@ import pytest
 import yaml
 
 from conftest import REPO
-from snaketune.config import BLOCKS, DERIVED, RUN_KEYS, SWEEP_KEYS, load, load_schema
-from snaketune.dataset import DatasetSettings
+from snaketune.config import load
 from snaketune.errors import UserError
-from snaketune.exam import ExamSettings
 from snaketune.layout import Layout
-from snaketune.predict import GenerationSettings
-from snaketune.train import TrainSettings
+from snaketune.settings import ExamSettings, GenerationSettings
 from snaketune.workflow import dataset_settings
 
 
@@ -141,39 +138,6 @@ def test_dataset_needs_path_and_format_and_columns_needs_its_templates(tmp_path,
         f"{path}:{line_of(path, 'text-matching:')}: datasets.text-matching: `format` is required (or "
         "`dataset_info` and `name`)",
     ]
-
-
-def dataclass_defaults(cls) -> dict:
-    from dataclasses import MISSING, fields
-
-    return {f.name: (f.default if f.default is not MISSING else
-                     f.default_factory() if f.default_factory is not MISSING else MISSING) for f in fields(cls)}
-
-
-def schema_defaults(properties: dict) -> dict:
-    return {key: spec.get("default", "no default") for key, spec in properties.items()}
-
-
-def test_schema_and_stage_dataclasses_agree_on_every_key_and_default():
-    """The loader takes defaults from the dataclasses alone; the schema documents them. A key the schema accepts
-    but no dataclass takes would be silently dropped; this fails first."""
-    schema = load_schema()["$defs"]
-    run = schema["run_settings"]["properties"]
-    train = dataclass_defaults(TrainSettings)
-    top = {key: spec for key, spec in run.items() if key not in RUN_KEYS | SWEEP_KEYS | set(BLOCKS)}
-    assert set(top) == set(train)
-    assert {key: spec.get("default") for key, spec in top.items()} == train
-    for block, cls in BLOCKS.items():
-        derived = {key for owner, key in DERIVED if owner == block}
-        ours = {key: value for key, value in dataclass_defaults(cls).items() if key not in derived}
-        theirs = schema_defaults(run[block]["properties"])
-        assert theirs == ours, block
-    dataset = {key: spec for key, spec in schema["dataset"]["properties"].items()
-               if key not in ("dataset_info", "name")}
-    ours = dataclass_defaults(DatasetSettings)
-    assert set(dataset) == set(ours)
-    assert {k: v.get("default") for k, v in dataset.items() if "default" in v} == \
-        {k: v for k, v in ours.items() if k not in ("path", "format")}
 
 
 def test_missing_data_paths_name_file_line_key_and_path(tmp_path, default_config):

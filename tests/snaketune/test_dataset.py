@@ -5,10 +5,11 @@ import json
 import pandas as pd
 import pytest
 
-from snaketune.dataset import DatasetSettings, build, split_records, split_sizes
+from snaketune.dataset import build, split_records, split_sizes
 from snaketune.errors import UserError
 from snaketune.formats import Record
 from snaketune.layout import dataset_outputs
+from snaketune.settings import DatasetSettings
 
 
 def records(n):

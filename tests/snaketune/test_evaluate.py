@@ -3,7 +3,8 @@
 import pytest
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
-from snaketune.evaluate import EvalSettings, evaluate, tokenize
+from snaketune.evaluate import evaluate, tokenize
+from snaketune.settings import EvalSettings
 
 
 def test_char_tokenizer_splits_cjk_per_character_and_keeps_words():
@@ -180,7 +181,8 @@ def rouge_from_definition(reference: list[str], hypothesis: list[str]) -> dict[s
 def test_llamafactory_mode_equals_bleu_and_rouge_written_from_their_definitions():
     import jieba
 
-    from snaketune.evaluate import EvalSettings, evaluate
+    from snaketune.evaluate import evaluate
+    from snaketune.settings import EvalSettings
 
     references, predictions = [p[0] for p in LF_PAIRS], [p[1] for p in LF_PAIRS]
     result = evaluate(EvalSettings(bleu="llamafactory", rouge="llamafactory"), references, predictions)

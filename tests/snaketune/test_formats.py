@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from snaketune.errors import UserError
-from snaketune.formats import ReadSettings, from_dataset_info, read_records
+from snaketune.formats import from_dataset_info, read_records
+from snaketune.settings import ReadSettings
 
 
 def write_lines(path, lines):

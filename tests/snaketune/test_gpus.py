@@ -27,7 +27,7 @@ def four_gpu_box(tmp_path, monkeypatch):
 
 HOLDER = textwrap.dedent("""
     import os, sys, time
-    from snaketune.gpus import claim
+    from snaketune.train.distributed import claim
     claimed = claim(int(sys.argv[1]), wait_s=float(sys.argv[2]), poll_s=0.1)
     print(os.environ.get("CUDA_VISIBLE_DEVICES"), flush=True)
     time.sleep(float(sys.argv[3]))

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from snaketune.io import atomic_dir, atomic_file, file_problem, safetensors_problem, write_json
-from snaketune.train import complete_checkpoints, prepare_checkpoints
+from snaketune.train.checkpoints import complete_checkpoints, prepare_checkpoints
 
 
 def test_atomic_file_leaves_nothing_when_the_writer_fails(tmp_path):

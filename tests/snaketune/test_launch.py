@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from snaketune.errors import UserError
-from snaketune.launch import NODE_LAUNCHER, first_host, launch_command, rendezvous_port
+from snaketune.train.distributed import NODE_LAUNCHER, first_host, launch_command, rendezvous_port
 
 SLURM = {"SLURM_JOB_ID": "1234567", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_NUM_NODES": "2"}
 

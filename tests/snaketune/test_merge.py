@@ -38,7 +38,8 @@ def test_merged_logits_equal_base_plus_adapter_and_load_in_a_fresh_process(tmp_p
     from transformers import AutoModelForCausalLM
 
     from conftest import workflow_env
-    from snaketune.merge import MergeSettings, merge
+    from snaketune.merge import merge
+    from snaketune.settings import MergeSettings
 
     lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
     adapter = tmp_path / "adapter"
@@ -146,7 +147,8 @@ def test_shard_by_shard_merge_writes_what_peft_merges_in_memory(tmp_path, tiny_t
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from snaketune.merge import MergeSettings, merge
+    from snaketune.merge import merge
+    from snaketune.settings import MergeSettings
 
     base, adapter = lora_pair(tmp_path, tiny_tokenizer, modules_to_save=["lm_head"], use_rslora=True)
     assert len(list(base.glob("*.safetensors"))) > 2
@@ -166,7 +168,8 @@ def test_shard_by_shard_merge_writes_what_peft_merges_in_memory(tmp_path, tiny_t
 
 
 def test_adapters_the_shards_cannot_take_are_merged_in_memory(tmp_path, tiny_tokenizer, capfd):
-    from snaketune.merge import MergeSettings, merge
+    from snaketune.merge import merge
+    from snaketune.settings import MergeSettings
 
     base, adapter = lora_pair(tmp_path, tiny_tokenizer, use_dora=True)
     assert merge(MergeSettings(), base, False, adapter, tmp_path / "merged") < 1e-4
@@ -181,7 +184,8 @@ def test_the_weight_check_catches_a_merged_weight_that_is_not_base_plus_delta(tm
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
-    from snaketune.merge import MergeSettings, check_weights, merge
+    from snaketune.merge import check_weights, merge
+    from snaketune.settings import MergeSettings
 
     base, adapter = lora_pair(tmp_path, tiny_tokenizer)
     merge(MergeSettings(), base, False, adapter, tmp_path / "merged")

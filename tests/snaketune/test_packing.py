@@ -10,10 +10,11 @@ import torch
 from test_train import FAST, built, losses, run_train  # noqa: F401  (built is a fixture)
 
 from snaketune.errors import UserError
-from snaketune.fused_loss import install, linear_cross_entropy
-from snaketune.packing import balance_step, flatten_rows, register_varlen_attention
-from snaketune.token_rows import TokenRows
-from snaketune.train import TrainSettings, resolve_speedups
+from snaketune.settings import TrainSettings
+from snaketune.train.fused_loss import install, linear_cross_entropy
+from snaketune.train.model_setup import resolve_speedups
+from snaketune.train.packing import balance_step, flatten_rows, register_varlen_attention
+from snaketune.train.token_rows import TokenRows
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,7 @@ def test_token_packs_hold_each_step_the_rows_of_the_padded_runs_step(processes):
     import numpy as np
     from accelerate.data_loader import SeedableRandomSampler
 
-    from snaketune.train import step_packs_sampler
+    from snaketune.train.data import step_packs_sampler
 
     n, batch, accumulation = 203, 4, 3
     lengths = np.random.default_rng(1).integers(10, 300, n)
@@ -233,12 +234,11 @@ def test_token_rows_are_the_parquet_rows_memory_mapped(built, tmp_path):  # noqa
 @pytest.fixture
 def on_a_gpu(monkeypatch):
     """What the auto settings see on a GPU machine with liger-kernel absent: torch reports CUDA, varlen exists."""
-    import snaketune.fused_loss
-    import snaketune.packing
+    from snaketune.train import fused_loss, packing
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(snaketune.packing, "varlen_available", lambda: True)
-    monkeypatch.setattr(snaketune.fused_loss, "liger_available", lambda: False)
+    monkeypatch.setattr(packing, "varlen_available", lambda: True)
+    monkeypatch.setattr(fused_loss, "liger_available", lambda: False)
 
 
 @pytest.mark.parametrize("method, precision, expected", [
@@ -262,16 +262,14 @@ def test_auto_checkpointing_is_on_only_where_the_plan_does_not_fit_the_gpu(
         on_a_gpu, monkeypatch, built, gpu_gib, expected):  # noqa: F811
     from types import SimpleNamespace
 
-    from snaketune.train import TrainFiles, needs_checkpointing
+    from snaketune.train.model_setup import needs_checkpointing
 
     gpu = SimpleNamespace(total_memory=gpu_gib * 2**30)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: gpu)
     manifest, data = built
-    files = TrainFiles(train=data / "train.parquet", eval=data / "eval.parquet", stats=None, adapter=data / "a",
-                       train_log=data / "l.csv", summary=data / "s.json", curve=data / "c.png",
-                       checkpoints=data / "ck")
-    assert needs_checkpointing(TrainSettings(), manifest.parent, files) is expected
-    assert needs_checkpointing(TrainSettings(gradient_checkpointing=True), manifest.parent, files) is True
+    split = data / "train.parquet"
+    assert needs_checkpointing(TrainSettings(), manifest.parent, split) is expected
+    assert needs_checkpointing(TrainSettings(gradient_checkpointing=True), manifest.parent, split) is True
 
 
 def test_token_rows_convert_again_when_the_split_is_newer_than_their_copy(built, tmp_path):  # noqa: F811

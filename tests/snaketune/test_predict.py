@@ -3,7 +3,8 @@
 import pandas as pd
 import pytest
 
-from snaketune.predict import GenerationSettings, predict
+from snaketune.predict import predict
+from snaketune.settings import GenerationSettings
 from snaketune.templates import render
 
 
@@ -85,7 +86,8 @@ def test_base_plus_adapter_predicts_what_the_merged_model_predicts(tmp_path, tin
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from snaketune.merge import MergeSettings, merge
+    from snaketune.merge import merge
+    from snaketune.settings import MergeSettings
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
@@ -138,8 +140,9 @@ def test_predictions_open_in_excel_and_carry_the_original_columns(tmp_path, tiny
     rendered prompt, as the dataset file had them."""
     import json
 
-    from snaketune.dataset import DatasetSettings, build
+    from snaketune.dataset import build
     from snaketune.layout import dataset_outputs
+    from snaketune.settings import DatasetSettings
 
     data = tmp_path / "pairs.csv"
     data.write_text("sentence1,sentence2,label,prompt\n" + "".join(

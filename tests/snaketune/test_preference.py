@@ -13,11 +13,12 @@ import yaml
 
 from conftest import REPO, workflow_env
 from snaketune.config import load
-from snaketune.dataset import DatasetSettings, build
+from snaketune.dataset import build
 from snaketune.errors import UserError
-from snaketune.formats import ReadSettings, from_dataset_info, read_records
+from snaketune.formats import from_dataset_info, read_records
 from snaketune.layout import dataset_outputs, train_arguments
-from snaketune.train import complete_checkpoints
+from snaketune.settings import DatasetSettings, ReadSettings
+from snaketune.train.checkpoints import complete_checkpoints
 
 PROMPT, CHOSEN, REJECTED = "Greet Ann.", "Hello, Ann!", "Thank you, Ann!"
 LAYOUTS = {  # format, extra settings, one row
@@ -239,7 +240,7 @@ def test_model_preference_accuracy_matches_scoring_each_answer_alone(pairs, tiny
     import torch
     from transformers import AutoModelForCausalLM
 
-    from snaketune.preference import pair_rows, preference_accuracy
+    from snaketune.train.preference import pair_rows, preference_accuracy
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     rows = pair_rows(pairs[1] / "eval.parquet", pairs[1] / "cache")

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from snaketune.errors import UserError
-from snaketune.replay import ReplaySettings, read_prompts, replay
+from snaketune.replay import read_prompts, replay
+from snaketune.settings import ReplaySettings
 from snaketune.templates import render
 
 

@@ -26,7 +26,8 @@ def chat_model(tiny_model):
 @pytest.fixture(scope="module")
 def service(chat_model):
     """The service with an API key and a small body limit."""
-    from snaketune.serve import ServiceSettings, create_app
+    from snaketune.serve import create_app
+    from snaketune.settings import ServiceSettings
 
     server, thread, url = start_server(create_app(chat_model, ServiceSettings(api_key=KEY, max_body_bytes=20_000,
                                                                               max_tokens_limit=64)))
@@ -175,7 +176,8 @@ def chat_page_exchange(chat_model, message: str) -> tuple[str, str]:
     from selenium.webdriver.support.ui import WebDriverWait
 
     from browser import headless_chromium
-    from snaketune.serve import ServiceSettings, create_app
+    from snaketune.serve import create_app
+    from snaketune.settings import ServiceSettings
 
     server, thread, url = start_server(create_app(chat_model, ServiceSettings()))
     try:
@@ -274,7 +276,8 @@ def test_a_huge_prompt_is_tokenized_off_the_event_loop(chat_model):
     import threading
     import time
 
-    from snaketune.serve import ServiceSettings, create_app
+    from snaketune.serve import create_app
+    from snaketune.settings import ServiceSettings
 
     huge = [{"role": "user", "content": "你好 hello " * 110_000}]  # about 1 MB of UTF-8
     began = time.monotonic()

@@ -23,8 +23,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-STAGES = ("sft", "dpo", "orpo")
-PREF_LOSSES = ("sigmoid", "hinge", "ipo")  # trl's DPO losses that need no setting beyond beta
 PAIR_IDS = ("prompt_ids", "chosen_ids", "rejected_ids")
 LOG_COLUMNS = ["rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"]  # trl's log keys
 START_FILE = "preference_start.json"  # the starting policy's eval accuracy, kept with the checkpoints for a resume
