@@ -38,3 +38,27 @@ def test_a_two_node_job_fans_out_with_srun_then_each_node_joins_the_first_host()
 def test_more_nodes_than_the_job_has_is_refused():
     with pytest.raises(UserError, match="nodes: 4, but this Slurm job has 2 node"):
         launch_command(4, 8, True, "train.py", [], SLURM)
+
+
+def test_the_run_folder_stays_locked_while_the_process_that_started_training_lives(tmp_path, monkeypatch):
+    """start_processes returns into training: the run folder's lock must outlive the call (a closed lock file
+    would let a second trainer in)."""
+    import gc
+
+    from snaketune.settings import TrainSettings
+    from snaketune.train import distributed
+    from snaketune.train.guard import lock_run_folder
+
+    for name in ("LOCAL_RANK", "SLURM_JOB_ID", NODE_LAUNCHER):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # nothing to claim
+    held = len(distributed._held)
+    distributed.start_processes(TrainSettings(), "train.py", [], tmp_path / "checkpoints")
+    gc.collect()
+    try:
+        with pytest.raises(UserError, match="another trainer"):
+            lock_run_folder(tmp_path / "checkpoints")
+    finally:
+        for handle in distributed._held[held:]:
+            handle.close()
+        del distributed._held[held:]

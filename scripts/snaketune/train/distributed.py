@@ -98,6 +98,7 @@ def start_processes(settings: TrainSettings, script: str, argv: list[str], check
 
     if "LOCAL_RANK" not in os.environ and os.environ.get(NODE_LAUNCHER) != "1":  # the job's first process
         lock = lock_run_folder(checkpoints)  # held (and inherited by torchrun) until the job ends
+        _held.append(lock)  # kept open for the life of the process: closing the file would release the lock
         print(f"holding {lock.name}", file=sys.stderr)
     command = launch_command(settings.nodes, settings.gpus, bool(settings.deepspeed), script, argv)
     if "SLURM_JOB_ID" in os.environ and "LOCAL_RANK" not in os.environ:  # which GPUs Slurm gave this job
@@ -215,7 +216,7 @@ def finish_process_group() -> None:
 
 # -- GPUs on a box without a scheduler --------------------------------------------------------------------------
 LOCK_DIR_ENV = "SNAKETUNE_GPU_LOCK_DIR"
-_held: list = []  # open lock files; kept for the life of the process
+_held: list = []  # open lock files (GPUs, the run folder); kept for the life of the process
 
 
 def lock_dir() -> Path:
