@@ -1,7 +1,8 @@
 """Merge stage: fold a LoRA adapter into its base and save a standalone Hugging Face model folder.
 
-The merged folder must load with ``AutoModelForCausalLM``/``AutoTokenizer`` alone, so the tokenizer files,
-chat template and generation config are saved with it, and a logits check against base+adapter guards the merge.
+The merged folder must load with ``AutoModelForCausalLM``/``AutoTokenizer`` alone (a vision-language model's
+with ``AutoModelForImageTextToText`` and its processor), so the tokenizer files, chat template, generation config
+and processor configs are saved with it, and a logits check against base+adapter guards the merge.
 
 By default the merged weights keep the base model's dtype (bf16 for every classic recipe: a 14B model is a
 28 GB folder, not 56 GB). A plain LoRA adapter over a safetensors base is merged shard by shard, straight from
@@ -244,8 +245,11 @@ def merge(settings: MergeSettings, model_dir: Path, trust_remote_code: bool, ada
     """
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer, GenerationConfig
 
+    from snaketune.vision import copy_processor_files, family_of
+
+    auto_class = AutoModelForImageTextToText if family_of(model_dir) else AutoModelForCausalLM
     if not (adapter_dir / "adapter_config.json").is_file():
         link_full_model(adapter_dir, out)
         return 0.0
@@ -256,7 +260,7 @@ def merge(settings: MergeSettings, model_dir: Path, trust_remote_code: bool, ada
     plan = shard_plan(model_dir, adapter_dir)
 
     def adapted_model():
-        base = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust_remote_code, dtype=dtype)
+        base = auto_class.from_pretrained(model_dir, trust_remote_code=trust_remote_code, dtype=dtype)
         return PeftModel.from_pretrained(base, adapter_dir).eval()
 
     with atomic_dir(out) as staging:
@@ -278,6 +282,7 @@ def merge(settings: MergeSettings, model_dir: Path, trust_remote_code: bool, ada
         release_memory()
         print(f"merged in {dtype} (base: {base_dtype(model_dir, 'auto')})", file=sys.stderr)
         tokenizer.save_pretrained(staging)
+        copy_processor_files(model_dir, staging)
         copy_remote_code(model_dir, staging)
         try:
             GenerationConfig.from_pretrained(model_dir).save_pretrained(staging)
@@ -289,7 +294,7 @@ def merge(settings: MergeSettings, model_dir: Path, trust_remote_code: bool, ada
             if problem:
                 raise RuntimeError(f"{shard}: {problem}")
         # the check reads the folder as a user will: every tensor missing or wrong shows in the logits
-        merged = AutoModelForCausalLM.from_pretrained(staging, trust_remote_code=trust_remote_code, dtype=dtype)
+        merged = auto_class.from_pretrained(staging, trust_remote_code=trust_remote_code, dtype=dtype)
         difference = max_difference(prompt_logits(merged.eval(), tokenizer), reference)
         memory.append(anonymous_memory_mib() or 0.0)
         del merged

@@ -87,7 +87,11 @@ class Shape:
 
 
 def shape_from_config(config: dict[str, Any]) -> Shape:
-    """A Shape from a Hugging Face config.json (native, or Qwen-1 / Baichuan2 / InternLM2 remote code)."""
+    """A Shape from a Hugging Face config.json (native, or Qwen-1 / Baichuan2 / InternLM2 remote code; a
+    vision-language model's language model, from its ``text_config``: its vision tower is a few percent)."""
+    if isinstance(config.get("text_config"), dict):
+        config = {**config["text_config"], "tie_word_embeddings": config.get(
+            "tie_word_embeddings", config["text_config"].get("tie_word_embeddings", False))}
     family = config.get("model_type", "")
     heads = config["num_attention_heads"]
     intermediate = config["intermediate_size"]

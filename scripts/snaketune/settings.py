@@ -286,6 +286,12 @@ class TrainSettings:
                                       "installed")
     torch_compile: AutoBool = setting("auto", help="compile each decoder layer (dynamic shapes); auto: on a GPU "
                                       "for lora without DeepSpeed (1.6x on an H100, benchmarks/README.md)")
+    # vision-language models: which parts train (a text-only model has none of the first two)
+    train_vision_tower: bool = added(False, help="vision-language: train the vision encoder too (frozen by default)")
+    train_projector: bool = added(True, help="vision-language: train the projector from image features to the "
+                                  "language model (whole, beside a LoRA adapter)")
+    train_language_model: bool = added(True, help="vision-language: false trains the projector alone (the first "
+                                       "phase of the LLaVA recipe, on captions)")
 
     @property
     def trains(self) -> bool:

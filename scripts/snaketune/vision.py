@@ -279,9 +279,11 @@ def model_image_inputs(inputs: ImageInputs, input_ids, refs: list[list[str]], to
 
 
 def takes_token_types(model) -> bool:
+    """Whether the model's forward takes ``mm_token_type_ids`` (looked up on the model a PEFT wrapper holds)."""
     import inspect
 
-    return "mm_token_type_ids" in inspect.signature(model.forward).parameters
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "mm_token_type_ids" in inspect.signature(base.forward).parameters
 
 
 @dataclass
@@ -326,3 +328,19 @@ def trainable_parts(model, family: Family, tower: bool, projector: bool, languag
     whole = [prefix for prefix in family.projector if projector and any(
         name == prefix for name, _ in model.named_modules())]
     return {"lora": lora, "whole": whole}
+
+
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
+
+
+def copy_processor_files(model_dir: str | Path, out: str | Path) -> list[str]:
+    """Copy a vision-language model's processor configs (image processor, processor, video processor) beside the
+    tokenizer in ``out``, so the folder loads with transformers' AutoProcessor as the base did."""
+    import shutil
+
+    copied = []
+    for name in PROCESSOR_FILES:
+        if (Path(model_dir) / name).is_file():
+            shutil.copy2(Path(model_dir) / name, Path(out) / name)
+            copied.append(name)
+    return copied

@@ -48,11 +48,13 @@ def native_model(model_dir: Path, trust_remote_code: bool) -> bool:
     return not (trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}))
 
 
-def resolve_speedups(settings: TrainSettings, native: bool, precision: str = "bf16") -> Speedups:
+def resolve_speedups(settings: TrainSettings, native: bool, precision: str = "bf16", vision: bool = False) -> Speedups:
     """Make the auto speed settings concrete for this machine and model; refuse what cannot work."""
     import torch
 
     gpu = torch.cuda.is_available()
+    if vision:
+        return vision_speedups(settings)
     if not native:
         asked = [f"{name}: {getattr(settings, name)}" for name, plain in
                  (("packing", False), ("attention", "eager"), ("fused_loss", "none")) if
@@ -103,6 +105,24 @@ def resolve_speedups(settings: TrainSettings, native: bool, precision: str = "bf
                     torch_compile=compile_layers)
 
 
+def vision_speedups(settings: TrainSettings) -> Speedups:
+    """A vision-language model trains padded batches with its own attention and loss: packing would need the
+    image features placed per pack, and the fused loss and compiled layers were written for text models."""
+    asked = [f"{name}: {getattr(settings, name)}" for name, plain in (
+        ("packing", False), ("fused_loss", "none"), ("liger_kernels", False), ("torch_compile", False))
+             if getattr(settings, name) not in ("auto", plain)]
+    if asked:
+        raise UserError(f"{', '.join(asked)}: not for vision-language models yet (they train padded batches with "
+                        "the model's own loss); leave these settings at auto")
+    print("speed settings: a vision-language model trains padded batches, without packing, the fused loss, Liger "
+          "or compiled layers", file=sys.stderr)
+    attention = settings.attention if settings.attention not in ("auto", "varlen") else "sdpa"
+    if settings.attention == "varlen":
+        raise UserError("attention: varlen needs packing, which vision-language models do not use yet; use sdpa")
+    return Speedups(packing=False, attention=attention, fused_loss="none", liger_kernels=False,
+                    torch_compile=False)
+
+
 CHECKPOINTING_HEADROOM = 0.85  # share of the GPU's memory a run without checkpointing may plan to use
 
 
@@ -141,9 +161,14 @@ def load_tokenizer(model_dir: Path, trust_remote_code: bool, stats: Path | None)
 
 def load_model(settings: TrainSettings, model_dir: Path, trust_remote_code: bool, precision: str,
                speedups: Speedups):
-    """The base model, quantized for QLoRA, with the speedups applied, wrapped in a PEFT adapter for LoRA/QLoRA."""
+    """The base model, quantized for QLoRA, with the speedups applied, wrapped in a PEFT adapter for LoRA/QLoRA. A
+    vision-language model trains the parts its settings name (the tower frozen by default)."""
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, BitsAndBytesConfig
+
+    from snaketune.vision import family_of, trainable_parts
+
+    family = family_of(model_dir)
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float32}[precision]
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": dtype}
@@ -156,9 +181,13 @@ def load_model(settings: TrainSettings, model_dir: Path, trust_remote_code: bool
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute,
+            # a vision-language model's tower and projector stay unquantized, as its output head does
+            llm_int8_skip_modules=["lm_head", *(family.tower + family.projector if family else ())],
         )
         kwargs["dtype"] = compute
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    model = (AutoModelForImageTextToText if family else AutoModelForCausalLM).from_pretrained(model_dir, **kwargs)
+    parts = trainable_parts(model, family, settings.train_vision_tower, settings.train_projector,
+                            settings.train_language_model) if family else None
     if speedups.liger_kernels:
         from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
 
@@ -183,10 +212,16 @@ def load_model(settings: TrainSettings, model_dir: Path, trust_remote_code: bool
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     refuse_tied_training(model, settings)
+    targets = "all-linear" if settings.lora_target == "all" else list(settings.lora_target)
+    if parts is not None:
+        if not parts["lora"]:
+            raise UserError("train_language_model: false (and the tower frozen) leaves LoRA nothing to adapt: train "
+                            "the projector alone with method: full")
+        targets = parts["lora"] if settings.lora_target == "all" else targets
     lora = LoraConfig(
         r=settings.lora_rank, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-        target_modules="all-linear" if settings.lora_target == "all" else list(settings.lora_target),
-        modules_to_save=settings.modules_to_save, task_type="CAUSAL_LM",
+        target_modules=targets, task_type="CAUSAL_LM",
+        modules_to_save=[*(settings.modules_to_save or []), *(parts["whole"] if parts else [])] or None,
     )
     model = get_peft_model(model, lora)
     return compile_layers(model) if speedups.torch_compile else model

@@ -42,6 +42,7 @@ from snaketune.train.trainer import (
     make_trainer_class,
     training_arguments,
 )
+from snaketune.vision import ImageInputs, copy_processor_files, family_of
 
 
 @dataclass
@@ -111,6 +112,7 @@ class Recipe:
         distributed.report_rank()
         self.resume_from = self._resume_point()
         self.tokenizer = model_setup.load_tokenizer(self.model_dir, self.trust_remote_code, self.files.stats)
+        self.image_inputs = ImageInputs.of(self.model_dir, self.tokenizer)  # None: a text-only model
         self.model = model_setup.load_model(self.settings, self.model_dir, self.trust_remote_code, self.precision,
                                             self.speedups)
         self.trainer = self._make_trainer()
@@ -124,7 +126,8 @@ class Recipe:
         self.settings = replace(settings, gradient_checkpointing=model_setup.needs_checkpointing(
             settings, self.model_dir, files.train))
         native = model_setup.native_model(self.model_dir, self.trust_remote_code)
-        self.speedups = model_setup.resolve_speedups(self.settings, native, self.precision)
+        self.speedups = model_setup.resolve_speedups(self.settings, native, self.precision,
+                                                     vision=family_of(self.model_dir) is not None)
         if self.pairs_stage and not preference.has_pairs(files.train):
             raise UserError(f"stage {settings.stage} trains on preference pairs, and {files.train} has none: give "
                             "the run a dataset with `ranking: true` (or `format: preference`)")
@@ -183,7 +186,12 @@ class Recipe:
                                          loraplus_lr_ratio=settings.loraplus_lr_ratio), None
 
     def _collator(self):
-        """Packed rows laid end to end (padding-free), or rows padded to the longest of their batch."""
+        """Packed rows laid end to end (padding-free), or rows padded to the longest of their batch (with their
+        images' pixels, for a vision-language model)."""
+        if self.image_inputs is not None:
+            from snaketune.vision import ImageCollator, takes_token_types
+
+            return ImageCollator(self.image_inputs, self.pad_id, takes_token_types(self.model))
         if self.speedups.packing:
             from snaketune.train.packing import flatten_rows
 
@@ -261,6 +269,7 @@ class Recipe:
         if not self.rank0:
             return
         self.tokenizer.save_pretrained(staging)
+        copy_processor_files(self.model_dir, staging)  # a vision-language model's image processor, beside it
         if not still_wanted():  # Snakemake died during the last steps: no live job asked for these outputs
             raise Interrupted(f"Snakemake is gone: the trained weights stay in {staging}, unused; run again")
         if adapter_out.exists():

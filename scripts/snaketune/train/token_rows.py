@@ -20,18 +20,21 @@ def convert(parquet: Path, cache: Path) -> Path:
     import pyarrow.parquet as pq
 
     source = pq.ParquetFile(parquet)
-    schema = pa.schema([(name, pa.list_(pa.int32())) for name in COLUMNS])
+    images = ["images"] if "images" in source.schema_arrow.names else []  # a vision-language build's image paths
+    schema = pa.schema([(name, pa.list_(pa.int32())) for name in COLUMNS]
+                       + [(name, pa.list_(pa.string())) for name in images])
     partial = cache.with_name(f".{cache.name}.partial")
     with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
         for group in range(source.num_row_groups):
-            table = source.read_row_group(group, columns=list(COLUMNS))
+            table = source.read_row_group(group, columns=list(COLUMNS) + images)
             writer.write_table(table.cast(schema))
     os.replace(partial, cache)
     return cache
 
 
 class TokenRows:
-    """Rows of a tokenized split as dicts of int lists, read from a memory-mapped Arrow file."""
+    """Rows of a tokenized split as dicts of int lists (and a vision-language build's image paths), read from a
+    memory-mapped Arrow file."""
 
     def __init__(self, parquet: str | Path, cache: str | Path | None = None):
         import pyarrow as pa
@@ -44,10 +47,14 @@ class TokenRows:
         self.input_ids = self.table.column("input_ids")
         self.labels = self.table.column("labels")
         self.lengths = pc.list_value_length(self.input_ids).to_numpy()  # tokens per row, for packing
+        self.images = self.table.column("images") if "images" in self.table.column_names else None
 
     def __len__(self) -> int:
         return self.table.num_rows
 
-    def __getitem__(self, index: int) -> dict[str, list[int]]:
-        return {"input_ids": self.input_ids[index].values.to_numpy().tolist(),
-                "labels": self.labels[index].values.to_numpy().tolist()}
+    def __getitem__(self, index: int) -> dict[str, list]:
+        row = {"input_ids": self.input_ids[index].values.to_numpy().tolist(),
+               "labels": self.labels[index].values.to_numpy().tolist()}
+        if self.images is not None:
+            row["images"] = self.images[index].as_py()
+        return row
