@@ -58,3 +58,46 @@ def test_the_merged_folder_loads_with_its_image_processor_and_nothing_is_stale(v
     assert "class='thumb'" in (workdir / "results" / "report.html").read_text(encoding="utf-8")
     again = snakemake(workdir, "--configfile", str(config), "--dry-run")
     assert again.returncode == 0 and planned_jobs(again) == []
+
+
+def test_the_terminal_chat_and_the_service_answer_about_an_image(vision_run):
+    """chat.py --image and /image, and the OpenAI client sending a data URL, streamed: the tuned model names the
+    colours of squares it never trained on; a path where a data URL belongs is a 400."""
+    import base64
+    import subprocess
+    import sys
+
+    from openai import BadRequestError, OpenAI
+
+    from conftest import start_server, workflow_env
+    from snaketune.serve import ChatModel, create_app
+    from snaketune.settings import ServiceSettings
+
+    workdir, _ = vision_run
+    merged = workdir / "results" / "runs" / "colours-lora" / "merged"
+    test = pd.read_parquet(workdir / "results" / "datasets" / "colours" / "tiny-qwen2-vl" / "test.parquet")
+    (first, first_colour), (second, second_colour) = [(row.images[0], row.reference) for row in
+                                                      test.head(2).itertuples()]
+    chat = subprocess.run([sys.executable, str(REPO / "scripts" / "chat.py"), "--model", str(merged), "--image",
+                           first, "--max-new-tokens", "4"], input=f"What colour is the square?\n/image {second}\n"
+                          "What colour is the square?\n", capture_output=True, text=True, env=workflow_env(),
+                          cwd=workdir, timeout=300)
+    answers = [line.removeprefix("assistant> ").strip() for line in chat.stdout.splitlines()
+               if line.startswith("assistant> ")]
+    assert chat.returncode == 0 and answers == [first_colour, second_colour], chat.stderr[-2000:]
+
+    server, thread, url = start_server(create_app(ChatModel(merged, name="shapes"), ServiceSettings()))
+    try:
+        openai = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        image = "data:image/png;base64," + base64.b64encode((workdir / first).read_bytes()).decode()
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                                 {"type": "text", "text": "What colour is the square?"}]}]
+        pieces = [chunk.choices[0].delta.content or "" for chunk in openai.chat.completions.create(
+            model="shapes", messages=messages, max_tokens=4, temperature=0, stream=True)]
+        assert "".join(pieces).strip() == first_colour
+        messages[0]["content"][0]["image_url"]["url"] = str(workdir / first)  # a server-side path: refused
+        with pytest.raises(BadRequestError, match="must be a base64 data URL"):
+            openai.chat.completions.create(model="shapes", messages=messages, max_tokens=4)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -39,6 +39,7 @@ class Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     sent: str = ""  # the text emitted so far
     generator: object = None  # torch.Generator of a sampled request
+    extra: dict = field(default_factory=dict)  # the prefill's inputs beside the ids (an image's pixel values)
 
     @property
     def completion_tokens(self) -> int:
@@ -55,8 +56,12 @@ class QueueFull(Exception):
 class Engine:
     """Runs requests on ``model`` in a batch that requests join and leave at every decoding step."""
 
-    def __init__(self, model, tokenizer, device, max_batch: int = 32, max_waiting: int = 256):
+    def __init__(self, model, tokenizer, device, max_batch: int = 32, max_waiting: int = 256,
+                 rope_offsets: bool = False):
         self.model, self.tokenizer, self.device = model, tokenizer, device
+        # Qwen2-VL's positions after an image are not the count of tokens: its prefill leaves the difference
+        # (rope_deltas) on the model, and each decoding step of that request is placed that much earlier
+        self.rope_offsets = rope_offsets
         self.max_batch, self.max_waiting = max_batch, max_waiting
         ids = model.generation_config.eos_token_id
         self.eos = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
@@ -72,6 +77,7 @@ class Engine:
         self.cache = None
         self.padding: list[int] = []
         self.lengths: list[int] = []
+        self.offsets: list[int] = []  # each row's position offset (rope_offsets)
         self.next_tokens: list[int] = []
         self.steps = 0  # decoding steps run
         self.cancelled = 0  # requests given up on by their clients (or cancelled at shutdown)
@@ -163,6 +169,15 @@ class Engine:
 
     def reset_batch(self) -> None:
         self.batch, self.cache, self.padding, self.lengths, self.next_tokens = [], None, [], [], []
+        self.offsets = []
+
+    def rope_offset(self) -> int:
+        """The position offset the last prefill left on the model (Qwen2-VL's ``rope_deltas``), else 0."""
+        for module in self.model.modules():
+            deltas = getattr(module, "rope_deltas", None)
+            if deltas is not None:
+                return int(deltas.reshape(-1)[0])
+        return 0
 
     def prefill(self, request: Request) -> None:
         """Run the prompt alone, pick the first token, and add the request to the batch."""
@@ -170,12 +185,14 @@ class Engine:
         from transformers import DynamicCache
 
         cache = DynamicCache()
+        extra = {key: value.to(self.device) for key, value in request.extra.items()}
         output = self.model(torch.tensor([request.prompt], device=self.device), past_key_values=cache,
-                            use_cache=True, logits_to_keep=1)
+                            use_cache=True, logits_to_keep=1, **extra)
         token = self.sample(request, output.logits[0, -1])
         self.join(output.past_key_values, len(request.prompt))
         self.batch.append(request)
         self.lengths.append(len(request.prompt))
+        self.offsets.append(self.rope_offset() if self.rope_offsets else 0)
         self.next_tokens.append(token)
         self.accept(request, token)
 
@@ -212,9 +229,10 @@ class Engine:
         mask = torch.ones(len(self.batch), total + 1, dtype=torch.long, device=self.device)
         for row, padding in enumerate(self.padding):
             mask[row, :padding] = 0
+        positions = [[n + offset] for n, offset in zip(self.lengths, self.offsets, strict=True)]
         output = self.model(torch.tensor([[t] for t in self.next_tokens], device=self.device),
                             past_key_values=self.cache, attention_mask=mask, use_cache=True,
-                            position_ids=torch.tensor([[n] for n in self.lengths], device=self.device))
+                            position_ids=torch.tensor(positions, device=self.device))
         self.cache = output.past_key_values
         self.steps += 1
         logits = output.logits[:, -1]
@@ -248,6 +266,7 @@ class Engine:
         self.batch = [self.batch[row] for row in keep]
         self.padding = [self.padding[row] - trim for row in keep]
         self.lengths = [self.lengths[row] for row in keep]
+        self.offsets = [self.offsets[row] for row in keep]
         self.next_tokens = [self.next_tokens[row] for row in keep]
 
     @staticmethod

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from snaketune.batching import Engine, QueueFull, Request, SamplingSettings
 from snaketune.settings import ServiceSettings
+from snaketune.vision import ImageProblem
 
 PAGE = Path(__file__).with_name("chat_page.html")
 __all__ = ["ChatModel", "Conversation", "SamplingSettings", "create_app"]
@@ -36,22 +37,48 @@ class ChatModel:
 
         from snaketune.predict import load_for_generation
         from snaketune.templates import ChatTemplate
+        from snaketune.vision import ImageInputs, takes_token_types
 
         tokenizer, model = load_for_generation(model_dir, adapter_dir, trust_remote_code)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         model.to(self.device)
         self.template = ChatTemplate.of(tokenizer)
         self.name = name or (adapter_dir or model_dir).name
-        self.context = getattr(model.config, "max_position_embeddings", None) or 2048
-        self.engine = Engine(model, tokenizer, self.device, max_batch=max_batch, max_waiting=max_waiting).start()
+        config = getattr(model.config, "text_config", None) or model.config
+        self.context = getattr(config, "max_position_embeddings", None) or 2048
+        self.vision = ImageInputs.of(model_dir, tokenizer)  # None: a text-only model, which refuses images
+        self.token_types = self.vision is not None and takes_token_types(model)
+        # a vision-language model answers one request at a time (its image prefill and position offsets were
+        # tested alone); a text model batches as many as max_batch
+        self.engine = Engine(model, tokenizer, self.device, max_batch=1 if self.vision else max_batch,
+                             max_waiting=max_waiting, rope_offsets=self.vision is not None).start()
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        return self.engine.encode(self.template.render(messages, add_generation_prompt=True))
+        return self.prompt(messages)[0]
 
-    def stream(self, messages: list[dict[str, str]], sampling: SamplingSettings) -> Iterator[str]:
+    def prompt(self, messages: list[dict[str, str]], images: list[str] = ()) -> tuple[list[int], dict]:
+        """The prompt's ids and, with ``images`` (paths or data URLs, one per ``<image>`` in the messages), the
+        model's image inputs for the prefill."""
+        if not images:
+            return self.engine.encode(self.template.render(messages, add_generation_prompt=True)), {}
+        import torch
+
+        from snaketune.vision import expand_image_tokens, model_image_inputs, open_image, with_markers
+
+        if self.vision is None:
+            raise ValueError("this model is text-only: it takes no images")
+        text = self.template.render(with_markers(messages, self.vision.family), add_generation_prompt=True)
+        ids = self.engine.encode(text)
+        counts = self.vision.token_counts([open_image(ref).size for ref in images])
+        ids = expand_image_tokens(ids, ids, self.vision.image_token_id, counts)[0]
+        return ids, model_image_inputs(self.vision, torch.tensor([ids]), [list(images)], self.token_types)
+
+    def stream(self, messages: list[dict[str, str]], sampling: SamplingSettings,
+               images: list[str] = ()) -> Iterator[str]:
         """Yield the answer piece by piece as it is generated (for callers without an event loop)."""
         events: queue.Queue = queue.Queue()
-        request = Request(self.prompt_ids(messages), sampling, events.put)
+        ids, extra = self.prompt(messages, images)
+        request = Request(ids, sampling, events.put, extra=extra)
         self.engine.submit(request)
         try:
             while True:
@@ -75,17 +102,25 @@ class Conversation:
 
     system: str | None = None
     messages: list[dict[str, str]] = field(default_factory=list)
+    images: list[str] = field(default_factory=list)  # the conversation's images, in the order they were shown
 
     def __post_init__(self):
         self.reset()
 
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.images = []
 
-    def ask(self, chat: ChatModel, text: str, sampling: SamplingSettings) -> Iterator[str]:
+    def ask(self, chat: ChatModel, text: str, sampling: SamplingSettings, image: str | None = None) -> Iterator[str]:
+        """Ask ``text`` (with ``image``, a path or data URL, shown before it) and stream the answer."""
+        if image is not None:
+            from snaketune.vision import PLACEHOLDER
+
+            text = PLACEHOLDER + text
+            self.images.append(image)
         self.messages.append({"role": "user", "content": text})
         answer = []
-        for piece in chat.stream(self.messages, sampling):
+        for piece in chat.stream(self.messages, sampling, self.images):
             answer.append(piece)
             yield piece
         self.messages.append({"role": "assistant", "content": "".join(answer).strip()})
@@ -101,14 +136,18 @@ class RequestError(Exception):
         self.status, self.message, self.kind, self.code = status, message, kind, code
 
 
-def text_of(content, where: str) -> str:
-    """A message's text: a string, or OpenAI's content parts of type text; anything else is a 400."""
+def text_of(content, where: str, images: list[str] | None = None) -> str:
+    """A message's text: a string, or OpenAI's content parts of type text (and, where ``images`` collects them,
+    image parts as data URLs, each leaving ``<image>`` in the text); anything else is a 400."""
     if isinstance(content, list):
         pieces = []
         for index, part in enumerate(content):
+            if images is not None and isinstance(part, dict) and part.get("type") == "image_url":
+                pieces.append(image_of(part, f"{where}[{index}]", images))
+                continue
             if not isinstance(part, dict) or part.get("type", "text") != "text":
                 raise RequestError(400, f"`{where}[{index}]` must be a text part ({{\"type\": \"text\", "
-                                        "\"text\": ...}); other kinds are not supported")
+                                        "\"text\": ...}) or an image_url part; other kinds are not supported")
             if not isinstance(part.get("text"), str):
                 raise RequestError(400, f"`{where}[{index}].text` must be a string")
             pieces.append(part["text"])
@@ -120,6 +159,20 @@ def text_of(content, where: str) -> str:
     except UnicodeEncodeError:
         raise RequestError(400, f"`{where}` holds a lone surrogate (\\ud800-\\udfff): not valid Unicode text") from None
     return content
+
+
+def image_of(part: dict, where: str, images: list[str]) -> str:
+    """An image_url part: its data URL (never a path or a web address: the service reads no file and fetches
+    nothing) joins ``images``; ``<image>`` stands in the text where it was."""
+    from snaketune.vision import DATA_URL, PLACEHOLDER
+
+    value = part.get("image_url")
+    url = value.get("url") if isinstance(value, dict) else value
+    if not isinstance(url, str) or not DATA_URL.fullmatch(url):
+        raise RequestError(400, f"`{where}.image_url.url` must be a base64 data URL (data:image/png;base64,...): the "
+                                "service reads no server-side file and fetches no URL")
+    images.append(url)
+    return PLACEHOLDER
 
 
 def parse_request(body: bytes, settings: ServiceSettings, model_name: str):
@@ -137,12 +190,12 @@ def parse_request(body: bytes, settings: ServiceSettings, model_name: str):
     messages = request.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError(400, "`messages` is required: a non-empty list of {role, content}")
-    clean = []
+    clean, images = [], []
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
             raise RequestError(400, f"`messages[{index}].role` must be system, user or assistant")
-        clean.append({"role": message["role"], "content": text_of(message.get("content"),
-                                                                   f"messages[{index}].content")})
+        clean.append({"role": message["role"], "content": text_of(
+            message.get("content"), f"messages[{index}].content", images if message["role"] == "user" else None)})
     asked = request.get("max_completion_tokens", request.get("max_tokens"))
     max_tokens = min(settings.default_max_tokens, settings.max_tokens_limit) if asked is None else asked
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
@@ -166,7 +219,8 @@ def parse_request(body: bytes, settings: ServiceSettings, model_name: str):
     options = request.get("stream_options") or {}
     if not isinstance(options, dict):
         raise RequestError(400, "`stream_options` must be an object")
-    return clean, SamplingSettings(max_tokens, seed=seed, **sampling), stream, bool(options.get("include_usage"))
+    return (clean, images), SamplingSettings(max_tokens, seed=seed, **sampling), stream, \
+        bool(options.get("include_usage"))
 
 
 def key_matches(header: str, key: str) -> bool:
@@ -239,10 +293,16 @@ def create_app(chat: ChatModel, settings: ServiceSettings):
         if refusal:
             return refusal
         try:
-            messages, sampling, stream, include_usage = parse_request(await read_body(request), settings, chat.name)
-            # rendering and tokenizing a long prompt takes a while: in a worker thread, not on the event loop that
-            # serves every other request and stream
-            prompt = await asyncio.to_thread(chat.prompt_ids, messages)
+            (messages, images), sampling, stream, include_usage = parse_request(await read_body(request), settings,
+                                                                                chat.name)
+            if images and chat.vision is None:
+                raise RequestError(400, f"`{chat.name}` is a text-only model: it takes no image parts")
+            # rendering and tokenizing a long prompt (and decoding its images) takes a while: in a worker thread,
+            # not on the event loop that serves every other request and stream
+            try:
+                prompt, extra = await asyncio.to_thread(chat.prompt, messages, images)
+            except ImageProblem as problem:
+                raise RequestError(400, f"an image part: {problem}") from None
             if len(prompt) + sampling.max_new_tokens > context:
                 raise RequestError(400, f"this model's context is {context} tokens; the messages take {len(prompt)} "
                                         f"and max_tokens asks for {sampling.max_new_tokens} more",
@@ -250,7 +310,8 @@ def create_app(chat: ChatModel, settings: ServiceSettings):
         except RequestError as error:
             return fail(error)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        job = Request(prompt, sampling, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        job = Request(prompt, sampling, lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+                      extra=extra)
         try:
             chat.engine.submit(job)
         except QueueFull:

@@ -313,3 +313,12 @@ def test_the_chat_page_shows_an_error_that_comes_mid_stream(chat_model, monkeypa
     monkeypatch.setattr(chat_model.engine, "submit", failing)
     _, answer = chat_page_exchange(chat_model, "hi")
     assert answer.splitlines() == ["Hel", "error: CUDA out of memory"]
+
+
+def test_an_image_part_to_a_text_only_model_is_a_400(service):
+    png = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAE"
+           "lFTkSuQmCC")
+    body = {"model": "tiny", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": png}}, {"type": "text", "text": "What is this?"}]}]}
+    status, answer = post(service, json.dumps(body).encode())
+    assert status == 400 and "is a text-only model: it takes no image parts" in answer["error"]["message"]
