@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -327,6 +328,9 @@ def trainable_parts(model, family: Family, tower: bool, projector: bool, languag
             and module is not output and wanted[part(name)] and part(name) != "projector"]
     whole = [prefix for prefix in family.projector if projector and any(
         name == prefix for name, _ in model.named_modules())]
+    counts = {name: sum(p.numel() for n, p in model.named_parameters() if part(n) == name) for name in wanted}
+    shown = [f"{name} {counts[name]:,} parameters ({'trains' if wanted[name] else 'frozen'})" for name in wanted]
+    print("vision-language parts: " + ", ".join(shown), file=sys.stderr)
     return {"lora": lora, "whole": whole}
 
 

@@ -117,3 +117,28 @@ def test_the_builtin_vision_language_models_load_with_their_image_processor(tmp_
     names = [name for name, _ in model.named_parameters()]
     assert any(name.startswith(family.tower) for name in names)
     assert any(name.startswith(family.projector) for name in names)
+
+
+@pytest.mark.parametrize("tower, projector, language", [(False, True, True), (False, True, False),
+                                                        (True, False, True)])
+def test_the_parts_that_train_are_the_ones_asked_for(tmp_path, tower, projector, language):
+    from transformers import AutoModelForImageTextToText
+
+    from snaketune.download import build_builtin
+    from snaketune.vision import trainable_parts
+
+    build_builtin({"architecture": "llava", "seed": 0, "vocab_size": 400, "hidden_size": 32, "intermediate_size": 64,
+                   "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                   "max_position_embeddings": 256, "initializer_range": 0.2, "tie_word_embeddings": False,
+                   "tokenizer_corpus": [str(REPO / "data" / "shapes" / "colours.jsonl")]}, tmp_path)
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    family = family_of(tmp_path)
+    parts = trainable_parts(model, family, tower, projector, language)
+    for name, parameter in model.named_parameters():
+        wanted = tower if name.startswith(family.tower) else projector if name.startswith(family.projector) \
+            else language
+        assert parameter.requires_grad == wanted, name
+    assert all(not name.startswith(family.projector) and "lm_head" not in name for name in parts["lora"])
+    assert any(name.startswith(family.tower) for name in parts["lora"]) == tower
+    assert any(".language_model." in name for name in parts["lora"]) == language
+    assert parts["whole"] == (["model.multi_modal_projector"] if projector else [])
