@@ -36,27 +36,27 @@ def draw(shape: str, colour: str, rng: random.Random) -> Image.Image:
     return image
 
 
-def main() -> None:
+def main(out: Path = HERE) -> None:
     rng = random.Random(0)
-    folder = HERE / "images"
+    folder = out / "images"
     folder.mkdir(parents=True, exist_ok=True)
     colours = []
     for index in range(COLOUR_ROWS):
         colour = list(COLOURS)[index % len(COLOURS)]
         name = f"images/square-{index:03d}.png"
-        draw("square", colour, rng).save(HERE / name, optimize=True)
+        draw("square", colour, rng).save(out / name, optimize=True)
         colours.append({"conversations": [{"from": "human", "value": "<image>" + rng.choice(QUESTIONS)},
                                           {"from": "gpt", "value": colour}], "images": [name]})
     captions = []
     for index in range(CAPTION_ROWS):
         shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
         name = f"images/caption-{index:03d}.png"
-        draw(shape, colour, rng).save(HERE / name, optimize=True)
+        draw(shape, colour, rng).save(out / name, optimize=True)
         captions.append({"id": f"caption-{index:03d}", "image": name, "conversations": [
             {"from": "human", "value": "<image>\nDescribe the picture."},
             {"from": "gpt", "value": f"a {colour} {shape}"}]})
-    (HERE / "colours.jsonl").write_text("".join(json.dumps(row) + "\n" for row in colours), encoding="utf-8")
-    (HERE / "captions.json").write_text(json.dumps(captions, indent=1) + "\n", encoding="utf-8")
+    (out / "colours.jsonl").write_text("".join(json.dumps(row) + "\n" for row in colours), encoding="utf-8")
+    (out / "captions.json").write_text(json.dumps(captions, indent=1) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -142,3 +142,23 @@ def test_the_parts_that_train_are_the_ones_asked_for(tmp_path, tower, projector,
     assert any(name.startswith(family.tower) for name in parts["lora"]) == tower
     assert any(".language_model." in name for name in parts["lora"]) == language
     assert parts["whole"] == (["model.multi_modal_projector"] if projector else [])
+
+
+def test_the_bundled_shapes_are_what_their_script_makes(tmp_path):
+    import importlib.util
+
+    import numpy as np
+    from PIL import Image
+
+    spec = importlib.util.spec_from_file_location("make_shapes", REPO / "data" / "make_shapes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(tmp_path)
+    bundled = REPO / "data" / "shapes"
+    for name in ("colours.jsonl", "captions.json"):
+        assert (tmp_path / name).read_text() == (bundled / name).read_text()
+    made = sorted(path.name for path in (tmp_path / "images").iterdir())
+    assert made == sorted(path.name for path in (bundled / "images").iterdir()) and len(made) == 360
+    for name in made[::37]:
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "images" / name)),
+                              np.asarray(Image.open(bundled / "images" / name)))
