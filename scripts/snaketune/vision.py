@@ -322,7 +322,8 @@ def trainable_parts(model, family: Family, tower: bool, projector: bool, languag
 
     wanted = {"tower": tower, "projector": projector, "language": language}
     for name, parameter in model.named_parameters():
-        parameter.requires_grad_(wanted[part(name)])
+        if parameter.is_floating_point():  # QLoRA's 4-bit weights stay frozen: LoRA trains beside them
+            parameter.requires_grad_(wanted[part(name)])
     output = model.get_output_embeddings()
     lora = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
             and module is not output and wanted[part(name)] and part(name) != "projector"]
