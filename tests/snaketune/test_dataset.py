@@ -202,16 +202,23 @@ def test_one_and_two_workers_write_identical_splits(tmp_path, tiny_tokenizer, mo
     import snaketune.dataset
 
     monkeypatch.setattr(snaketune.dataset, "ENCODE_BATCH", 16)  # many batches in flight from 150 rows
+    monkeypatch.setattr(snaketune.dataset, "SCAN_PIECE", 1000)  # the first pass in pieces over the workers too
     data = tmp_path / "d.jsonl"
-    data.write_text(varied_rows(150), encoding="utf-8")
+    data.write_text("\ufeff" + odd_rows(150), encoding="utf-8")  # with a byte-order mark
     settings = DatasetSettings(path=str(data), format="messages", max_seq_length=48, eval_size=20, test_size=0.1,
                                max_bad_rows=10)
     stats = {workers: build(settings, tiny_tokenizer, dataset_outputs(tmp_path / str(workers)), workers=workers)
              for workers in (1, 2)}
-    assert stats[1] == stats[2] and stats[1]["splits"]["train"]["dropped_no_target"] > 0
+    # The rows read here, as records (the reader of every other layout), against the workers reading by lines
+    monkeypatch.setattr(snaketune.dataset, "jsonl_codec", lambda path, encoding: None)
+    stats["here"] = build(settings, tiny_tokenizer, dataset_outputs(tmp_path / "here"), workers=2)
+    assert stats[1] == stats[2] == stats["here"] and stats[1]["splits"]["train"]["dropped_no_target"] > 0
+    assert stats[1]["bad_rows"][:2] == [
+        f"{data}:6: not valid JSON: Expecting property name enclosed in double quotes (column 2)",
+        f"{data}:41: the last turn must be the assistant's (it is what is trained on)"]
     for name in ("train", "eval", "test", "stats"):
-        one, two = (dataset_outputs(tmp_path / str(workers))[name].read_bytes() for workers in (1, 2))
-        assert one == two, name
+        one, two, here = (dataset_outputs(tmp_path / str(workers))[name].read_bytes() for workers in (1, 2, "here"))
+        assert one == two == here, name
     assert pd.read_parquet(dataset_outputs(tmp_path / "2")["train"])["line"].is_monotonic_increasing
 
 

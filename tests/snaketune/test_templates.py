@@ -188,8 +188,8 @@ LOOKING_TEMPLATES = {
     "one-sided strip": "{% for m in messages %}{{ m.role }}:{{ m.content.rstrip() }}<|im_end|>{% endfor %}",
     "stripped then tested": "{% for m in messages %}{% if m.content | trim %}{{ m.role }}:{{ m.content }}{% endif %}"
                             "<|im_end|>{% endfor %}",
-    "last one padded": "{% for m in messages %}{{ m.role }}:{% if loop.last %}{{ '%-9s' | format(m.content) }}{% else %}"
-                       "{{ m.content }}{% endif %}<|im_end|>{% endfor %}",
+    "last one padded": "{% for m in messages %}{{ m.role }}:{% if loop.last %}{{ '%-9s' | format(m.content) }}"
+                       "{% else %}{{ m.content }}{% endif %}<|im_end|>{% endfor %}",
     "joined then tested": "{% for m in messages %}{% set text = m.role + ':' + m.content %}{% if 'x' in text %}!"
                           "{% endif %}{{ text }}<|im_end|>{% endfor %}",
     "dated": "{{ strftime_now('%Y') }}{% for m in messages %}{{ m.role }}:{{ m.content }}<|im_end|>{% endfor %}",
