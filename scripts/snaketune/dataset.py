@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -367,11 +368,9 @@ class BatchEncoder:
         name, records = batch
         return name, encode_records(self.template, self.tokenizer, records, self.max_length)
 
-    @property
+    @cached_property
     def reader(self) -> RowReader:
-        if "reader" not in self.__dict__:
-            self.__dict__["reader"] = RowReader(self.read)
-        return self.__dict__["reader"]
+        return RowReader(self.read)
 
     def scan(self, piece: tuple[int, int, int, int]) -> tuple[int, ScannedRows]:
         """``scan_lines`` of ``(file, start, end, first line)``."""
@@ -393,13 +392,10 @@ class BatchEncoder:
             handle.close()
         self.handles.clear()
 
-    def __getstate__(self):
-        return {**self.__dict__, "handles": {}, "reader": None} if "reader" in self.__dict__ else \
-            {**self.__dict__, "handles": {}}
-
-    def __setstate__(self, state):
+    def __getstate__(self):  # a worker opens its own files and makes its own reader
+        state = {**self.__dict__, "handles": {}}
         state.pop("reader", None)
-        self.__dict__.update(state)
+        return state
 
 
 def group_by_file(files: list[int], *columns: list[int]) -> Iterator[tuple[int, list[list[int]]]]:
@@ -438,11 +434,6 @@ def in_order(encoder: BatchEncoder, method: str, tasks: Iterator, pool, workers:
             yield pending.popleft().result()
     while pending:
         yield pending.popleft().result()
-
-
-def encoded_in_order(encoder: BatchEncoder, batches: Iterator, pool, workers: int) -> Iterator[tuple[str, Any]]:
-    """``encoder`` applied to every ``(split, records)`` batch, in order (``in_order``)."""
-    return in_order(encoder, "__call__", batches, pool, workers)
 
 
 class Workers:
@@ -577,6 +568,7 @@ def scan_jsonl(settings: DatasetSettings, encoder: BatchEncoder, pool: Workers, 
     size = sum(path.stat().st_size for path in settings.paths)
     here = pool(-(-size // SCAN_PIECE))
     numbers = [0] * len(settings.paths)
+    stems = [path.stem for path in settings.paths]
     for file, found in in_order(encoder, "scan", pieces, here, pool.size):
         path = settings.paths[file]
         for index, line in enumerate(found.lines):
@@ -585,7 +577,7 @@ def scan_jsonl(settings: DatasetSettings, encoder: BatchEncoder, pool: Workers, 
             try:
                 if found.keys[index] is None:
                     raise BadRow(found.problems[index])
-                row_id = found.ids[index] or f"{path.stem}-{numbers[file]}"
+                row_id = found.ids[index] or f"{stems[file]}-{numbers[file]}"
                 admission.check_id(path, line, row_id)
             except BadRow as problem:
                 admission.bad(problem)

@@ -560,8 +560,8 @@ class TokenBytes:
     byte-to-character mapping in the tokenizer and a Python tuple per token here)."""
 
     blob: Any  # numpy uint8: every token's bytes end to end
-    start: Any  # numpy int64 per token id: where its bytes begin in blob
-    length: Any  # numpy int64 per token id: how many bytes (-1: an id with no known bytes)
+    start: Any  # numpy int32 per token id: where its bytes begin in blob
+    length: Any  # numpy int32 per token id: how many bytes (-1: an id with no known bytes)
 
     @classmethod
     def of(cls, tokenizer) -> TokenBytes | None:
@@ -584,8 +584,8 @@ class TokenBytes:
         for index, added in backend.get_added_tokens_decoder().items():
             tokens[index] = added.content.encode("utf-8")
         size = max(tokens, default=-1) + 1
-        length = np.full(size, -1, np.int64)
-        start = np.zeros(size, np.int64)
+        length = np.full(size, -1, np.int32)
+        start = np.zeros(size, np.int32)
         ordered = sorted(tokens.items())
         length[[index for index, _ in ordered]] = [len(data) for _, data in ordered]
         start[[index for index, _ in ordered]] = np.cumsum([0] + [len(data) for _, data in ordered])[:-1]
@@ -596,6 +596,36 @@ class TokenBytes:
         """The character each token starts at within its text (flat, like ``ids``; ``lengths`` tokens a text), and
         which texts' tokens are not exactly their bytes (their starts are not given: the tokenizer's offsets are
         needed for those)."""
+        import numpy as np
+
+        # The usual batch, every text its tokens' bytes, in a few passes over the batch's bytes; any doubt goes to
+        # the text by text check below.
+        try:
+            encoded = [text.encode("utf-8") for text in texts]
+        except UnicodeEncodeError:
+            return self.char_starts_checked(ids, lengths, texts)
+        data = b"".join(encoded)
+        if len(ids) == 0 or ids.min() < 0 or ids.max() >= len(self.length) or len(data) >= 2**31:
+            return self.char_starts_checked(ids, lengths, texts)
+        size = self.length[ids]
+        ends = np.cumsum(size)
+        if size.min() < 1 or not np.array_equal(np.concatenate([[0], ends])[np.cumsum(lengths)],
+                                                np.cumsum([len(text) for text in encoded])):
+            return self.char_starts_checked(ids, lengths, texts)
+        byte_start = (ends - size).astype(np.int32)
+        data = np.frombuffer(data, np.uint8)
+        if not np.array_equal(self.blob[np.repeat(self.start[ids] - byte_start, size)
+                                        + np.arange(len(data), dtype=np.int32)], data):
+            return self.char_starts_checked(ids, lengths, texts)
+        characters = np.fromiter(map(len, texts), np.int64, len(texts))
+        text_start = np.repeat(np.cumsum(characters) - characters, lengths)
+        if len(data) == characters.sum():  # ASCII: a byte is a character
+            return byte_start - text_start, np.zeros(len(texts), bool)
+        characters = np.cumsum((data & 0xC0) != 0x80, dtype=np.int32)  # UTF-8: one lead byte a character
+        return characters[byte_start] - 1 - text_start, np.zeros(len(texts), bool)
+
+    def char_starts_checked(self, ids, lengths, texts: list[str]):
+        """``char_starts``, text by text: a text whose tokens are not its bytes is told, the others get starts."""
         import numpy as np
 
         known = (ids >= 0) & (ids < len(self.length))

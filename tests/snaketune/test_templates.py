@@ -255,6 +255,9 @@ def test_token_starts_from_token_bytes_equal_the_tokenizers_offsets(tiny_tokeniz
     assert table is not None
     found = tokenize_with_starts(tiny_tokenizer, texts, table)
     assert all(np.array_equal(a, b) for a, b in zip(found, reference, strict=True))
+    plain = [" lead and trail ", "<|im_start|>user\nhi<|im_end|>\n", "", "x"]  # ASCII: bytes are characters
+    assert np.array_equal(tokenize_with_starts(tiny_tokenizer, plain, table)[1],
+                          tokenize_with_starts(tiny_tokenizer, plain)[1])
     ids, starts, lengths = reference
     first = int(lengths[0])
     found, wrong = table.char_starts(ids[first:], lengths[1:], texts[1:])
