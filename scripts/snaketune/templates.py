@@ -677,7 +677,9 @@ def batch_labels(ids, starts, lengths, spans: list[list[tuple[int, int]]], strid
         return np.full(len(ids), IGNORE_INDEX)
     flat = np.array([edge for row_spans in spans for span in row_spans for edge in span], np.int64).reshape(-1, 2)
     span_start, span_end = flat[:, 0] + span_row * stride, flat[:, 1] + span_row * stride
-    index = np.searchsorted(span_end, reached, side="right")
+    # How many span ends each token's reach has passed: as the reach never falls, each span end is passed from one
+    # token on, so a search of the few span ends among the tokens (not of every token among the span ends) does.
+    index = np.cumsum(np.bincount(np.searchsorted(reached, span_end, side="left"), minlength=len(ids) + 1))[:-1]
     found = np.minimum(index, len(span_end) - 1)
     inside = (index < len(span_end)) & (span_row[found] == row) & (span_start[found] <= where)
     return np.where(inside, ids, IGNORE_INDEX)
