@@ -16,12 +16,28 @@ from array import array
 from collections import deque
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from snaketune.errors import UserError, located
-from snaketune.formats import ReadResult, Record, iter_records, no_records_error
+from snaketune.formats import (
+    Admission,
+    BadRow,
+    ReadResult,
+    ReadSettings,
+    Record,
+    RowReader,
+    ScannedRows,
+    decoding_error,
+    iter_records,
+    jsonl_codec,
+    line_pieces,
+    no_records_error,
+    read_lines,
+    scan_lines,
+)
 from snaketune.io import atomic_file, save_png, write_json
 from snaketune.settings import DatasetSettings
 from snaketune.templates import (
@@ -36,6 +52,7 @@ from snaketune.templates import (
 SPLITS = ("train", "eval", "test")
 PRIVATE = ("full_length", "turns")  # used for stats, not written
 ENCODE_BATCH = 1000  # rows a worker encodes per call (one Rust tokenizer call, one parquet row group)
+SCAN_PIECE = 1 << 20  # bytes of a JSONL file a worker reads per call in the first pass
 
 
 def split_sizes(n: int, eval_size: float, test_size: float) -> tuple[int, int]:
@@ -92,6 +109,10 @@ def encode_records(template: ChatTemplate | None, tokenizer, records: list[Recor
     model's build), each image's token is repeated for its features and the rows keep their image paths."""
     if images is not None:
         return images.encode(template, tokenizer, records, max_length)
+    with_images = next((record for record in records if record.images), None)
+    if with_images is not None:
+        raise located(with_images.path, with_images.line, "this row has images and the model is text-only: use a "
+                                                          "vision-language model (Qwen2-VL, LLaVA ...) for this data")
     if template is None or records[0].rejected is not None:
         return rows_table(encode_rows(template, tokenizer, records, max_length), records[0].rejected is not None)
     import pyarrow as pa
@@ -303,19 +324,104 @@ def split_batches(records: Iterator[Record], labels: bytearray) -> Iterator[tupl
     yield from ((name, batch) for name, batch in pending.items() if batch)
 
 
+def row_batches(labels: bytearray, size: int) -> list[tuple[int, Any]]:
+    """``split_batches``' batches as ``(split number, row indices)``, for rows known by index: the same batches in
+    the same order (each full batch where its last row comes, then each split's last batch in SPLITS order)."""
+    import numpy as np
+
+    labels = np.frombuffer(labels, np.uint8)
+    full, rest = [], []
+    for number in range(len(SPLITS)):
+        rows = np.flatnonzero(labels == number)
+        whole = len(rows) // size * size
+        full += [(rows[end - 1], number, rows[end - size : end]) for end in range(size, whole + 1, size)]
+        if whole < len(rows):
+            rest.append((number, rows[whole:]))
+    return [(number, rows) for _, number, rows in sorted(full, key=lambda batch: batch[0])] + rest
+
+
+@dataclass
+class KeptRows:
+    """The rows the first pass over JSONL files kept, in file order, as where to read them again: the file (its
+    index in the settings' paths), byte offset, line and row number (a row without an id is named by it)."""
+
+    files: array = field(default_factory=lambda: array("q"))
+    offsets: array = field(default_factory=lambda: array("q"))
+    lines: array = field(default_factory=lambda: array("q"))
+    numbers: array = field(default_factory=lambda: array("q"))
+
+    def append(self, file: int, offset: int, line: int, number: int) -> None:
+        self.files.append(file)
+        self.offsets.append(offset)
+        self.lines.append(line)
+        self.numbers.append(number)
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def batches(self, labels: bytearray) -> Iterator[tuple[str, tuple]]:
+        """``(split, (files, offsets, lines, numbers))`` of each batch ``row_batches`` makes of these rows."""
+        import numpy as np
+
+        columns = [np.frombuffer(column, np.int64) for column in (self.files, self.offsets, self.lines, self.numbers)]
+        for number, rows in row_batches(labels, ENCODE_BATCH):
+            yield SPLITS[number], tuple(column[rows] for column in columns)
+
+
 @dataclass
 class BatchEncoder:
     """Turns a batch of ``(split, records)`` into ``(split, encode_records table)``; picklable, so each worker
-    process gets its own copy once."""
+    process gets its own copy once. With the dataset's ``read`` settings it also reads JSONL files itself: a
+    piece's rows (``scan``) and a batch of rows by where they are (``encode_lines``)."""
 
     template: ChatTemplate | None
     tokenizer: Any
     max_length: int
+    read: ReadSettings | None = None
     images: ImageRows | None = None
+    handles: dict[int, Any] = field(default_factory=dict, repr=False)  # open files, never pickled
 
     def __call__(self, batch: tuple[str, list[Record]]) -> tuple[str, Any]:
         name, records = batch
         return name, encode_records(self.template, self.tokenizer, records, self.max_length, self.images)
+
+    @cached_property
+    def reader(self) -> RowReader:
+        return RowReader(self.read)
+
+    def scan(self, piece: tuple[int, int, int, int]) -> tuple[int, ScannedRows]:
+        """``scan_lines`` of ``(file, start, end, first line)``."""
+        file, start, end, first_line = piece
+        return file, scan_lines(self.reader, self.read.paths[file], start, end, first_line)
+
+    def encode_lines(self, batch: tuple[str, tuple]) -> tuple[str, Any]:
+        """``(split, (files, offsets, lines, numbers))``: the rows read again where they are, then encoded."""
+        name, (files, offsets, lines, numbers) = batch
+        records = []
+        for file, rows in group_by_file(files.tolist(), offsets.tolist(), lines.tolist(), numbers.tolist()):
+            if file not in self.handles:
+                self.handles[file] = self.read.paths[file].open("rb")
+            records += read_lines(self.reader, self.read.paths[file], self.handles[file], *rows)
+        return self((name, records))
+
+    def close(self) -> None:
+        for handle in self.handles.values():
+            handle.close()
+        self.handles.clear()
+
+    def __getstate__(self):  # a worker opens its own files and makes its own reader
+        state = {**self.__dict__, "handles": {}}
+        state.pop("reader", None)
+        return state
+
+
+def group_by_file(files: list[int], *columns: list[int]) -> Iterator[tuple[int, list[list[int]]]]:
+    """Consecutive rows of one file: ``(file, [column values of those rows])``."""
+    start = 0
+    for end in range(1, len(files) + 1):
+        if end == len(files) or files[end] != files[start]:
+            yield files[start], [column[start:end] for column in columns]
+            start = end
 
 
 WORKER_ENCODER: BatchEncoder | None = None  # a worker process's encoder, set once when the worker starts
@@ -328,23 +434,47 @@ def start_worker(encoder: BatchEncoder) -> None:
     WORKER_ENCODER = encoder
 
 
-def encode_in_worker(batch: tuple[str, list[Record]]) -> tuple[str, Any]:
-    return WORKER_ENCODER(batch)
+def run_in_worker(method: str, task):
+    return getattr(WORKER_ENCODER, method)(task)
 
 
-def encoded_in_order(encoder: BatchEncoder, batches: Iterator, pool, workers: int) -> Iterator[tuple[str, Any]]:
-    """``encoder`` applied to every batch, results in the batches' order: here, or over ``pool``'s ``workers``
-    processes with twice as many batches in flight (every worker busy; memory holds only those)."""
+def in_order(encoder: BatchEncoder, method: str, tasks: Iterator, pool, workers: int) -> Iterator:
+    """``encoder``'s ``method`` applied to every task, results in the tasks' order: here, or over ``pool``'s
+    ``workers`` processes with twice as many tasks in flight (every worker busy; memory holds only those)."""
     if pool is None:
-        yield from map(encoder, batches)
+        yield from map(getattr(encoder, method), tasks)
         return
     pending = deque()
-    for batch in batches:
-        pending.append(pool.submit(encode_in_worker, batch))
+    for task in tasks:
+        pending.append(pool.submit(run_in_worker, method, task))
         if len(pending) >= 2 * workers:
             yield pending.popleft().result()
     while pending:
         yield pending.popleft().result()
+
+
+class Workers:
+    """The build's worker processes, started when a pass first has work for more than one of them (a small dataset
+    is not worth starting processes for), then kept for the passes after it."""
+
+    def __init__(self, encoder: BatchEncoder, workers: int):
+        self.encoder, self.workers = encoder, workers
+        self.pool, self.size = None, 1
+
+    def __call__(self, tasks: int):
+        """The pool for a pass of ``tasks`` tasks, or None: the pass runs here."""
+        if self.pool is None and min(self.workers, tasks) > 1:
+            self.size = min(self.workers, tasks)
+            self.pool = worker_pool(self.encoder, self.size)
+        return self.pool
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.encoder.close()
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=exc[0] is not None)
 
 
 def worker_pool(encoder: BatchEncoder, workers: int):
@@ -409,28 +539,38 @@ def stats_head(settings: DatasetSettings, tokenizer, template: ChatTemplate | No
 def build(settings: DatasetSettings, tokenizer, outputs: dict[str, str | Path], workers: int = 1,
           image_inputs=None) -> dict[str, Any]:
     """Read, split, tokenize; write the ``train``, ``eval`` and ``test`` parquet files, ``stats`` (JSON) and
-    ``lengths`` (PNG) to the paths ``outputs`` names. ``workers`` processes tokenize (the rows are the same, in the
-    same order, for any number). ``image_inputs``: a vision-language model's (vision.ImageInputs); None for a
+    ``lengths`` (PNG) to the paths ``outputs`` names. ``workers`` processes read and tokenize (the rows are the same,
+    in the same order, for any number). ``image_inputs``: a vision-language model's (vision.ImageInputs); None for a
     text-only model, which refuses rows with images."""
     template = build_template(settings, tokenizer)
     outputs = {name: Path(outputs[name]) for name in OUTPUTS}
     images = ImageRows(image_inputs, outputs["train"].parent / "images") if image_inputs is not None else None
-    encoder = BatchEncoder(template, tokenizer, settings.max_seq_length, images)
+    encoder = BatchEncoder(template, tokenizer, settings.max_seq_length, settings, images)
     # Two passes over the files, so no split is ever held whole: count the good rows, then split and write them.
+    # JSONL files (UTF-8) are read by the workers, a piece at a time, and read again by where the rows kept are;
+    # other files are read here.
     read = ReadResult([], [], 0, 0)
     image_sizes = ImageSizes()
-    count = sum(1 for record in iter_records(settings, read) if image_sizes.add(record, images is not None))
-    if not count:
-        raise no_records_error(settings, read)
-    labels = split_assignment(count, settings)
-    stats = stats_head(settings, tokenizer, template, read)
-    if image_sizes.images:
-        stats["images"] = image_sizes.summary()
-    workers = min(workers, -(-count // ENCODE_BATCH))  # a small dataset is not worth starting processes for
-    with worker_pool(encoder, workers) as pool, one_core_here(workers <= 1):
-        batches = split_batches(iter_records(settings, ReadResult([], [], 0, 0)), labels)
-        stats["splits"], lengths = write_splits(settings, encoded_in_order(encoder, batches, pool, workers), count,
-                                                outputs, images is not None)
+    # a vision-language build reads here: the first pass keeps its images' sizes for the stats
+    by_lines = images is None and all(jsonl_codec(path, settings.encoding) for path in settings.paths)
+    with Workers(encoder, workers) as pool:
+        if by_lines:
+            rows = scan_jsonl(settings, encoder, pool, read)
+            count = len(rows)
+        else:
+            count = sum(1 for record in iter_records(settings, read) if image_sizes.add(record))
+        if not count:
+            raise no_records_error(settings, read)
+        labels = split_assignment(count, settings)
+        stats = stats_head(settings, tokenizer, template, read)
+        if image_sizes.images:
+            stats["images"] = image_sizes.summary()
+        batches = rows.batches(labels) if by_lines else \
+            split_batches(iter_records(settings, ReadResult([], [], 0, 0)), labels)
+        here = pool(-(-count // ENCODE_BATCH))
+        with one_core_here(here is None):
+            encoded = in_order(encoder, "encode_lines" if by_lines else "__call__", batches, here, pool.size)
+            stats["splits"], lengths = write_splits(settings, encoded, count, outputs, images is not None)
     kept = sum(split["rows"] for split in stats["splits"].values())
     if read.rows_read and kept < read.rows_read * MOST_ROWS_DROPPED:
         warning = (f"{settings.source}: kept {kept} of {read.rows_read} rows ({len(read.bad_rows)} bad, "
@@ -453,12 +593,9 @@ class ImageSizes:
     def images(self) -> int:
         return len(self.widths)
 
-    def add(self, record: Record, vision_model: bool) -> bool:
-        """Count ``record``'s images; a row with images for a text-only model is the user's mistake."""
+    def add(self, record: Record) -> bool:
+        """Count ``record``'s images."""
         if record.images:
-            if not vision_model:
-                raise located(record.path, record.line, "this row has images and the model is text-only: use a "
-                                                        "vision-language model (Qwen2-VL, LLaVA ...) for this dataset")
             self.rows += 1
             self.widths.extend(width for width, _ in record.image_sizes)
             self.heights.extend(height for _, height in record.image_sizes)
@@ -467,6 +604,36 @@ class ImageSizes:
     def summary(self) -> dict[str, Any]:
         return {"rows_with_images": self.rows, "images": self.images, "width": length_summary(self.widths),
                 "height": length_summary(self.heights)}
+
+
+def scan_jsonl(settings: DatasetSettings, encoder: BatchEncoder, pool: Workers, read: ReadResult) -> KeptRows:
+    """The first pass over JSONL files: the workers read them a piece at a time (``scan_lines``), this process
+    decides on each row in file order as ``iter_records`` does (``Admission``) and keeps where the good new ones
+    are."""
+    admission, kept = Admission(settings, read), KeptRows()
+    pieces = ((file, *piece) for file, path in enumerate(settings.paths) for piece in line_pieces(path, SCAN_PIECE))
+    size = sum(path.stat().st_size for path in settings.paths)
+    here = pool(-(-size // SCAN_PIECE))
+    numbers = [0] * len(settings.paths)
+    stems = [path.stem for path in settings.paths]
+    for file, found in in_order(encoder, "scan", pieces, here, pool.size):
+        path = settings.paths[file]
+        for index, line in enumerate(found.lines):
+            read.rows_read += 1
+            numbers[file] += 1
+            try:
+                if found.keys[index] is None:
+                    raise BadRow(found.problems[index])
+                row_id = found.ids[index] or f"{stems[file]}-{numbers[file]}"
+                admission.check_id(path, line, row_id)
+            except BadRow as problem:
+                admission.bad(problem)
+                continue
+            if admission.admit(path, line, row_id, found.keys[index]):
+                kept.append(file, found.offsets[index], line, numbers[file])
+        if found.undecodable:
+            raise decoding_error(path, "utf-8-sig")
+    return kept
 
 
 def write_splits(settings: DatasetSettings, encoded: Iterator[tuple[str, Any]], count: int,

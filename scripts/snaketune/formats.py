@@ -185,9 +185,7 @@ def iter_json_rows(path: Path, encoding: str = "utf-8-sig") -> Iterator[tuple[in
 
     JSONL is read a line at a time, so a file of millions of rows never sits in memory whole.
     """
-    with path.open("rb") as handle:
-        head = handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    if head.startswith(b"["):
+    if is_json_array(path):
         yield from _iter_json_array(path, _read_text(path, encoding))
         return
     # Lines end at \n only: JSON strings may hold U+2028, U+2029 and U+0085 unescaped, and text-mode line
@@ -203,6 +201,13 @@ def iter_json_rows(path: Path, encoding: str = "utf-8-sig") -> Iterator[tuple[in
                     yield number, bad(path, number, f"not valid JSON: {exc.msg} (column {exc.colno})")
         except UnicodeDecodeError:
             raise decoding_error(path, encoding) from None  # the line and byte, and an encoding that reads it
+
+
+def is_json_array(path: Path) -> bool:
+    """Whether a JSON file holds one array (else it is JSONL: a row a line)."""
+    with path.open("rb") as handle:
+        head = handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head.startswith(b"[")
 
 
 def _iter_json_array(path: Path, text: str) -> Iterator[tuple[int, Any]]:
@@ -570,11 +575,46 @@ def check_columns(settings: ReadSettings, path: Path) -> None:
         raise located(path, 1, f'column "{name}" does not exist{hint}')
 
 
+class Admission:
+    """Which rows of a dataset's files the build keeps, in file order: a bad row is counted (the build stops past
+    ``max_bad_rows`` of them), an id may be used once, and a row whose content came before is a duplicate."""
+
+    def __init__(self, settings: ReadSettings, tally: ReadResult):
+        self.settings, self.tally = settings, tally
+        self.seen_ids: dict[str, str] = {}
+        self.seen_content: set[str] = set()
+
+    def bad(self, problem: BadRow | str) -> None:
+        self.tally.bad_rows.append(str(problem))
+        if len(self.tally.bad_rows) > self.settings.max_bad_rows:
+            shown = "\n".join(self.tally.bad_rows[:5])
+            raise UserError(f"{shown}\n{len(self.tally.bad_rows)} bad row(s) so far, more than max_bad_rows="
+                            f"{self.settings.max_bad_rows}; fix them or raise max_bad_rows to skip them "
+                            "(skipped rows are counted in stats.json)") from None
+
+    def check_id(self, path: Path, line: int, row_id: str) -> None:
+        """A BadRow when ``row_id`` was used before."""
+        if row_id in self.seen_ids:
+            raise bad(path, line, f'field "id": `{row_id}` already used on {self.seen_ids[row_id]}')
+
+    def admit(self, path: Path, line: int, row_id: str, key) -> bool:
+        """Note a good row's id and content (``key``: its ``content_key``, or the error that raised); whether its
+        content is new."""
+        self.seen_ids[row_id] = f"{path}:{line}"
+        if isinstance(key, Exception):
+            raise key
+        if self.settings.deduplicate and key in self.seen_content:
+            self.tally.duplicates += 1
+            return False
+        self.seen_content.add(key)
+        return True
+
+
 def iter_records(settings: ReadSettings, tally: ReadResult) -> Iterator[Record]:
     """Yield every good, new row of every file as a Record, in file order, holding none of them: bad rows and
     duplicates are counted in ``tally`` (its ``records`` stays empty), up to ``max_bad_rows`` bad ones."""
     reader = RowReader(settings)
-    seen_ids, seen_content = {}, set()
+    admission = Admission(settings, tally)
     for path in settings.paths:
         check_columns(settings, path)
         for number, (line, row) in enumerate(iter_file_rows(path, settings.encoding), start=1):
@@ -582,23 +622,124 @@ def iter_records(settings: ReadSettings, tally: ReadResult) -> Iterator[Record]:
             try:
                 record = reader.read(path, line, row)
                 record.id = record.id or f"{path.stem}-{number}"  # row number: one-line JSON arrays share a line
-                if record.id in seen_ids:
-                    raise bad(path, line, f'field "id": `{record.id}` already used on {seen_ids[record.id]}')
+                admission.check_id(path, line, record.id)
             except BadRow as problem:
-                tally.bad_rows.append(str(problem))
-                if len(tally.bad_rows) > settings.max_bad_rows:
-                    shown = "\n".join(tally.bad_rows[:5])
-                    raise UserError(f"{shown}\n{len(tally.bad_rows)} bad row(s) so far, more than max_bad_rows="
-                                    f"{settings.max_bad_rows}; fix them or raise max_bad_rows to skip them "
-                                    "(skipped rows are counted in stats.json)") from None
+                admission.bad(problem)
                 continue
-            seen_ids[record.id] = f"{path}:{line}"
-            key = record.content_key()
-            if settings.deduplicate and key in seen_content:
-                tally.duplicates += 1
+            if admission.admit(path, line, record.id, content_key(record)):
+                yield record
+
+
+def content_key(record: Record):
+    """``record.content_key()``, or the error it raised (``Admission.admit`` raises it where the row's turn comes)."""
+    try:
+        return record.content_key()
+    except Exception as exc:  # noqa: BLE001 - text no codec writes (a lone surrogate): raised in file order
+        return exc
+
+
+# -- JSONL read in pieces, by lines (the dataset build's workers) --------------------------------------------
+def jsonl_codec(path: Path, encoding: str) -> str | None:
+    """The codec of a JSONL file that may be read in pieces by lines: UTF-8 (``utf-8-sig``, as ``iter_file_rows``
+    opens it); None for anything else (a table, a JSON array, another encoding, a file that is not there)."""
+    if path.suffix.lower() in TABULAR or not path.is_file() or is_json_array(path):
+        return None
+    try:
+        codec = text_encoding(path, encoding)
+    except UserError:
+        return None
+    return codec if codec == "utf-8-sig" else None
+
+
+def line_pieces(path: Path, size: int) -> Iterator[tuple[int, int, int]]:
+    """``(start, end, first line)`` of consecutive pieces of ``path`` of about ``size`` bytes, each ending at a line's
+    end (the file's end for the last one)."""
+    with path.open("rb") as handle:
+        start, line, pending = 0, 1, 0  # pending: bytes read past the last piece's end
+        while block := handle.read(size):
+            cut = block.rfind(b"\n") + 1
+            if not cut:
+                pending += len(block)
                 continue
-            seen_content.add(key)
-            yield record
+            end = start + pending + cut
+            yield start, end, line
+            line += block.count(b"\n")
+            start, pending = end, len(block) - cut
+        if pending:
+            yield start, start + pending, line
+
+
+@dataclass
+class ScannedRows:
+    """What ``scan_lines`` found in a piece of a JSONL file, in order, for every line that is not blank: its line and
+    byte offset, and either the row's own id ("" when it has none) and ``content_key``, or why the row is bad."""
+
+    lines: list[int] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+    keys: list[Any] = field(default_factory=list)  # None for a bad row
+    problems: dict[int, str] = field(default_factory=dict)  # index of a bad row -> "file:line: reason"
+    undecodable: bool = False  # the piece stopped at a line that is not UTF-8
+
+
+def decode_line(raw: bytes, offset: int) -> str:
+    """A line of a UTF-8 JSONL file as ``iter_json_rows`` reads it (a byte-order mark only at the file's start)."""
+    return raw.decode("utf-8-sig" if offset == 0 else "utf-8")
+
+
+def json_row(path: Path, line: int, text: str) -> Any:
+    """A JSONL line's row, or the BadRow ``iter_json_rows`` gives for it."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        return bad(path, line, f"not valid JSON: {exc.msg} (column {exc.colno})")
+
+
+def scan_lines(reader: RowReader, path: Path, start: int, end: int, first_line: int) -> ScannedRows:
+    """Read bytes ``start`` to ``end`` of a JSONL file (whole lines, the first being ``first_line``) as
+    ``iter_records`` reads them, keeping only what deciding on each row takes (``Admission``)."""
+    with path.open("rb") as handle:
+        handle.seek(start)
+        data = handle.read(end - start)
+    found = ScannedRows()
+    lines = data.split(b"\n")
+    offset = start
+    for number, raw in enumerate(lines, start=first_line):
+        last = number - first_line == len(lines) - 1
+        if last and not raw:
+            break
+        at, offset = offset, offset + len(raw) + 1
+        try:
+            text = decode_line(raw if last else raw + b"\n", at)
+        except UnicodeDecodeError:
+            found.undecodable = True
+            break
+        if not text.strip():
+            continue
+        found.lines.append(number)
+        found.offsets.append(at)
+        try:
+            record = reader.read(path, number, json_row(path, number, text))
+        except BadRow as problem:
+            found.problems[len(found.ids)] = str(problem)
+            found.ids.append("")
+            found.keys.append(None)
+            continue
+        found.ids.append(record.id)
+        found.keys.append(content_key(record))
+    return found
+
+
+def read_lines(reader: RowReader, path: Path, handle, offsets, lines, numbers) -> list[Record]:
+    """The records of rows ``scan_lines`` found good, read again at their byte ``offsets`` (from the open binary
+    ``handle`` of ``path``); ``numbers`` are their row numbers in the file (a row without an id is named by it)."""
+    records = []
+    for offset, line, number in zip(offsets, lines, numbers, strict=True):
+        handle.seek(offset)
+        record = reader.read(path, line, json_row(path, line, decode_line(handle.readline(), offset)))
+        record.id = record.id or f"{path.stem}-{number}"
+        records.append(record)
+    return records
 
 
 def no_records_error(settings: ReadSettings, tally: ReadResult) -> UserError:

@@ -131,6 +131,8 @@ def _compiled(source: str):
 class ChatTemplate:
     """A chat template bound to a tokenizer's special tokens: renders conversations and encodes loss masks."""
 
+    fast = True  # encode_batch's shortcuts (layouts, token bytes); False: the per-prefix reference, for the tests
+
     def __init__(self, tokenizer, source: str):
         self.tokenizer = tokenizer
         self.source = source
@@ -138,13 +140,30 @@ class ChatTemplate:
         self.context = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
         self.context.setdefault("bos_token", tokenizer.bos_token or "")
         self.context.setdefault("eos_token", tokenizer.eos_token or "")
+        # The template's globals as a plain dict: Jinja keeps them as a ChainMap and copies it, key by key in
+        # Python, on every render; a dict of the same items renders the same text at a fraction of the cost.
+        self.globals = dict(self.template.globals)
+        self.layouts: dict[tuple[str, ...], Layout | None] = {}  # a conversation's roles -> how it renders
+        self.token_bytes: TokenBytes | None | bool = False  # looked up on first use (False: not yet)
 
     @classmethod
     def of(cls, tokenizer, name: str = "auto") -> ChatTemplate:
         return cls(tokenizer, choose_template(tokenizer, name))
 
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-        return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.context)
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False,
+               globals: dict[str, Any] | None = None) -> str:
+        """What ``jinja2.Template.render`` gives (the same context and globals, the same error handling), without
+        its per-call copy of the globals' ChainMap."""
+        from jinja2.runtime import new_context
+
+        template = self.template
+        context = new_context(template.environment, template.name, template.blocks,
+                              {**self.context, "messages": messages, "add_generation_prompt": add_generation_prompt},
+                              globals=self.globals if globals is None else globals)
+        try:
+            return template.environment.concat(template.root_render_func(context))
+        except Exception:
+            template.environment.handle_exception()
 
     def assistant_spans(self, conversation: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
         """Render ``conversation``; return the text and the character span of every assistant turn."""
@@ -162,6 +181,39 @@ class ChatTemplate:
                 )
             spans.append((len(before), len(through)))
         return text, spans
+
+    def layout(self, conversation: list[dict[str, str]]) -> Layout | None:
+        """How conversations of this one's shape render (see ``Layout``), or None where a rendering of it must be
+        taken as it comes: a message that is not exactly ``{"role", "content"}`` with non-empty text, a shape the
+        template refuses, or a template that looks at the contents."""
+        roles = []
+        for message in conversation:
+            if type(message) is not dict or len(message) != 2 or next(iter(message)) != "role":
+                return None
+            content = message.get("content")
+            if type(message["role"]) is not str or type(content) is not str or not content:
+                return None
+            roles.append(message["role"])
+        roles = tuple(roles)
+        if roles not in self.layouts:
+            self.layouts[roles] = Layout.probe(self, roles)
+        return self.layouts[roles]
+
+    def spans_batch(self, conversations: list[list[dict[str, str]]]) -> list[tuple[str, list[tuple[int, int]]]]:
+        """``assistant_spans`` of every conversation. Where its shape has a layout, the conversation is rendered
+        once (not once per prefix) and the spans come from the layout; a rendering that differs from the layout's
+        text is taken per prefix."""
+        spans = []
+        for conversation in conversations:
+            layout = self.layout(conversation) if self.fast else None
+            if layout is not None:
+                text = self.render(conversation)
+                found = layout.apply(conversation)
+                if found[0] == text:
+                    spans.append(found)
+                    continue
+            spans.append(self.assistant_spans(conversation))
+        return spans
 
     def __reduce__(self):
         """Pickled as its tokenizer and source (the compiled Jinja is not picklable): dataset workers get a copy."""
@@ -182,9 +234,11 @@ class ChatTemplate:
         """``encode`` as flat arrays for a whole batch: one Rust tokenizer call, the mask computed with numpy over
         every token at once, no Python int per token. Also returns each conversation's prompt (its rendering up to
         the last assistant turn, which ``assistant_spans`` rendered already)."""
-        rendered = [self.assistant_spans(conversation) for conversation in conversations]
+        rendered = self.spans_batch(conversations)
         texts = [text for text, _ in rendered]
-        ids, starts, lengths = tokenize_with_starts(self.tokenizer, texts)
+        if self.token_bytes is False:
+            self.token_bytes = TokenBytes.of(self.tokenizer)
+        ids, starts, lengths = tokenize_with_starts(self.tokenizer, texts, self.token_bytes if self.fast else None)
         spans = [spans for _, spans in rendered]
         labels = batch_labels(ids, starts, lengths, spans, max(map(len, texts), default=0) + 1)
         prompts = [text[: row_spans[-1][0]] if row_spans and conversation[-1]["role"] == "assistant"
@@ -227,6 +281,191 @@ class ChatTemplate:
         return pairs
 
 
+class Opaque(str):
+    """A message's content while a template's layout is probed (``Layout.probe``): a str that notes any look at its
+    text in ``Opaque.looked`` (a comparison, its length, a search, a slice, a conversion, any str method, markupsafe's
+    escaping) and lets three things pass unnoted: being written out (``str()``, ``%s``, ``{}``), being joined to other
+    text with ``+`` (the text joined is a probe too), and ``strip()`` (Jinja's ``trim``, as Llama 3's template does),
+    which gives a probe that notes any look, its truth included. A template that renders probes without a look gives
+    the same output for any contents, each put in as it is or stripped. (Text built by ``~`` or captured by a
+    ``{% set %}`` block is plain text: a template that tests that could slip by, were it not that every row's whole
+    rendering is still compared with its layout's.)"""
+
+    looked = False
+    stripped = False
+
+    def __str__(self):
+        return self
+
+    def __bool__(self):  # a layout is used only for conversations whose contents are all non-empty
+        if self.stripped:
+            Opaque.looked = True
+        return True
+
+    def __format__(self, spec):
+        if spec:
+            Opaque.looked = True
+        return str.__format__(self, spec)
+
+    def __add__(self, other):  # joined text stays a probe, so a look at it is noted too
+        return self.joined(str.__add__(self, other), other)
+
+    def __radd__(self, other):
+        if not isinstance(other, str):
+            return NotImplemented
+        return self.joined(str.__add__(other, self), other)
+
+    def joined(self, text: str, other) -> Opaque:
+        joined = Opaque(text)
+        joined.stripped = self.stripped or getattr(other, "stripped", False)
+        return joined
+
+    def strip(self, chars=None):
+        if chars is not None or self.stripped:
+            Opaque.looked = True
+            return str.strip(self, chars)
+        stripped = Opaque(str.strip(self))
+        stripped.stripped = True
+        return stripped
+
+    @property
+    def __html__(self):  # markupsafe asks for it before it escapes or wraps a string
+        Opaque.looked = True
+        raise AttributeError("__html__")
+
+
+UNNOTED = {"__new__", "__init__", "__init_subclass__", "__subclasshook__", "__getattribute__", "__setattr__",
+           "__delattr__", "__class__", "__str__", "__format__", "__add__", "__getnewargs__", "__reduce__",
+           "__reduce_ex__", "__sizeof__", "__dir__", "__getstate__", "strip"}
+
+
+def _noted(method):
+    def noted(self, *args, **kwargs):
+        Opaque.looked = True
+        return method(self, *args, **kwargs)
+
+    return noted
+
+
+def _refused(self, *args):
+    Opaque.looked = True
+    raise TypeError("a probe is not a number")
+
+
+for _name in dir(str):
+    if _name not in UNNOTED and callable(getattr(str, _name)):
+        setattr(Opaque, _name, _noted(getattr(str, _name)))
+for _name in ("__int__", "__float__", "__complex__", "__index__", "__bytes__"):
+    setattr(Opaque, _name, _refused)
+
+# The probes of Layout.probe's two rounds. A long one holds what escaping, formatting, cutting or case changes would
+# alter, and space around it that only strip() takes; a short one (one private-use character) shows any padding.
+LONG_PROBE = "  \x00<probe {} of snaketune's layout> & {{{{x}}}} \"'\\\n  Ée\x00 \n"
+PROBE_MARKS = ("\x00", "snaketune's layout", *map(chr, range(0xF0000, 0xF0100)))
+
+
+@dataclass
+class Layout:
+    """How conversations of one shape (their roles, in order) render: the text as pieces, literal text or the
+    content of message i (``i``, or ``~i`` stripped), and each assistant turn's span as its start and end (each the
+    literal characters and the contents before it). Found once a shape by rendering ``Opaque`` probes for the
+    contents, twice (long probes, then one-character ones), as ``assistant_spans`` renders: the whole and every
+    prefix it needs. A layout exists only where the template never looked at a probe (so its output is the same for
+    any contents, each put in as it is or stripped), every probe came out whole, both rounds agree, and every prefix
+    is a prefix for any contents. Rows still render whole; one whose text differs is taken per prefix."""
+
+    pieces: list[str | int]
+    spans: list[tuple[int, tuple[int, ...], int, tuple[int, ...]]]
+
+    @classmethod
+    def probe(cls, template: ChatTemplate, roles: tuple[str, ...]) -> Layout | None:
+        if len(roles) > 256:
+            return None
+        long = cls.probe_round(template, roles, [LONG_PROBE.format(index) for index in range(len(roles))])
+        short = cls.probe_round(template, roles, [chr(0xF0000 + index) for index in range(len(roles))])
+        if long is None or short is None or [unstripped(r) for r in long] != [unstripped(r) for r in short]:
+            return None
+        whole, turns = long[0], list(zip(long[1::2], long[2::2], strict=True))
+        if not all(prefix_of(before, whole) and prefix_of(through, whole) and prefix_of(before, through)
+                   for before, through in turns):
+            return None
+        return cls(whole, [(*reach(before), *reach(through)) for before, through in turns])
+
+    @staticmethod
+    def probe_round(template: ChatTemplate, roles: tuple[str, ...], marks: list[str]) -> list[list] | None:
+        """The pieces of every rendering ``assistant_spans`` makes (the whole, then each assistant turn's before
+        and through), with ``marks`` for the contents; None where the template looked, refused or changed a mark."""
+        import re
+
+        conversation = [{"role": role, "content": Opaque(mark)} for role, mark in zip(roles, marks, strict=True)]
+        timed = []
+
+        def strftime_now(fmt):  # a dated template: the date may change between rows, a layout would keep it
+            timed.append(fmt)
+            return template.globals["strftime_now"](fmt)
+
+        probing = {**template.globals, **({"strftime_now": strftime_now} if "strftime_now" in template.globals
+                                          else {})}
+        Opaque.looked = False
+        try:
+            whole = template.render(conversation, globals=probing)
+            texts = [whole]
+            for index, role in enumerate(roles):
+                if role == "assistant":
+                    texts += [template.render(conversation[:index], True, probing),
+                              whole if index == len(roles) - 1
+                              else template.render(conversation[: index + 1], globals=probing)]
+        except Exception:  # noqa: BLE001 - a shape the template refuses: its rows go per prefix, and fail there
+            return None
+        finally:
+            looked, Opaque.looked = Opaque.looked, False
+        if looked or timed:
+            return None
+        slots = {mark: index for index, mark in enumerate(marks)} | {
+            mark.strip(): ~index for index, mark in enumerate(marks) if mark.strip() != mark}
+        finder = re.compile("|".join(map(re.escape, sorted(slots, key=len, reverse=True))))
+        rounds = []
+        for text in texts:
+            pieces, at = [], 0
+            for match in finder.finditer(text):
+                pieces += [text[at : match.start()], slots[match.group()]]
+                at = match.end()
+            pieces.append(text[at:])
+            if any(isinstance(p, str) and any(mark in p for mark in PROBE_MARKS) for p in pieces):
+                return None  # a probe came out changed (escaped, cut, trimmed on one side)
+            rounds.append([p for p in pieces if p != ""])
+        return rounds
+
+    def apply(self, conversation: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+        """``assistant_spans``' answer for a conversation of this shape."""
+        contents = [message["content"] for message in conversation]
+        contents += [content.strip() for content in reversed(contents)]  # contents[~i]: content i stripped
+        sizes = [len(content) for content in contents]
+        text = "".join([contents[p] if type(p) is int else p for p in self.pieces])
+        return text, [(start + sum([sizes[i] for i in start_slots]), end + sum([sizes[i] for i in end_slots]))
+                      for start, start_slots, end, end_slots in self.spans]
+
+
+def unstripped(pieces: list[str | int]) -> list[str | int]:
+    """``pieces`` with stripped contents as plain ones: a one-character probe shows no stripping."""
+    return [p if isinstance(p, str) or p >= 0 else ~p for p in pieces]
+
+
+def prefix_of(head: list[str | int], pieces: list[str | int]) -> bool:
+    """Whether ``head`` renders a prefix of ``pieces`` whatever the contents are."""
+    if not head:
+        return True
+    if len(head) > len(pieces) or head[:-1] != pieces[: len(head) - 1]:
+        return False
+    last, other = head[-1], pieces[len(head) - 1]
+    return last == other or (isinstance(last, str) and isinstance(other, str) and other.startswith(last))
+
+
+def reach(pieces: list[str | int]) -> tuple[int, tuple[int, ...]]:
+    """The length of a rendering: its literal characters, and the messages whose contents add theirs."""
+    return sum(len(p) for p in pieces if isinstance(p, str)), tuple(p for p in pieces if isinstance(p, int))
+
+
 @dataclass
 class Pair:
     """A tokenized preference pair: the prompt and the two completions that follow it (each ending its turn)."""
@@ -250,10 +489,12 @@ class Encoded:
         return sum(label != IGNORE_INDEX for label in self.labels)
 
 
-def tokenize_with_starts(tokenizer, texts: list[str]):
+def tokenize_with_starts(tokenizer, texts: list[str], token_bytes: TokenBytes | None = None):
     """Token ids, the character where each token starts (both flat over the batch) and tokens per text: the fast
     tokenizer's Rust encoder called straight, as transformers calls it (no special tokens added, no truncation or
-    padding), without the per-row dicts transformers builds around it."""
+    padding), without the per-row dicts transformers builds around it. With ``token_bytes`` (a byte-level
+    tokenizer's), the tokenizer skips its offsets and the starts come from the tokens' bytes, where those are the
+    texts' bytes exactly (checked); else from the offsets."""
     import numpy as np
 
     backend = tokenizer.backend_tokenizer
@@ -261,12 +502,164 @@ def tokenize_with_starts(tokenizer, texts: list[str]):
         backend = type(backend).from_str(backend.to_str())
         backend.no_truncation()
         backend.no_padding()
+    if token_bytes is not None and hasattr(backend, "encode_batch_fast"):
+        encodings = backend.encode_batch_fast(texts, add_special_tokens=False)  # the same ids, no offsets
+        lengths = np.fromiter(map(len, encodings), np.int64, len(encodings))
+        ids = np.fromiter(chain.from_iterable(e.ids for e in encodings), np.int64, int(lengths.sum()))
+        starts, wrong = token_bytes.char_starts(ids, lengths, texts)
+        if not wrong.any():
+            return ids, starts, lengths
+        # The texts whose tokens are not their bytes (a normalizer changed them, say): their starts from offsets.
+        redo = np.flatnonzero(wrong)
+        redone = tokenize_with_starts(tokenizer, [texts[index] for index in redo])
+        first = np.cumsum(lengths) - lengths
+        within = np.concatenate([np.arange(first[index], first[index] + lengths[index]) for index in redo])
+        if np.array_equal(redone[2], lengths[redo]) and np.array_equal(redone[0], ids[within]):
+            starts[within] = redone[1]
+            return ids, starts, lengths
     encodings = backend.encode_batch(texts, add_special_tokens=False)
     lengths = np.fromiter(map(len, encodings), np.int64, len(encodings))
     total = int(lengths.sum())
     ids = np.fromiter(chain.from_iterable(e.ids for e in encodings), np.int64, total)
     offsets = np.fromiter(chain.from_iterable(chain.from_iterable(e.offsets for e in encodings)), np.int64, 2 * total)
     return ids, offsets[0::2], lengths
+
+
+def _config_has(node, key: str, value) -> bool:
+    """Whether a tokenizer.json section holds ``key: value`` anywhere inside."""
+    if isinstance(node, dict):
+        return node.get(key) == value or any(_config_has(child, key, value) for child in node.values())
+    if isinstance(node, list):
+        return any(_config_has(child, key, value) for child in node)
+    return False
+
+
+@lru_cache(maxsize=1)
+def _byte_of_char() -> dict[str, int]:
+    """The byte-level alphabet reversed: the character a byte-level BPE writes for each byte -> that byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
+
+
+@dataclass
+class TokenBytes:
+    """The bytes each token of a byte-level BPE tokenizer stands for (GPT-2's scheme: Qwen, Llama 3, SmolLM2, the
+    builtin model), so token starts need no offsets from the tokenizer.
+
+    Such a tokenizer reports a token's start as the character that holds the token's first byte. When a batch's
+    tokens, byte for byte, are exactly its texts (checked every batch: a normalizer that changed the text, an added
+    token that took the spaces around it, an unknown token all fail it) and the tokenizer trims no offsets (checked
+    once), the starts follow from the tokens' byte lengths: the same numbers, without the offsets' cost (their
+    byte-to-character mapping in the tokenizer and a Python tuple per token here)."""
+
+    blob: Any  # numpy uint8: every token's bytes end to end
+    start: Any  # numpy int32 per token id: where its bytes begin in blob
+    length: Any  # numpy int32 per token id: how many bytes (-1: an id with no known bytes)
+
+    @classmethod
+    def of(cls, tokenizer) -> TokenBytes | None:
+        """The table for ``tokenizer``, or None where it is not a byte-level BPE that reports untrimmed offsets."""
+        import numpy as np
+
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return None
+        config = json.loads(backend.to_str())
+        if (not _config_has(config.get("pre_tokenizer"), "type", "ByteLevel")
+                or not _config_has(config.get("decoder"), "type", "ByteLevel")
+                or _config_has(config.get("post_processor"), "trim_offsets", True)):
+            return None
+        byte_of = _byte_of_char()
+        tokens: dict[int, bytes] = {}
+        for token, index in backend.get_vocab(with_added_tokens=False).items():
+            if all(char in byte_of for char in token):
+                tokens[index] = bytes(byte_of[char] for char in token)
+        for index, added in backend.get_added_tokens_decoder().items():
+            tokens[index] = added.content.encode("utf-8")
+        size = max(tokens, default=-1) + 1
+        length = np.full(size, -1, np.int32)
+        start = np.zeros(size, np.int32)
+        ordered = sorted(tokens.items())
+        length[[index for index, _ in ordered]] = [len(data) for _, data in ordered]
+        start[[index for index, _ in ordered]] = np.cumsum([0] + [len(data) for _, data in ordered])[:-1]
+        blob = np.frombuffer(b"".join(data for _, data in ordered), np.uint8)
+        return cls(blob, start, length)
+
+    def char_starts(self, ids, lengths, texts: list[str]):
+        """The character each token starts at within its text (flat, like ``ids``; ``lengths`` tokens a text), and
+        which texts' tokens are not exactly their bytes (their starts are not given: the tokenizer's offsets are
+        needed for those)."""
+        import numpy as np
+
+        # The usual batch, every text its tokens' bytes, in a few passes over the batch's bytes; any doubt goes to
+        # the text by text check below.
+        try:
+            encoded = [text.encode("utf-8") for text in texts]
+        except UnicodeEncodeError:
+            return self.char_starts_checked(ids, lengths, texts)
+        data = b"".join(encoded)
+        if len(ids) == 0 or ids.min() < 0 or ids.max() >= len(self.length) or len(data) >= 2**31:
+            return self.char_starts_checked(ids, lengths, texts)
+        size = self.length[ids]
+        ends = np.cumsum(size)
+        if size.min() < 1 or not np.array_equal(np.concatenate([[0], ends])[np.cumsum(lengths)],
+                                                np.cumsum([len(text) for text in encoded])):
+            return self.char_starts_checked(ids, lengths, texts)
+        byte_start = (ends - size).astype(np.int32)
+        data = np.frombuffer(data, np.uint8)
+        if not np.array_equal(self.blob[np.repeat(self.start[ids] - byte_start, size)
+                                        + np.arange(len(data), dtype=np.int32)], data):
+            return self.char_starts_checked(ids, lengths, texts)
+        characters = np.fromiter(map(len, texts), np.int64, len(texts))
+        text_start = np.repeat(np.cumsum(characters) - characters, lengths)
+        if len(data) == characters.sum():  # ASCII: a byte is a character
+            return byte_start - text_start, np.zeros(len(texts), bool)
+        characters = np.cumsum((data & 0xC0) != 0x80, dtype=np.int32)  # UTF-8: one lead byte a character
+        return characters[byte_start] - 1 - text_start, np.zeros(len(texts), bool)
+
+    def char_starts_checked(self, ids, lengths, texts: list[str]):
+        """``char_starts``, text by text: a text whose tokens are not its bytes is told, the others get starts."""
+        import numpy as np
+
+        known = (ids >= 0) & (ids < len(self.length))
+        size = np.where(known, self.length[np.where(known, ids, 0)], -1)
+        row = np.repeat(np.arange(len(texts)), lengths)
+        wrong = np.zeros(len(texts), bool)
+        wrong[row[size < 1]] = True
+        size = np.maximum(size, 0)
+        encoded = []
+        for index, text in enumerate(texts):
+            try:
+                encoded.append(text.encode("utf-8"))
+            except UnicodeEncodeError:  # a lone surrogate: the tokenizer's own path says what it makes of it
+                encoded.append(b"")
+                wrong[index] = True
+        data = np.frombuffer(b"".join(encoded), np.uint8)
+        text_bytes = np.fromiter(map(len, encoded), np.int64, len(texts))
+        token_bytes = np.bincount(row, size, len(texts)).astype(np.int64)
+        wrong |= token_bytes != text_bytes  # a text's tokens are its own bytes, not more, not fewer
+        # Where each token's bytes lie in data, were they the text's: its text's start, then the tokens before it.
+        before = np.cumsum(size) - size
+        position = before - np.repeat(np.cumsum(token_bytes) - token_bytes - (np.cumsum(text_bytes) - text_bytes),
+                                      lengths)
+        check = ~wrong[row]
+        checked_size, checked_position = size[check], position[check]
+        within = np.arange(int(checked_size.sum())) - np.repeat(np.cumsum(checked_size) - checked_size, checked_size)
+        differs = self.blob[np.repeat(self.start[ids[check]], checked_size) + within] != \
+            data[np.repeat(checked_position, checked_size) + within]
+        wrong[row[check][np.repeat(np.arange(len(checked_size)), checked_size)[differs]]] = True
+        characters = np.concatenate([[0], np.cumsum((data & 0xC0) != 0x80)])  # UTF-8: one lead byte a character
+        # A token starts at the character holding its first byte: the characters before the byte's, in its text.
+        starts = characters[np.minimum(position + 1, len(data))] - 1 - np.repeat(
+            characters[np.cumsum(text_bytes) - text_bytes], lengths)
+        return starts, wrong
 
 
 def batch_labels(ids, starts, lengths, spans: list[list[tuple[int, int]]], stride: int):
@@ -284,7 +677,9 @@ def batch_labels(ids, starts, lengths, spans: list[list[tuple[int, int]]], strid
         return np.full(len(ids), IGNORE_INDEX)
     flat = np.array([edge for row_spans in spans for span in row_spans for edge in span], np.int64).reshape(-1, 2)
     span_start, span_end = flat[:, 0] + span_row * stride, flat[:, 1] + span_row * stride
-    index = np.searchsorted(span_end, reached, side="right")
+    # How many span ends each token's reach has passed: as the reach never falls, each span end is passed from one
+    # token on, so a search of the few span ends among the tokens (not of every token among the span ends) does.
+    index = np.cumsum(np.bincount(np.searchsorted(reached, span_end, side="left"), minlength=len(ids) + 1))[:-1]
     found = np.minimum(index, len(span_end) - 1)
     inside = (index < len(span_end)) & (span_row[found] == row) & (span_start[found] <= where)
     return np.where(inside, ids, IGNORE_INDEX)

@@ -203,16 +203,23 @@ def test_one_and_two_workers_write_identical_splits(tmp_path, tiny_tokenizer, mo
     import snaketune.dataset
 
     monkeypatch.setattr(snaketune.dataset, "ENCODE_BATCH", 16)  # many batches in flight from 150 rows
+    monkeypatch.setattr(snaketune.dataset, "SCAN_PIECE", 1000)  # the first pass in pieces over the workers too
     data = tmp_path / "d.jsonl"
-    data.write_text(varied_rows(150), encoding="utf-8")
+    data.write_text("\ufeff" + odd_rows(150), encoding="utf-8")  # with a byte-order mark
     settings = DatasetSettings(path=str(data), format="messages", max_seq_length=48, eval_size=20, test_size=0.1,
                                max_bad_rows=10)
     stats = {workers: build(settings, tiny_tokenizer, dataset_outputs(tmp_path / str(workers)), workers=workers)
              for workers in (1, 2)}
-    assert stats[1] == stats[2] and stats[1]["splits"]["train"]["dropped_no_target"] > 0
+    # The rows read here, as records (the reader of every other layout), against the workers reading by lines
+    monkeypatch.setattr(snaketune.dataset, "jsonl_codec", lambda path, encoding: None)
+    stats["here"] = build(settings, tiny_tokenizer, dataset_outputs(tmp_path / "here"), workers=2)
+    assert stats[1] == stats[2] == stats["here"] and stats[1]["splits"]["train"]["dropped_no_target"] > 0
+    assert stats[1]["bad_rows"][:2] == [
+        f"{data}:6: not valid JSON: Expecting property name enclosed in double quotes (column 2)",
+        f"{data}:41: the last turn must be the assistant's (it is what is trained on)"]
     for name in ("train", "eval", "test", "stats"):
-        one, two = (dataset_outputs(tmp_path / str(workers))[name].read_bytes() for workers in (1, 2))
-        assert one == two, name
+        one, two, here = (dataset_outputs(tmp_path / str(workers))[name].read_bytes() for workers in (1, 2, "here"))
+        assert one == two == here, name
     assert pd.read_parquet(dataset_outputs(tmp_path / "2")["train"])["line"].is_monotonic_increasing
 
 
@@ -254,3 +261,63 @@ def test_the_worker_count_is_not_what_a_build_depends_on():
     assert len({dataset_settings(cfg, "d") for cfg in configs}) == 1
     assert "num_workers" not in json.loads(dataset_settings(configs[0], "d"))
     assert [dataset_threads(cfg, "d") for cfg in configs[1:]] == [1, 8] and dataset_threads(configs[0], "d") >= 1
+
+
+# (bos, eos, special tokens) of each builtin template's family, added to the tiny tokenizer (as test_templates does)
+FAMILY_TOKENS = {
+    "chatml": (None, "<|im_end|>", []), "qwen": (None, "<|im_end|>", []), "qwen2.5": (None, "<|im_end|>", []),
+    "internlm2": ("<s>", "<|im_end|>", ["<s>"]),
+    "baichuan2": (None, "</s>", ["</s>", "<reserved_106>", "<reserved_107>"]),
+    "llama3": ("<|begin_of_text|>", "<|eot_id|>",
+               ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
+}
+
+
+def odd_rows(n):
+    """``varied_rows`` and what a fast path could get wrong: space around contents (Llama 3 trims it), special
+    tokens and CRLF inside them, emoji and combining accents, system prompts, bad and blank lines."""
+    lines = varied_rows(n).splitlines()
+    for i in range(0, n, 9):
+        row = json.loads(lines[i])
+        row["messages"][0]["content"] = f"  {row['messages'][0]['content']}<|im_end|>\r\n🙂 e\u0301 "
+        row["messages"][-1]["content"] += " \n"
+        if i % 2:
+            row["messages"].insert(0, {"role": "system", "content": f" system {i}\n"})
+        lines[i] = json.dumps(row, ensure_ascii=False)
+    lines[5], lines[40] = "{broken", json.dumps({"messages": [{"role": "user", "content": "no answer"}]})
+    lines.insert(70, "")
+    return "\r\n".join(lines) + "\r\n"
+
+
+@pytest.mark.parametrize("template", ["auto", *sorted(FAMILY_TOKENS)])
+def test_the_fast_path_writes_the_per_prefix_builds_bytes(tmp_path, tiny_model, template, monkeypatch):
+    """Layouts and token starts from token bytes against rendering every prefix and the tokenizer's offsets: the
+    same files, byte for byte, for every builtin template (and the tiny model's own), bad rows counted alike."""
+    from transformers import AutoTokenizer
+
+    import snaketune.dataset
+    from snaketune.templates import ChatTemplate
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    if template != "auto":
+        bos, eos, extra = FAMILY_TOKENS[template]
+        tokenizer.add_special_tokens({"additional_special_tokens": extra} if extra else {})
+        tokenizer.bos_token, tokenizer.eos_token = bos, eos
+    monkeypatch.setattr(snaketune.dataset, "ENCODE_BATCH", 16)
+    data = tmp_path / "d.jsonl"
+    data.write_text(odd_rows(150), encoding="utf-8")
+    settings = DatasetSettings(path=str(data), format="messages", template=template, max_seq_length=48,
+                               eval_size=20, test_size=0.1, max_bad_rows=10)
+    stats = {}
+    for fast in (True, False):
+        monkeypatch.setattr(ChatTemplate, "fast", fast)
+        stats[fast] = build(settings, tokenizer, dataset_outputs(tmp_path / str(fast)))
+    assert stats[True] == stats[False]
+    assert stats[True]["bad_rows"][:2] == [
+        f"{data}:6: not valid JSON: Expecting property name enclosed in double quotes (column 2)",
+        f"{data}:41: the last turn must be the assistant's (it is what is trained on)"]
+    assert stats[True]["bad_rows"][2].startswith(f'{data}:126: field "id": `r4` already used on {data}:5')
+    assert stats[True]["splits"]["train"]["dropped_no_target"] > 0
+    for name in ("train", "eval", "test", "stats"):
+        fast, reference = (dataset_outputs(tmp_path / str(fast))[name].read_bytes() for fast in (True, False))
+        assert fast == reference, name

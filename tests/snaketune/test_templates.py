@@ -177,3 +177,106 @@ def test_a_datasets_system_prompt_becomes_the_saved_templates_default(tiny_token
         other = [{"role": "system", "content": "Be brief."}, *user]
         assert adopted.render(other, True) == template.render(other, True)  # a given system prompt still wins
     assert adopt_system(ChatTemplate.of(tiny_tokenizer), "Be brief.") == tiny_tokenizer.chat_template
+
+
+# Templates whose output depends on what a content says, or on the day: no layout, every row rendered per prefix.
+LOOKING_TEMPLATES = {
+    "think": "{% for m in messages %}{% if '</think>' in m.content %}{{ m.content.split('</think>')[-1] }}"
+             "{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}",
+    "json": "{% for m in messages %}{{ m | tojson }}\n{% endfor %}",
+    "escaped": "{% for m in messages %}{{ m.role }}:{{ m.content | e }}<|im_end|>{% endfor %}",
+    "one-sided strip": "{% for m in messages %}{{ m.role }}:{{ m.content.rstrip() }}<|im_end|>{% endfor %}",
+    "stripped then tested": "{% for m in messages %}{% if m.content | trim %}{{ m.role }}:{{ m.content }}{% endif %}"
+                            "<|im_end|>{% endfor %}",
+    "last one padded": "{% for m in messages %}{{ m.role }}:{% if loop.last %}{{ '%-9s' | format(m.content) }}"
+                       "{% else %}{{ m.content }}{% endif %}<|im_end|>{% endfor %}",
+    "joined then tested": "{% for m in messages %}{% set text = m.role + ':' + m.content %}{% if 'x' in text %}!"
+                          "{% endif %}{{ text }}<|im_end|>{% endfor %}",
+    "dated": "{{ strftime_now('%Y') }}{% for m in messages %}{{ m.role }}:{{ m.content }}<|im_end|>{% endfor %}",
+}
+ODD_CONTENTS = [" 前后有空格 \n", "<|im_end|>", "a\r\nb", "🙂 e\u0301", "\u3000全角", "x"]
+
+
+def odd_conversation(shift=0):
+    contents = ODD_CONTENTS[shift:] + ODD_CONTENTS[:shift]
+    return [{"role": "system", "content": contents[0]}] + [
+        {"role": role, "content": contents[1 + turn * 2 + (role == "assistant")]}
+        for turn in range(2) for role in ("user", "assistant")]
+
+
+@pytest.mark.parametrize("family", sorted(EXPECTED))
+def test_every_builtin_template_has_a_layout_that_gives_the_per_prefix_spans(family, family_tokenizer):
+    template = ChatTemplate.of(family_tokenizer(family), family)
+    for shift in range(len(ODD_CONTENTS)):
+        conversation = odd_conversation(shift)
+        for messages in (conversation, conversation[1:], conversation[1:3]):
+            layout = template.layout(messages)
+            assert layout is not None, family
+            assert layout.apply(messages) == template.assistant_spans(messages)
+            assert template.spans_batch([messages]) == [template.assistant_spans(messages)]
+
+
+@pytest.mark.parametrize("name", sorted(LOOKING_TEMPLATES))
+def test_a_template_that_looks_at_the_contents_gets_no_layout(name, tiny_tokenizer):
+    template = ChatTemplate(tiny_tokenizer, LOOKING_TEMPLATES[name])
+    for shift in range(len(ODD_CONTENTS)):
+        conversation = odd_conversation(shift)[1:]
+        assert template.layout(conversation) is None
+        assert outcome(template.spans_batch, [conversation]) == outcome(lambda c: [template.assistant_spans(c[0])],
+                                                                         [conversation])
+
+
+def outcome(function, *args):
+    """What a call returns, or the error it raises."""
+    try:
+        return function(*args)
+    except TemplateError as exc:
+        return str(exc)
+
+
+def test_a_layout_needs_plain_messages_with_text(tiny_tokenizer):
+    template = ChatTemplate.of(tiny_tokenizer)
+    plain = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert template.layout(plain) is not None
+    for odd in ([{"content": "q", "role": "user"}, plain[1]], [{**plain[0], "name": "x"}, plain[1]],
+                [{"role": "user", "content": ""}, plain[1]], [{"role": "user", "content": None}, plain[1]]):
+        assert template.layout(odd) is None
+
+
+def test_token_starts_from_token_bytes_equal_the_tokenizers_offsets(tiny_tokenizer):
+    import numpy as np
+    from tokenizers import normalizers, processors
+
+    from snaketune.templates import TokenBytes, tokenize_with_starts
+
+    texts = ["".join(ODD_CONTENTS), "<|im_start|>user\n你好<|im_end|>\n", " lead and trail ", "", "é" * 7]
+    reference = tokenize_with_starts(tiny_tokenizer, texts)
+    table = TokenBytes.of(tiny_tokenizer)
+    assert table is not None
+    found = tokenize_with_starts(tiny_tokenizer, texts, table)
+    assert all(np.array_equal(a, b) for a, b in zip(found, reference, strict=True))
+    plain = [" lead and trail ", "<|im_start|>user\nhi<|im_end|>\n", "", "x"]  # ASCII: bytes are characters
+    assert np.array_equal(tokenize_with_starts(tiny_tokenizer, plain, table)[1],
+                          tokenize_with_starts(tiny_tokenizer, plain)[1])
+    ids, starts, lengths = reference
+    first = int(lengths[0])
+    found, wrong = table.char_starts(ids[first:], lengths[1:], texts[1:])
+    assert not wrong.any() and np.array_equal(found, starts[first:])  # the bytes are the texts: no offsets needed
+    assert table.char_starts(ids, lengths, texts)[1].tolist() == [True, False, False, False, False]  # e + accent
+    #                                                      became é (the normalizer): that text takes the offsets
+    assert table.char_starts(ids[first:], lengths[1:], [texts[2], texts[1], *texts[3:]])[1][:2].all()  # others'
+    assert table.char_starts(ids[first:], lengths[1:], ["\ud800" * 10, *texts[2:]])[1][0]  # not encodable
+    nfc = copy_tokenizer(tiny_tokenizer)
+    nfc.backend_tokenizer.normalizer = normalizers.NFC()
+    decomposed = ["cafe\u0301 e\u0301"]
+    assert np.array_equal(tokenize_with_starts(nfc, decomposed, TokenBytes.of(nfc))[1],
+                          tokenize_with_starts(nfc, decomposed)[1])  # the text changed: starts from the offsets
+    trimming = copy_tokenizer(tiny_tokenizer)
+    trimming.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)
+    assert TokenBytes.of(trimming) is None
+
+
+def copy_tokenizer(tokenizer):
+    import copy
+
+    return copy.deepcopy(tokenizer)

@@ -162,3 +162,19 @@ def test_the_bundled_shapes_are_what_their_script_makes(tmp_path):
     for name in made[::37]:
         assert np.array_equal(np.asarray(Image.open(tmp_path / "images" / name)),
                               np.asarray(Image.open(bundled / "images" / name)))
+
+
+@pytest.mark.parametrize("name", ["rows.jsonl", "rows.json"])  # read by the workers, and read here
+def test_rows_with_images_for_a_text_only_model_are_an_error_naming_the_row(tmp_path, images, tiny_tokenizer, name):
+    from snaketune.dataset import build
+    from snaketune.layout import dataset_outputs
+    from snaketune.settings import DatasetSettings
+
+    row = {"images": ["pics/a.png"], "conversations": [{"from": "human", "value": "<image>Colour?"},
+                                                      {"from": "gpt", "value": "red"}]}
+    path = write_rows(tmp_path, name, [row, {**row, "id": "second"}])
+    with pytest.raises(UserError, match="rows.jsonl:1: this row has images and the model is text-only"
+                       if name.endswith("l") else "rows.json:1: this row has images and the model is text-only"):
+        build(DatasetSettings(path=str(path), format="sharegpt", max_seq_length=64, eval_size=0, test_size=0),
+              tiny_tokenizer, dataset_outputs(tmp_path / "built"))
+    assert not (tmp_path / "built" / "train.parquet").exists()
