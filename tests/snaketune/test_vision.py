@@ -178,3 +178,27 @@ def test_rows_with_images_for_a_text_only_model_are_an_error_naming_the_row(tmp_
         build(DatasetSettings(path=str(path), format="sharegpt", max_seq_length=64, eval_size=0, test_size=0),
               tiny_tokenizer, dataset_outputs(tmp_path / "built"))
     assert not (tmp_path / "built" / "train.parquet").exists()
+
+
+def test_a_qwen2_5_vl_model_has_the_parts_its_family_names(tmp_path):
+    """Qwen2.5-VL (model_type qwen2_5_vl) as transformers lays it out: its tower and projector are where
+    FAMILIES says, so freezing and LoRA's targets work as for Qwen2-VL."""
+    from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig
+
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[0]),
+        image_token_id=60, video_token_id=61, vision_start_token_id=62, vision_end_token_id=63)
+    AutoModelForImageTextToText.from_config(config).save_pretrained(tmp_path)
+    family = family_of(tmp_path)
+    assert family is FAMILIES["qwen2_5_vl"]
+    from snaketune.vision import trainable_parts
+
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    parts = trainable_parts(model, family, tower=False, projector=True, language=True)
+    names = [name for name, _ in model.named_parameters()]
+    assert any(name.startswith(family.tower) for name in names) and parts["whole"] == ["model.visual.merger"]
+    assert not any(name.startswith(family.tower) for name in parts["lora"]) and parts["lora"]
