@@ -253,7 +253,9 @@ class ImageRows:
         if template is None or records[0].rejected is not None:
             raise UserError(f"{records[0].path}: vision-language models train on conversations (sharegpt or "
                             "messages), not on pretraining text or preference pairs yet")
-        marked = [replace(record, messages=with_markers(record.messages, self.inputs.family)) for record in records]
+        # the family's markers in the text; the images themselves are this method's (not the text-only check's)
+        marked = [replace(record, messages=with_markers(record.messages, self.inputs.family), images=[],
+                          image_sizes=[]) for record in records]
         table = encode_records(template, tokenizer, marked, max_length)
         columns = {name: table.column(name).to_pylist() for name in (
             "input_ids", "labels", "n_tokens", "n_supervised", "truncated", "full_length")}
