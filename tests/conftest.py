@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -52,6 +53,23 @@ def snakemake(workdir: Path, *args: str, check: bool = False) -> subprocess.Comp
     result = subprocess.run(command, capture_output=True, text=True, env=workflow_env(), cwd=workdir)
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def train_command(built, run_dir, settings) -> list[str]:
+    """scripts/train.py on ``built`` (a model's manifest and a dataset build's folder) into ``run_dir``."""
+    from snaketune.layout import train_arguments
+
+    manifest, data = built
+    return [sys.executable, str(REPO / "scripts" / "train.py"), "--model-manifest", str(manifest),
+            *train_arguments(data, run_dir), "--settings", json.dumps(settings)]
+
+
+def run_train(built, run_dir, settings) -> subprocess.CompletedProcess:
+    """``train_command`` run to the end; it must succeed."""
+    result = subprocess.run(train_command(built, run_dir, settings), capture_output=True, text=True,
+                            env=workflow_env())
+    assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 

@@ -5,16 +5,15 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pandas as pd
 import pytest
 
-from conftest import REPO, workflow_env
+from conftest import REPO, run_train, train_command, workflow_env
 from snaketune.dataset import build
 from snaketune.errors import UserError
-from snaketune.layout import dataset_outputs, run_outputs, train_arguments
+from snaketune.layout import dataset_outputs, run_outputs
 from snaketune.settings import DatasetSettings, TrainSettings
 from snaketune.train.checkpoints import complete_checkpoints
 from snaketune.train.distributed import fix_cuda_arch_list
@@ -31,19 +30,6 @@ def built(tmp_path_factory, tiny_model, tiny_tokenizer):
     build(DatasetSettings(path=str(REPO / "data" / "identity.jsonl"), format="messages", max_seq_length=64,
                           eval_size=8, test_size=8), tiny_tokenizer, dataset_outputs(out))
     return tiny_model / "manifest.json", out
-
-
-def train_command(built, run_dir, settings):
-    manifest, data = built
-    return [sys.executable, str(REPO / "scripts" / "train.py"), "--model-manifest", str(manifest),
-            *train_arguments(data, run_dir), "--settings", json.dumps(settings)]
-
-
-def run_train(built, run_dir, settings):
-    result = subprocess.run(train_command(built, run_dir, settings), capture_output=True, text=True,
-                            env=workflow_env())
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 def losses(run_dir):

@@ -1,18 +1,16 @@
 """The train stage on a vision-language model (scripts/train.py, the tiny Qwen2-VL layout, the bundled shapes):
 LoRA, QLoRA and full fine-tunes learn with the tower frozen, and a killed run resumes to the same step and loss."""
 
-import json
 import signal
 import subprocess
-import sys
 import time
 
 import pandas as pd
 import pytest
 
-from conftest import REPO, TINY_MODEL, workflow_env
+from conftest import REPO, TINY_MODEL, run_train, train_command, workflow_env
 from snaketune.dataset import build
-from snaketune.layout import dataset_outputs, train_arguments
+from snaketune.layout import dataset_outputs
 from snaketune.settings import DatasetSettings
 from snaketune.train.checkpoints import complete_checkpoints
 
@@ -37,19 +35,6 @@ def built(tmp_path_factory):
                           eval_size=8, test_size=8), tokenizer, dataset_outputs(data),
           image_inputs=ImageInputs.of(model, tokenizer))
     return model / "manifest.json", data
-
-
-def train_command(built, run_dir, settings):
-    manifest, data = built
-    return [sys.executable, str(REPO / "scripts" / "train.py"), "--model-manifest", str(manifest),
-            *train_arguments(data, run_dir), "--settings", json.dumps(settings)]
-
-
-def run_train(built, run_dir, settings):
-    result = subprocess.run(train_command(built, run_dir, settings), capture_output=True, text=True,
-                            env=workflow_env())
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora", "full"])
