@@ -56,12 +56,12 @@ class QueueFull(Exception):
 class Engine:
     """Runs requests on ``model`` in a batch that requests join and leave at every decoding step."""
 
-    def __init__(self, model, tokenizer, device, max_batch: int = 32, max_waiting: int = 256,
-                 rope_offsets: bool = False):
+    def __init__(self, model, tokenizer, device, max_batch: int = 32, max_waiting: int = 256):
         self.model, self.tokenizer, self.device = model, tokenizer, device
         # Qwen2-VL's positions after an image are not the count of tokens: its prefill leaves the difference
-        # (rope_deltas) on the model, and each decoding step of that request is placed that much earlier
-        self.rope_offsets = rope_offsets
+        # (rope_deltas) on the module that computes positions, and each decoding step of that request is placed
+        # that much earlier. Text models have no such module.
+        self.rope_holder = next((module for module in model.modules() if hasattr(module, "rope_deltas")), None)
         self.max_batch, self.max_waiting = max_batch, max_waiting
         ids = model.generation_config.eos_token_id
         self.eos = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
@@ -77,7 +77,7 @@ class Engine:
         self.cache = None
         self.padding: list[int] = []
         self.lengths: list[int] = []
-        self.offsets: list[int] = []  # each row's position offset (rope_offsets)
+        self.offsets: list[int] = []  # each row's position offset (rope_offset)
         self.next_tokens: list[int] = []
         self.steps = 0  # decoding steps run
         self.cancelled = 0  # requests given up on by their clients (or cancelled at shutdown)
@@ -173,11 +173,8 @@ class Engine:
 
     def rope_offset(self) -> int:
         """The position offset the last prefill left on the model (Qwen2-VL's ``rope_deltas``), else 0."""
-        for module in self.model.modules():
-            deltas = getattr(module, "rope_deltas", None)
-            if deltas is not None:
-                return int(deltas.reshape(-1)[0])
-        return 0
+        deltas = getattr(self.rope_holder, "rope_deltas", None)
+        return 0 if deltas is None else int(deltas.reshape(-1)[0])
 
     def prefill(self, request: Request) -> None:
         """Run the prompt alone, pick the first token, and add the request to the batch."""
@@ -192,7 +189,7 @@ class Engine:
         self.join(output.past_key_values, len(request.prompt))
         self.batch.append(request)
         self.lengths.append(len(request.prompt))
-        self.offsets.append(self.rope_offset() if self.rope_offsets else 0)
+        self.offsets.append(self.rope_offset())
         self.next_tokens.append(token)
         self.accept(request, token)
 

@@ -75,20 +75,21 @@ def load_for_generation(model_dir: Path, adapter_dir: Path | None, trust_remote_
 
 
 def image_prompts(tokenizer, prompts: list[str], images: list[list[str]], vision):
-    """Left-padded ids of prompts whose image tokens are expanded for their images, and the model's image inputs."""
+    """Left-padded ids of prompts whose image tokens are expanded for their images, the attention mask, and the
+    images (decoded once, in row order)."""
     import torch
 
-    from snaketune.vision import expand_image_tokens, open_image
+    from snaketune.vision import prompt_with_images
 
-    rows = []
+    rows, decoded = [], []
     for prompt, refs in zip(prompts, images, strict=True):
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        sizes = [open_image(ref).size for ref in refs]
-        rows.append(expand_image_tokens(ids, ids, vision.image_token_id, vision.token_counts(sizes))[0])
+        ids, row_images = prompt_with_images(vision, tokenizer(prompt, add_special_tokens=False)["input_ids"], refs)
+        rows.append(ids)
+        decoded += row_images
     width = max(len(row) for row in rows)
     input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(row)) + row for row in rows])
     mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
-    return input_ids, mask
+    return input_ids, mask, decoded
 
 
 def generate_batch(model, tokenizer, prompts: list[str], settings: GenerationSettings, device,
@@ -100,8 +101,8 @@ def generate_batch(model, tokenizer, prompts: list[str], settings: GenerationSet
     if images is not None and any(images):
         from snaketune.vision import model_image_inputs
 
-        input_ids, mask = image_prompts(tokenizer, prompts, images, vision)
-        extra = model_image_inputs(vision, input_ids, images, token_types=False)
+        input_ids, mask, decoded = image_prompts(tokenizer, prompts, images, vision)
+        extra = model_image_inputs(vision, input_ids, decoded, token_types=False)
         inputs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device),
                   **{key: value.to(device) for key, value in extra.items()}}
         settings = replace(settings, decoder="generate")  # the one decoder that feeds pixels to the prefill

@@ -51,7 +51,7 @@ class ChatModel:
         # a vision-language model answers one request at a time (its image prefill and position offsets were
         # tested alone); a text model batches as many as max_batch
         self.engine = Engine(model, tokenizer, self.device, max_batch=1 if self.vision else max_batch,
-                             max_waiting=max_waiting, rope_offsets=self.vision is not None).start()
+                             max_waiting=max_waiting).start()
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         return self.prompt(messages)[0]
@@ -63,15 +63,13 @@ class ChatModel:
             return self.engine.encode(self.template.render(messages, add_generation_prompt=True)), {}
         import torch
 
-        from snaketune.vision import expand_image_tokens, model_image_inputs, open_image, with_markers
+        from snaketune.vision import model_image_inputs, prompt_with_images, with_markers
 
         if self.vision is None:
             raise ValueError("this model is text-only: it takes no images")
         text = self.template.render(with_markers(messages, self.vision.family), add_generation_prompt=True)
-        ids = self.engine.encode(text)
-        counts = self.vision.token_counts([open_image(ref).size for ref in images])
-        ids = expand_image_tokens(ids, ids, self.vision.image_token_id, counts)[0]
-        return ids, model_image_inputs(self.vision, torch.tensor([ids]), [list(images)], self.token_types)
+        ids, decoded = prompt_with_images(self.vision, self.engine.encode(text), list(images))
+        return ids, model_image_inputs(self.vision, torch.tensor([ids]), decoded, self.token_types)
 
     def stream(self, messages: list[dict[str, str]], sampling: SamplingSettings,
                images: list[str] = ()) -> Iterator[str]:

@@ -50,12 +50,15 @@ FAMILIES = {
 }
 
 
+def model_config(model_dir: str | Path) -> dict[str, Any]:
+    """A model folder's config.json ({} where it has none)."""
+    config = Path(model_dir) / "config.json"
+    return json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
+
+
 def family_of(model_dir: str | Path) -> Family | None:
     """The vision-language family of a model folder, or None for a text-only model."""
-    config = Path(model_dir) / "config.json"
-    if not config.is_file():
-        return None
-    return FAMILIES.get(json.loads(config.read_text(encoding="utf-8")).get("model_type"))
+    return FAMILIES.get(model_config(model_dir).get("model_type"))
 
 
 # -- the data side ------------------------------------------------------------------------------------------------
@@ -224,10 +227,10 @@ class ImageInputs:
     @classmethod
     def of(cls, model_dir: str | Path, tokenizer) -> ImageInputs | None:
         """The model's image inputs, or None for a text-only model."""
-        family = family_of(model_dir)
+        config = model_config(model_dir)
+        family = FAMILIES.get(config.get("model_type"))
         if family is None:
             return None
-        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
         return cls(family, config, load_image_processor(model_dir), tokenizer.convert_tokens_to_ids(family.image_token))
 
     def token_counts(self, sizes: list[tuple[int, int]]) -> list[int]:
@@ -260,14 +263,20 @@ def expand_rows(columns: dict[str, list], sizes: list[list[tuple[int, int]]], in
         columns["n_supervised"][row] = sum(label != -100 for label in labels)
 
 
-def model_image_inputs(inputs: ImageInputs, input_ids, refs: list[list[str]], token_types: bool) -> dict[str, Any]:
-    """The keyword arguments besides ids that a vision-language forward needs for a batch whose rows have the
-    images ``refs``: pixel inputs of all its images in row order, and (``token_types``: where the model's forward
-    takes it, as transformers 5.2x's Qwen2-VL) the image-token mask ``mm_token_type_ids``."""
-    flat = [ref for row in refs for ref in row]
-    if not flat:
+def prompt_with_images(inputs: ImageInputs, ids: list[int], refs: list[str]) -> tuple[list[int], list]:
+    """A prompt's ids with each image token repeated for its image's features, and the images ``refs`` names
+    (decoded once, for ``model_image_inputs``)."""
+    images = [open_image(ref) for ref in refs]
+    counts = inputs.token_counts([image.size for image in images])
+    return expand_image_tokens(ids, ids, inputs.image_token_id, counts)[0], images
+
+
+def model_image_inputs(inputs: ImageInputs, input_ids, images: list, token_types: bool) -> dict[str, Any]:
+    """The keyword arguments besides ids that a vision-language forward needs for a batch whose rows hold
+    ``images`` (decoded, in row order): their pixel inputs, and (``token_types``: where the model's forward takes
+    it, as transformers 5.2x's Qwen2-VL) the image-token mask ``mm_token_type_ids``."""
+    if not images:
         return {}
-    images = [open_image(ref) for ref in flat]
     found = int((input_ids == inputs.image_token_id).sum())
     counts = sum(inputs.token_counts([image.size for image in images]))
     if found != counts:
@@ -289,25 +298,17 @@ def takes_token_types(model) -> bool:
 
 @dataclass
 class ImageCollator:
-    """Training batches of rows with images: ids and labels padded on the right to the longest row, the attention
-    mask, and the model's image inputs for the rows' images (read from disk a batch at a time)."""
+    """Training batches of rows with images: the text collator's padded ids, labels and attention mask, and the
+    model's image inputs for the rows' images (read from disk a batch at a time)."""
 
     inputs: ImageInputs
-    pad_id: int
+    text_collator: Any  # what pads a text-only batch (the train stage's DataCollatorForSeq2Seq)
     token_types: bool
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        import torch
-
-        width = max(len(row["input_ids"]) for row in rows)
-        pad = [width - len(row["input_ids"]) for row in rows]
-        input_ids = torch.tensor([row["input_ids"] + [self.pad_id] * n for row, n in zip(rows, pad, strict=True)])
-        batch = {"input_ids": input_ids,
-                 "labels": torch.tensor([row["labels"] + [-100] * n for row, n in zip(rows, pad, strict=True)]),
-                 "attention_mask": torch.tensor([[1] * len(row["input_ids"]) + [0] * n
-                                                 for row, n in zip(rows, pad, strict=True)])}
-        return {**batch, **model_image_inputs(self.inputs, input_ids, [row.get("images") or [] for row in rows],
-                                              self.token_types)}
+        batch = self.text_collator([{key: row[key] for key in ("input_ids", "labels")} for row in rows])
+        images = [open_image(ref) for row in rows for ref in row.get("images") or []]
+        return {**batch, **model_image_inputs(self.inputs, batch["input_ids"], images, self.token_types)}
 
 
 def trainable_parts(model, family: Family, tower: bool, projector: bool, language: bool) -> dict[str, list[str]]:

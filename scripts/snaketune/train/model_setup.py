@@ -114,13 +114,12 @@ def vision_speedups(settings: TrainSettings) -> Speedups:
     if asked:
         raise UserError(f"{', '.join(asked)}: not for vision-language models yet (they train padded batches with "
                         "the model's own loss); leave these settings at auto")
-    print("speed settings: a vision-language model trains padded batches, without packing, the fused loss, Liger "
-          "or compiled layers", file=sys.stderr)
-    attention = settings.attention if settings.attention not in ("auto", "varlen") else "sdpa"
     if settings.attention == "varlen":
         raise UserError("attention: varlen needs packing, which vision-language models do not use yet; use sdpa")
-    return Speedups(packing=False, attention=attention, fused_loss="none", liger_kernels=False,
-                    torch_compile=False)
+    print("speed settings: a vision-language model trains padded batches, without packing, the fused loss, Liger "
+          "or compiled layers", file=sys.stderr)
+    return Speedups(packing=False, attention="sdpa" if settings.attention == "auto" else settings.attention,
+                    fused_loss="none", liger_kernels=False, torch_compile=False)
 
 
 CHECKPOINTING_HEADROOM = 0.85  # share of the GPU's memory a run without checkpointing may plan to use

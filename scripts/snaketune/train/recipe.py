@@ -188,17 +188,18 @@ class Recipe:
     def _collator(self):
         """Packed rows laid end to end (padding-free), or rows padded to the longest of their batch (with their
         images' pixels, for a vision-language model)."""
-        if self.image_inputs is not None:
-            from snaketune.vision import ImageCollator, takes_token_types
-
-            return ImageCollator(self.image_inputs, self.pad_id, takes_token_types(self.model))
         if self.speedups.packing:
             from snaketune.train.packing import flatten_rows
 
             return flatten_rows
         from transformers import DataCollatorForSeq2Seq
 
-        return DataCollatorForSeq2Seq(self.tokenizer, padding=True, label_pad_token_id=-100)
+        padded = DataCollatorForSeq2Seq(self.tokenizer, padding=True, label_pad_token_id=-100)
+        if self.image_inputs is None:
+            return padded
+        from snaketune.vision import ImageCollator, takes_token_types
+
+        return ImageCollator(self.image_inputs, padded, takes_token_types(self.model))
 
     def _start_summary(self) -> dict[str, Any]:
         """train_summary.json's opening part (what the run is), printed with the derived numbers by rank 0."""
