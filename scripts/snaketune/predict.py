@@ -208,11 +208,15 @@ def prefill(model, input_ids, mask, positions, budget: int = PREFILL_TOKENS):
 
 
 def greedy_tokens(model, input_ids, attention_mask, max_new_tokens: int, pad_token_id: int,
-                  prefill_tokens: int = PREFILL_TOKENS):
+                  prefill_tokens: int = PREFILL_TOKENS, static: bool | None = None):
     """The greedy tokens ``model.generate`` gives for left-padded rows (same positions, mask, cache and end of
     row: the generation config's eos ids, then padding), from a loop that does only that: it reads the prompts in
     chunks of similar length (``prefill``), asks for the last position's logits alone and waits for the GPU once
-    every STOP_CHECK_EVERY steps instead of at every step."""
+    every STOP_CHECK_EVERY steps instead of at every step.
+
+    ``static`` (None: on a GPU, where every layer keeps all its keys and values): the decoding steps write into a
+    preallocated cache (``StaticSteps``), so a step has one shape and address for the whole batch and on a GPU is
+    captured once as a CUDA graph and replayed; otherwise the cache grows a step at a time."""
     import torch
 
     eos = model.generation_config.eos_token_id
@@ -220,6 +224,7 @@ def greedy_tokens(model, input_ids, attention_mask, max_new_tokens: int, pad_tok
     mask = attention_mask
     positions = (mask.long().cumsum(-1) - 1).masked_fill_(mask == 0, 1)
     cache, logits = prefill(model, input_ids, mask, positions, prefill_tokens)
+    steps = StaticSteps.make(model, cache, mask, positions, max_new_tokens, static)
     ended = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
     tokens = []
     for step in range(max_new_tokens):
@@ -228,11 +233,92 @@ def greedy_tokens(model, input_ids, attention_mask, max_new_tokens: int, pad_tok
         ended |= torch.isin(token, eos)
         if step + 1 == max_new_tokens or (step + 1) % STOP_CHECK_EVERY == 0 and bool(ended.all()):
             break
+        if steps is not None:
+            logits = steps(token)
+            continue
         mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
         positions = positions[:, -1:] + 1
         logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, past_key_values=cache,
                        use_cache=True, logits_to_keep=1).logits[:, -1]
     return torch.stack(tokens, dim=1)
+
+
+class StaticSteps:
+    """Decoding steps over a preallocated cache: the prefill's keys and values copied into transformers'
+    ``StaticCache`` (room for every new token), and a 4D mask, the token and the positions in buffers that each
+    step updates in place. Every step then runs the same kernels on the same addresses, so on a GPU the step is
+    captured once as a CUDA graph and replayed: a decoding step of a small model is otherwise mostly the CPU
+    launching a few hundred small kernels (benchmarks/README.md, issue 36). The new positions are masked until
+    their step, so the answers are the growing cache's."""
+
+    def __init__(self, model, cache, mask, positions, width: int, graphs: bool):
+        import torch
+
+        self.model, self.cache, self.graphs, self.graph = model, cache, graphs, None
+        self.width, self.column = width, width
+        total = cache.layers[0].max_cache_len
+        self.mask = torch.zeros(len(mask), 1, 1, total, dtype=torch.bool, device=mask.device)
+        self.mask[:, 0, 0, :width] = mask.bool()
+        self.token = torch.zeros(len(mask), 1, dtype=torch.long, device=mask.device)
+        self.positions = positions[:, -1:].clone()
+
+    @classmethod
+    def make(cls, model, dynamic, mask, positions, max_new_tokens: int, static: bool | None):
+        """The steps for this batch, or None where the growing cache is used: ``static`` False, or None on a CPU,
+        or a model whose layers keep a window of keys (or other state) rather than all of them."""
+        import torch
+        from transformers import StaticCache
+        from transformers.cache_utils import DynamicLayer, StaticLayer
+
+        gpu = mask.device.type == "cuda"
+        if static is False or (static is None and not gpu) or max_new_tokens < 2:
+            return None
+        width = mask.shape[1]
+        cache = StaticCache(config=model.config, max_cache_len=width + max_new_tokens)
+        if not all(type(layer) is StaticLayer for layer in cache.layers) or \
+                not all(type(layer) is DynamicLayer for layer in dynamic.layers):
+            return None
+        for layer, grown in zip(cache.layers, dynamic.layers, strict=True):
+            layer.lazy_initialization(grown.keys, grown.values)
+            layer.keys[:, :, :width].copy_(grown.keys)
+            layer.values[:, :, :width].copy_(grown.values)
+            layer.cumulative_length.fill_(width)
+            grown.keys = grown.values = None  # the prefill's copy is freed layer by layer
+        return cls(model, cache, mask, positions, width, graphs=gpu and torch.cuda.is_available())
+
+    def forward(self):
+        return self.model(input_ids=self.token, attention_mask=self.mask, position_ids=self.positions,
+                          past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+    def __call__(self, token):
+        """The logits after ``token`` (one per row), its key and value written at the next position."""
+        self.token.copy_(token[:, None])
+        self.positions.add_(1)
+        self.mask[:, 0, 0, self.column] = True
+        self.column += 1
+        if not self.graphs:
+            return self.forward()
+        if self.graph is None:
+            self.graph, self.logits = self.capture()
+        self.graph.replay()
+        return self.logits
+
+    def capture(self):
+        """Record one step as a CUDA graph: run it once on a side stream (as capturing requires), wind the cache
+        back a position, then capture; the first replay computes that step again."""
+        import torch
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.forward()
+        torch.cuda.current_stream().wait_stream(side)
+        for layer in self.cache.layers:
+            layer.cumulative_length.sub_(1)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self.forward()
+        return graph, logits
 
 
 def auto_batch_size(model, longest_prompt: int, max_new_tokens: int, device: str) -> int:

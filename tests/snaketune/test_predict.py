@@ -161,16 +161,23 @@ def test_predictions_open_in_excel_and_carry_the_original_columns(tmp_path, tiny
     assert all(row["sentence1"] in row["prompt"] and row["label"] == row["reference"] for _, row in frame.iterrows())
 
 
-@pytest.mark.parametrize("rows_per_prefill, grouped", [(None, False), (1, False), (3, False), (None, True), (3, True)],
-                         ids=["one prefill", "a row a prefill", "chunks of 3", "grouped decoding attention",
-                              "chunks and grouped attention"])
+@pytest.mark.parametrize("rows_per_prefill, grouped, static", [
+    (None, False, False), (1, False, False), (3, False, False), (None, True, False), (3, True, False),
+    (None, False, True), (3, True, True)],
+    ids=["one prefill", "a row a prefill", "chunks of 3", "grouped decoding attention", "chunks and grouped attention",
+         "static cache", "chunks, grouped attention and static cache"])
 def test_the_greedy_loop_gives_generates_tokens_and_stops_where_it_stops(tiny_model, tiny_tokenizer,
-                                                                          rows_per_prefill, grouped):
+                                                                          rows_per_prefill, grouped, static,
+                                                                          monkeypatch):
+    """The lean loop's tokens are generate's, however the prompts are read and whichever cache the steps write
+    (the preallocated one, ``static``, is what a GPU captures as a CUDA graph; here it runs eagerly)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from snaketune.predict import greedy_tokens, use_grouped_decode
+    from snaketune.predict import StaticSteps, greedy_tokens, use_grouped_decode
 
+    forward, static_steps = StaticSteps.forward, []
+    monkeypatch.setattr(StaticSteps, "forward", lambda self: static_steps.append(self.column) or forward(self))
     reference_model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()  # generate with sdpa throughout
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval() if grouped else reference_model
     if grouped:  # the tiny model has 2 query heads per key/value head: the grouping is exercised
@@ -189,11 +196,12 @@ def test_the_greedy_loop_gives_generates_tokens_and_stops_where_it_stops(tiny_mo
             width = inputs["input_ids"].shape[1]  # prompts read in chunks, each cut to its own longest prompt
             budget = {"prefill_tokens": rows_per_prefill * width} if rows_per_prefill else {}
             ours = greedy_tokens(model, inputs["input_ids"], inputs["attention_mask"], new_tokens,
-                                 tokenizer.pad_token_id, **budget)
+                                 tokenizer.pad_token_id, **budget, static=static)
         return reference, ours
 
     reference, ours = both(20)
     assert torch.equal(ours, reference)
+    assert len(static_steps) == (19 if static else 0)  # a step per new token after the prefill's, or none
     # make a token the first row emits at its fourth step an end of row: rows end there and are padded after
     model.generation_config.eos_token_id = reference_model.generation_config.eos_token_id = int(reference[0, 3])
     reference, ours = both(20)
