@@ -4,7 +4,9 @@
 # datasets, dill, multiprocess, liger-kernel, bitsandbytes.
 #
 #   bash benchmarks/issue36_call.sh        # $OUT: where results and logs go; LIMIT: seconds for the whole call
-#   PARTS=c bash benchmarks/issue36_call.sh   # only the QLoRA 14B part (PARTS: any of a b c; default all three)
+#   PARTS=c bash benchmarks/issue36_call.sh   # only the QLoRA 14B part (PARTS: any of a b c d; default a b c)
+#   PARTS="d a" STACKS="stage-default-nockpt unsloth-ckpt" bash benchmarks/issue36_call.sh
+#       # d: where the stage's time and memory go (profile_train.py); STACKS: part a's stacks
 set -u
 PARTS=" ${PARTS:-a b c} "
 want() { [[ "$PARTS" == *" $1 "* ]]; }
@@ -24,12 +26,23 @@ print(torch.__version__, torch.version.cuda, transformers.__version__, peft.__ve
 datasets.__version__, bitsandbytes.__version__)" 2>&1 | tail -1 | tee -a "$OUT/env.txt"
 echo "setup: $(( $(date +%s) - began )) s" | tee -a "$OUT/env.txt"
 
+# (d) where the stage's time goes (kernels, checkpointing off) and its memory (the tensors alive at the peak,
+# checkpointing on)
+if want d; then
+    timeout -k 10 "${PART_D:-120}" python3 benchmarks/profile_train.py --variant default-nockpt --kernels \
+        --out "$OUT/profile_kernels_nockpt.json" > "$OUT/profile_kernels.log" 2>&1
+    timeout -k 10 "${PART_D:-120}" python3 benchmarks/profile_train.py --variant default-ckpt --memory --steps 4 \
+        --out "$OUT/profile_memory_ckpt.json" > "$OUT/profile_memory.log" 2>&1
+    echo "after (d): $(( $(date +%s) - began )) s"
+fi
 # (a) LoRA, Qwen2.5-1.5B shape: the stage's default with and without checkpointing, Unsloth with and without its
 # checkpointing (child process), the library stack with packs of 8k and 16k tokens
+STACKS=${STACKS:-stage-default-nockpt stage-default-ckpt unsloth-nockpt unsloth-ckpt unsloth-nockpt-16k \
+    library-flex_attention-nockpt-8k library-flex_attention-nockpt-16k}
 if want a; then
-    timeout -k 10 "${PART_A:-360}" python3 benchmarks/train_stacks.py --steps 10 --stacks stage-default-nockpt \
-        stage-default-ckpt unsloth-nockpt unsloth-ckpt unsloth-nockpt-16k library-flex_attention-nockpt-8k \
-        library-flex_attention-nockpt-16k --out "$OUT/train_stacks_unsloth.json" 2>&1 | tee "$OUT/train.log" | \
+    # shellcheck disable=SC2086
+    timeout -k 10 "${PART_A:-360}" python3 benchmarks/train_stacks.py --steps 10 --stacks $STACKS \
+        --out "$OUT/train_stacks_unsloth.json" 2>&1 | tee "$OUT/train.log" | \
         grep -vE "it/s\]|s/it\]|row/s\]"
     echo "after (a): $(( $(date +%s) - began )) s"
     cp /tmp/snaketune-stacks/unsloth-stacks.json "$OUT/train_stacks_unsloth_child.json" 2>/dev/null
@@ -40,7 +53,8 @@ fi
 t=$(( $(left) - 10 )); [ "$t" -gt 150 ] && t=150
 if want b && [ "$t" -gt 60 ]; then
     timeout -k 10 "$t" python3 benchmarks/predict_speed.py --shape qwen2.5-0.5b --rows 512 --max-new-tokens 64 \
-        --baseline-batch 128 --reference-rows 16 --repeats 2 --static --out "$OUT/predict_static.json" 2>&1 | \
+        --baseline-batch 128 --reference-rows 16 --repeats 2 --static --fp32-check \
+        --out "$OUT/predict_static.json" 2>&1 | \
         tee "$OUT/predict.log" | grep -vE "it/s\]|s/it\]|row/s\]"
 fi
 echo "after (b): $(( $(date +%s) - began )) s"

@@ -57,6 +57,9 @@ def main() -> int:
                         help="also profile one more run of the stage default (torch.profiler): the top operators")
     parser.add_argument("--static", action="store_true",
                         help="also run generate with the static KV cache and its compiled decoding step")
+    parser.add_argument("--fp32-check", action="store_true",
+                        help="also compare, in float32, the stage default's answers on the reference rows with "
+                        "generate one row at a time (bf16 near-ties of a random-init model flip greedy picks)")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
 
@@ -124,6 +127,19 @@ def main() -> int:
                 tmp / "reference.parquet", tmp / "p1.csv", tmp / "p1.partial")
         one_seconds = time.perf_counter() - start
         one = pd.read_csv(tmp / "p1.csv", keep_default_na=False)["prediction"].tolist()
+        fp32 = None
+        if args.fp32_check:  # the same comparison with both sides in float32
+            answers = {}
+            for name, generation in {"stage-default": GenerationSettings(max_new_tokens=args.max_new_tokens,
+                                                                          dtype="float32"),
+                                     "one-at-a-time": GenerationSettings(max_new_tokens=args.max_new_tokens,
+                                                                         batch_size=1, decoder="generate",
+                                                                         dtype="float32")}.items():
+                predict(generation, tmp / "model", tmp / "reference.parquet", tmp / f"{name}-fp32.csv",
+                        tmp / f"{name}-fp32.partial")
+                answers[name] = pd.read_csv(tmp / f"{name}-fp32.csv", keep_default_na=False)["prediction"].tolist()
+            fp32 = {"rows": reference_rows, "answers_that_differ": sum(
+                a != b for a, b in zip(answers["stage-default"], answers["one-at-a-time"], strict=True))}
     import subprocess
 
     from snaketune.predict import compute_dtype
@@ -166,6 +182,8 @@ def main() -> int:
         result["speedup_over_static_call"] = round(static["seconds"] / timings["stage-default"], 2)
         result["generation_speedup_over_static"] = round(
             static["generation_seconds"] / generating["stage-default"], 2)
+    if fp32 is not None:
+        result["float32_stage_default_against_one_at_a_time"] = fp32
     if profile:
         result["profile"] = profile.splitlines()
     print(json.dumps(result))

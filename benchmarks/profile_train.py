@@ -1,0 +1,147 @@
+#!/usr/bin/env python
+"""Where the train stage's time and memory go on one GPU: the workload of ``train_stacks.py`` (random-init
+Qwen2.5-1.5B shape, LoRA r16 on every linear layer, about 16.9k tokens a step) through the stage itself, with
+
+- ``--kernels``: torch.profiler over the run; the GPU's kernel time by kind (matrix multiplies, attention,
+  Triton kernels of the compiled layers, copies, the rest), the top kernels, and how much of the steps' wall time
+  the GPU was busy;
+- ``--memory``: the CUDA caching allocator's history; the tensors alive at the peak, grouped by the innermost
+  frame of this project, transformers, peft or torch that allocated them.
+
+    python benchmarks/profile_train.py --variant default-nockpt --kernels --out profile_nockpt.json
+    python benchmarks/profile_train.py --variant default-ckpt --memory --out memory_ckpt.json
+
+``--variant`` is a stage stack of train_stacks.py without its ``stage-`` prefix (``default-ckpt``,
+``default-nockpt-8k``, ...). One GPU call runs both (benchmarks/issue36_call.sh, part d).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+KERNEL_KINDS = (("matmul", ("gemm", "nvjet", "cutlass", "sm90_", "matmul", "cublas")),
+                ("attention", ("flash", "fmha", "attention", "varlen")),
+                ("copy", ("memcpy", "memset", "copy_")),
+                ("compiled (Triton)", ("triton",)))
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, marks in KERNEL_KINDS if any(mark in lowered for mark in marks)), "other")
+
+
+def kernels(recorded, wall_seconds: float) -> dict:
+    """Kernel time by kind and the top kernels, from the profiler's CUDA events."""
+    totals: collections.Counter = collections.Counter()
+    per_kernel: collections.Counter = collections.Counter()
+    calls: collections.Counter = collections.Counter()
+    for event in recorded.events():
+        if str(getattr(event, "device_type", "")) != "DeviceType.CUDA":
+            continue
+        duration = event.time_range.elapsed_us()
+        totals[kernel_kind(event.name)] += duration
+        per_kernel[event.name[:120]] += duration
+        calls[event.name[:120]] += 1
+    busy = sum(totals.values()) / 1e6
+    return {"gpu_busy_seconds": round(busy, 3), "wall_seconds": round(wall_seconds, 3),
+            "by_kind_seconds": {k: round(v / 1e6, 3) for k, v in totals.most_common()},
+            "top_kernels": [{"name": name, "seconds": round(t / 1e6, 4), "calls": calls[name]}
+                            for name, t in per_kernel.most_common(40)]}
+
+
+def where(frames: list[dict]) -> str:
+    """The innermost frames of interest, as ``file:line function`` (three of them)."""
+    marks = ("snaketune", "transformers/", "peft/", "torch/optim", "torch/utils/checkpoint", "accelerate/",
+             "torch/_inductor", "torch/autograd", "liger")
+    picked = [f"{f['filename'].split('site-packages/')[-1]}:{f['line']} {f['name']}" for f in frames
+              if any(mark in f["filename"] for mark in marks)]
+    return " <- ".join(picked[:3]) or (f"{frames[0]['filename']}:{frames[0]['line']}" if frames else "?")
+
+
+def memory_at_peak(snapshot: dict) -> dict:
+    """Replay the allocator's trace; the tensors alive at the traced peak, grouped by where they were made."""
+    trace = snapshot["device_traces"][0]
+    live: dict[int, tuple[int, str]] = {}
+    current = peak = 0
+    peak_index = -1
+    for index, event in enumerate(trace):
+        if event["action"] == "alloc":
+            live[event["addr"]] = (event["size"], where(event.get("frames", [])))
+            current += event["size"]
+            if current > peak:
+                peak, peak_index = current, index
+        elif event["action"] == "free_completed" and event["addr"] in live:
+            current -= live.pop(event["addr"])[0]
+    live.clear()
+    for event in trace[: peak_index + 1]:
+        if event["action"] == "alloc":
+            live[event["addr"]] = (event["size"], where(event.get("frames", [])))
+        elif event["action"] == "free_completed":
+            live.pop(event["addr"], None)
+    groups: collections.Counter = collections.Counter()
+    counts: collections.Counter = collections.Counter()
+    for size, place in live.values():
+        groups[place] += size
+        counts[place] += 1
+    return {"traced_peak_gib": round(peak / 2**30, 3), "events": len(trace), "peak_event": peak_index,
+            "alive_at_peak": [{"where": place, "mib": round(size / 2**20, 1), "tensors": counts[place]}
+                              for place, size in groups.most_common(30)]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", default="default-nockpt")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--kernels", action="store_true")
+    parser.add_argument("--memory", action="store_true")
+    parser.add_argument("--work", default="/tmp/snaketune-stacks")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    import torch
+    from train_gpu import build_model
+    from train_stacks import make_rows, optimizer_steps, pack_size, run_stage
+
+    work = Path(args.work)
+    model_dir = build_model("qwen2.5-1.5b", work / "model-qwen2.5-1.5b").parent
+    rows = make_rows(4000, vocab=1100, seed=0, prompt_share=0.25)
+    steps = optimizer_steps(rows, 16_384)[: args.steps]
+    rows = [rows[i] for step in steps for i in step]
+    parts = args.variant.split("-")
+    result: dict = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(0),
+                    "variant": args.variant, "steps": len(steps)}
+    if args.memory:
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000)
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=work) as scratch:
+        run = lambda: run_stage(model_dir, rows, len(steps), parts[1] == "ckpt",  # noqa: E731
+                                pack_size(args.variant, 4096), Path(scratch), variant=parts[0])
+        if args.kernels:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CUDA]) as recorded:
+                measured = run()
+            result["kernels"] = kernels(recorded, time.perf_counter() - began)
+        else:
+            measured = run()
+    result["measured"] = {k: v for k, v in measured.items() if k != "losses"}
+    if args.memory:
+        result["memory"] = memory_at_peak(torch.cuda.memory._snapshot())
+        torch.cuda.memory._record_memory_history(enabled=None)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result)[:4000])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
