@@ -50,7 +50,7 @@ fi
 
 # (b) predict, Qwen2.5-0.5B shape, bf16: the stage's default, generate with the dynamic cache, generate with the
 # static cache and its compiled decoding step
-t=$(( $(left) - 10 )); [ "$t" -gt 150 ] && t=150
+t=$(( $(left) - 10 )); [ "$t" -gt "${PART_B:-150}" ] && t=${PART_B:-150}
 if want b && [ "$t" -gt 60 ]; then
     timeout -k 10 "$t" python3 benchmarks/predict_speed.py --shape qwen2.5-0.5b --rows 512 --max-new-tokens 64 \
         --baseline-batch 128 --reference-rows 16 --repeats 2 --static --fp32-check \
