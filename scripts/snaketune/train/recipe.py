@@ -155,7 +155,11 @@ class Recipe:
         tokenizer, files = self.tokenizer, self.files
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         train_pairs, self.eval_pairs = open_pairs(files.train, files.eval, files.checkpoints, self.pairs_stage)
-        callbacks = make_callbacks()
+        import torch
+
+        # on a GPU, checkpointed layers keep their inputs in host memory (checkpointing is on where memory is short)
+        callbacks = make_callbacks(offload_checkpoints=bool(self.settings.gradient_checkpointing) and
+                                   torch.cuda.is_available())
         self.on_signal, self.start_callback = callbacks[0], None
         if self.eval_pairs is not None and len(self.eval_pairs):  # the starting policy, measured as training begins
             self.start_callback = preference.start_callback(self.eval_pairs, self.pad_id, files.checkpoints)

@@ -26,19 +26,9 @@ class Interrupted(UserError):
     """Training stopped on a signal after saving a checkpoint; running the job again resumes it."""
 
 
-def checkpointing_kwargs(checkpointing: bool, gpu: bool) -> dict[str, Any] | None:
-    """Gradient checkpointing's arguments: non-reentrant, and on a GPU each layer's input (what the recompute
-    starts from, ``layers x tokens x hidden``) kept in pinned host memory instead of GPU memory (transformers'
-    ``offload``: a copy to the host in the forward and back in the backward). Checkpointing is on where memory is
-    short (auto: where the run would not fit without it), so it keeps as little on the GPU as it can: on an H100
-    the 1.5B LoRA run's peak fell from 4.41 GiB (benchmarks/README.md, issue 36)."""
-    if not checkpointing:
-        return None
-    return {"use_reentrant": False, **({"offload": True} if gpu else {})}
-
-
-def make_callbacks():
-    """Callbacks: stop on a NaN/inf loss; on SIGTERM (Ctrl-C, Slurm time limit) save a checkpoint and stop."""
+def make_callbacks(offload_checkpoints: bool = False):
+    """Callbacks: stop on a NaN/inf loss; on SIGTERM (Ctrl-C, Slurm time limit) save a checkpoint and stop; with
+    ``offload_checkpoints``, checkpointed layers keep their inputs in host memory (``offload``)."""
     import torch
     from transformers import TrainerCallback
 
@@ -83,8 +73,18 @@ def make_callbacks():
             if loss is not None and not math.isfinite(loss):
                 raise NonFiniteLoss(f"loss became {loss} at step {state.global_step}")
 
+    class OffloadLayerInputs(TrainerCallback):
+        """Once the Trainer has switched checkpointing on (just before on_train_begin), the checkpointed layers
+        keep their inputs in pinned host memory: on a GPU, what checkpointing leaves there is one layer's."""
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            from snaketune.train.offload import offload_layer_inputs
+
+            offload_layer_inputs(model)
+
     on_signal = StopOnSignal()
-    return on_signal, StopOnNonFiniteLoss(), EndOfRun(on_signal)
+    return (on_signal, StopOnNonFiniteLoss(), EndOfRun(on_signal),
+            *((OffloadLayerInputs(),) if offload_checkpoints else ()))
 
 
 def make_trainer_class(base=None):
@@ -146,7 +146,7 @@ def training_arguments(settings: TrainSettings, checkpoints: Path, tensorboard: 
         weight_decay=settings.weight_decay, max_grad_norm=settings.max_grad_norm, optim=settings.optim,
         bf16=precision == "bf16", fp16=precision == "fp16",
         **{checkpointing: settings.gradient_checkpointing,
-           f"{checkpointing}_kwargs": checkpointing_kwargs(settings.gradient_checkpointing, torch.cuda.is_available())},
+           f"{checkpointing}_kwargs": {"use_reentrant": False} if settings.gradient_checkpointing else None},
         deepspeed=deepspeed_config(settings) if settings.deepspeed else None,
         logging_steps=settings.logging_steps, logging_first_step=True, save_strategy="steps",
         logging_nan_inf_filter=False,  # the default hides a NaN loss behind earlier values; we stop on it
