@@ -40,23 +40,74 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, marks in KERNEL_KINDS if any(mark in lowered for mark in marks)), "other")
 
 
-def kernels(recorded, wall_seconds: float) -> dict:
-    """Kernel time by kind and the top kernels, from the profiler's CUDA events."""
+SYNCS = ("aten::item", "aten::_local_scalar_dense", "aten::nonzero", "cudaStreamSynchronize",
+         "cudaDeviceSynchronize", "cudaMemcpy", "aten::tolist", "cudaEventSynchronize")
+
+
+def kernels(recorded, steps: int) -> dict:
+    """Over the profiled steps: kernel time by kind, the top kernels, how much of the window the GPU was busy
+    (the union of kernel intervals), the CPU operators that wait for the GPU, and who calls the top kernels'
+    CPU operators (``fill_``, ``zero_``, copies) with their Python stacks."""
     totals: collections.Counter = collections.Counter()
     per_kernel: collections.Counter = collections.Counter()
     calls: collections.Counter = collections.Counter()
+    intervals, cpu_calls = [], collections.Counter()
     for event in recorded.events():
         if str(getattr(event, "device_type", "")) != "DeviceType.CUDA":
+            if event.name.startswith(("aten::", "cuda", "Memcpy", "Memset")):
+                cpu_calls[event.name] += 1
             continue
         duration = event.time_range.elapsed_us()
+        intervals.append((event.time_range.start, event.time_range.end))
         totals[kernel_kind(event.name)] += duration
         per_kernel[event.name[:120]] += duration
         calls[event.name[:120]] += 1
-    busy = sum(totals.values()) / 1e6
-    return {"gpu_busy_seconds": round(busy, 3), "wall_seconds": round(wall_seconds, 3),
-            "by_kind_seconds": {k: round(v / 1e6, 3) for k, v in totals.most_common()},
+    intervals.sort()
+    busy, end = 0, None
+    for start, stop in intervals:
+        if end is None or start > end:
+            busy += stop - start
+            end = stop
+        elif stop > end:
+            busy += stop - end
+            end = stop
+    window = (intervals[-1][1] - intervals[0][0]) if intervals else 0
+    stacks = []
+    for average in recorded.key_averages(group_by_stack_n=6):
+        if average.key in ("aten::fill_", "aten::zero_", "aten::copy_", "aten::index_put_", "aten::nonzero",
+                           "aten::_local_scalar_dense") and average.count >= steps:
+            stacks.append({"op": average.key, "calls": average.count, "stack": list(average.stack)[:6],
+                           "cuda_us": round(getattr(average, "device_time_total", 0) or 0)})
+    stacks.sort(key=lambda item: -item["cuda_us"])
+    return {"steps": steps, "window_seconds": round(window / 1e6, 3), "gpu_busy_seconds": round(busy / 1e6, 3),
+            "kernel_seconds_by_kind": {k: round(v / 1e6, 3) for k, v in totals.most_common()},
             "top_kernels": [{"name": name, "seconds": round(t / 1e6, 4), "calls": calls[name]}
-                            for name, t in per_kernel.most_common(40)]}
+                            for name, t in per_kernel.most_common(30)],
+            "waits_for_gpu": {name: count for name, count in cpu_calls.items() if any(s in name for s in SYNCS)},
+            "cpu_ops_by_calls": dict(cpu_calls.most_common(40)), "stacks": stacks[:25]}
+
+
+def profiled_window(first: int, active: int):
+    """A Trainer callback that profiles optimizer steps ``first`` to ``first + active - 1`` (CPU operators with
+    their stacks, CUDA kernels); the profile is on ``callback.recorded`` afterwards."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+    from transformers import TrainerCallback
+
+    class Window(TrainerCallback):
+        recorded = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.recorded = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True,
+                                    schedule=schedule(wait=first - 1, warmup=1, active=active, repeat=1))
+            self.recorded.__enter__()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.recorded.step()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.recorded.__exit__(None, None, None)
+
+    return Window()
 
 
 def where(frames: list[dict]) -> str:
@@ -122,16 +173,17 @@ def main() -> int:
                     "variant": args.variant, "steps": len(steps)}
     if args.memory:
         torch.cuda.memory._record_memory_history(max_entries=2_000_000)
-    began = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=work) as scratch:
         run = lambda: run_stage(model_dir, rows, len(steps), parts[1] == "ckpt",  # noqa: E731
                                 pack_size(args.variant, 4096), Path(scratch), variant=parts[0])
-        if args.kernels:
-            from torch.profiler import ProfilerActivity, profile
+        if args.kernels:  # steps 3 and 4 (compiling is over), through a callback the stage is handed
+            from snaketune.train import recipe
 
-            with profile(activities=[ProfilerActivity.CUDA]) as recorded:
-                measured = run()
-            result["kernels"] = kernels(recorded, time.perf_counter() - began)
+            window = profiled_window(first=3, active=2)
+            make_callbacks = recipe.make_callbacks
+            recipe.make_callbacks = lambda **kwargs: (*make_callbacks(**kwargs), window)
+            measured = run()
+            result["kernels"] = kernels(window.recorded, steps=2)
         else:
             measured = run()
     result["measured"] = {k: v for k, v in measured.items() if k != "losses"}
