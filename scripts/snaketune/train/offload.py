@@ -5,9 +5,9 @@ the backward pass: 28 layers x 4k tokens x 1536 x 2 bytes = 0.33 GiB for a 1.5B 
 input is copied to pinned host memory as soon as the layer has run, and back when the backward pass recomputes
 the layer, so the GPU holds it for one layer at a time, as Unsloth's checkpointing does.
 
-transformers' own ``offload`` (``torch.autograd.graph.save_on_cpu`` around ``checkpoint``) failed on the GPU
-with compiled layers (torch 2.11: "SystemError: ... returned NULL without setting an exception" in the
-recompute, benchmarks/README.md, issue 36), so this wraps ``torch.utils.checkpoint.checkpoint`` (non-reentrant)
+transformers' own ``offload`` (``torch.autograd.graph.save_on_cpu`` around ``checkpoint``) failed in its first
+run on the H100 (torch 2.11, compiled layers, the allocator's history recorded: "SystemError: ... returned NULL
+without setting an exception" in the recompute of a compiled layer; not isolated further), so this wraps ``torch.utils.checkpoint.checkpoint`` (non-reentrant)
 without saved-tensor hooks of its own: the layer's input is held by a box the recompute reads from.
 """
 
