@@ -306,7 +306,12 @@ def run_stage(model_dir, rows, n_steps, checkpointing: bool, pack_tokens: int, w
     import torch
 
     from snaketune.settings import TrainSettings
+    from snaketune.train import fused_loss
     from snaketune.train.recipe import TrainFiles, train
+
+    # chunk<N>: the fused loss's chunks hold at most N MiB of fp32 logits (chunk1: 64 rows, the former rule here)
+    fused_loss.CHUNK_LOGITS_BYTES = int(variant[5:]) * 2**20 if variant.startswith("chunk") else \
+        128 * 2**20
 
     data = work / "data"
     data.mkdir(parents=True, exist_ok=True)
@@ -324,7 +329,7 @@ def run_stage(model_dir, rows, n_steps, checkpointing: bool, pack_tokens: int, w
         "learning_rate": 1e-4, "max_steps": n_steps, "per_device_train_batch_size": per_device,
         "gradient_accumulation_steps": accumulation, "logging_steps": 1, "save_steps": 10_000,
         "lr_scheduler_type": "constant", "precision": "bf16", "gradient_checkpointing": checkpointing,
-        **STAGE_VARIANTS[variant]})
+        **STAGE_VARIANTS.get(variant, {})})
     torch.cuda.reset_peak_memory_stats()
     summary = train(settings, model_dir, False, files, run_name="stage-default")
     log = pd.read_csv(files.train_log)

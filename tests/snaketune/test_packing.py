@@ -137,9 +137,12 @@ def test_no_token_attends_to_another_row_of_its_pack(built, rows, attention):  #
 
 
 @pytest.mark.parametrize("head_trains", [False, True])
-def test_the_fused_loss_equals_the_plain_loss_and_gradients(built, rows, head_trains):  # noqa: F811
+def test_the_fused_loss_equals_the_plain_loss_and_gradients(built, rows, head_trains, monkeypatch):  # noqa: F811
     from transformers import AutoModelForCausalLM
 
+    from snaketune.train import fused_loss
+
+    monkeypatch.setattr(fused_loss, "CHUNK_LOGITS_BYTES", 1)  # chunks of 64 rows: the batch spans several
     manifest, _ = built
     model = AutoModelForCausalLM.from_pretrained(manifest.parent, dtype=torch.float32).train()
     for name, parameter in model.named_parameters():
@@ -150,6 +153,7 @@ def test_the_fused_loss_equals_the_plain_loss_and_gradients(built, rows, head_tr
     output = model(**batch)
     assert output.logits is None  # the full-vocabulary logits were never made
     loss, grads = loss_and_grads(model, batch)
+    assert (batch["labels"] != -100).sum() > fused_loss.chunk_rows_for(model.config.vocab_size)  # two chunks or more
     assert loss == pytest.approx(reference_loss, abs=1e-5)
     assert grads.keys() == reference_grads.keys() and any("embed_tokens" in n for n in grads) == head_trains
     for name, grad in grads.items():

@@ -64,10 +64,19 @@ def chunked_function():
     return Function
 
 
-def chunk_rows_for(hidden_size: int, vocab_size: int, tokens: int) -> int:
-    """Rows per chunk such that one chunk's fp32 logits are about the size of all the hidden states (as Liger
-    chooses), at least 64 and at most 4096."""
-    return max(64, min(4096, -(-tokens * hidden_size // vocab_size)))
+CHUNK_LOGITS_BYTES = 128 * 2**20  # what one chunk's float32 logits may take
+
+
+def chunk_rows_for(vocab_size: int) -> int:
+    """Rows per chunk: as many as keep one chunk's fp32 logits within CHUNK_LOGITS_BYTES, a multiple of 64, at
+    least 64 and at most 4096 (220 rounded to 192 for Qwen's 152k vocabulary).
+
+    Every chunk reads the whole head (467 MiB in bf16 for 152k x 1536) twice, forward and for the hidden states'
+    gradient. Liger's rule (a chunk's logits the size of all the hidden states) gives 64-row chunks there, and
+    those two matmuls, bound by reading the weight, took a tenth of a 1.5B LoRA step on an H100
+    (benchmarks/README.md, issue 36)."""
+    rows = CHUNK_LOGITS_BYTES // (4 * vocab_size) // 64 * 64
+    return max(64, min(4096, rows))
 
 
 def linear_cross_entropy(hidden, weight, labels, num_items_in_batch=None, kind: str = "chunked"):
@@ -84,8 +93,7 @@ def linear_cross_entropy(hidden, weight, labels, num_items_in_batch=None, kind: 
 
         total = liger_fused_linear_cross_entropy(hidden, weight, targets, reduction="sum")
     else:
-        chunk = chunk_rows_for(hidden.shape[-1], weight.shape[0], max(1, hidden.shape[0]))
-        total = chunked_function().apply(hidden, weight, targets, chunk)
+        total = chunked_function().apply(hidden, weight, targets, chunk_rows_for(weight.shape[0]))
     count = num_items_in_batch if num_items_in_batch is not None else max(1, int(keep.sum()))
     if hasattr(count, "to"):
         count = count.to(total.device)

@@ -7,8 +7,9 @@ the layer, so the GPU holds it for one layer at a time, as Unsloth's checkpointi
 
 transformers' own ``offload`` (``torch.autograd.graph.save_on_cpu`` around ``checkpoint``) failed in its first
 run on the H100 (torch 2.11, compiled layers, the allocator's history recorded: "SystemError: ... returned NULL
-without setting an exception" in the recompute of a compiled layer; not isolated further), so this wraps ``torch.utils.checkpoint.checkpoint`` (non-reentrant)
-without saved-tensor hooks of its own: the layer's input is held by a box the recompute reads from.
+without setting an exception" in the recompute of a compiled layer; not isolated further), so this wraps
+``torch.utils.checkpoint.checkpoint`` (non-reentrant) without saved-tensor hooks of its own: the layer's input
+is held by a box the recompute reads from.
 """
 
 from __future__ import annotations
