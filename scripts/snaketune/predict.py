@@ -275,9 +275,10 @@ class StaticSteps:
             return None
         width = mask.shape[1]
         cache = StaticCache(config=model.config, max_cache_len=width + max_new_tokens)
-        grown_layers = getattr(dynamic, "layers", None) or []
-        if not all(type(layer) is StaticLayer for layer in cache.layers) or len(grown_layers) != len(cache.layers) or \
-                not all(type(layer) is DynamicLayer and layer.keys is not None for layer in grown_layers):
+        grown = getattr(dynamic, "layers", None) or []
+        filled = [type(layer) is DynamicLayer and getattr(layer, "keys", None) is not None for layer in grown]
+        if not all(type(layer) is StaticLayer for layer in cache.layers) or len(grown) != len(cache.layers) or \
+                not all(filled):
             return None  # sliding windows, or a model that did not fill the cache it was given
         for layer, grown in zip(cache.layers, dynamic.layers, strict=True):
             layer.lazy_initialization(grown.keys, grown.values)
