@@ -7,7 +7,8 @@
   attention, gradient checkpointing on or off;
 - ``stage-<variant>-ckpt|nockpt``: ``snaketune.train.recipe.train``, the train stage itself (the Trainer, its data
   loader, the Arrow rows), with its default speed settings (``default``) or a variant of them
-  (``STAGE_VARIANTS``), gradient checkpointing on or off;
+  (``STAGE_VARIANTS``; also ``chunk<N>``: the fused loss's chunks of N MiB of logits, ``nooffload``: checkpointed
+  layers keep their inputs on the GPU), gradient checkpointing on or off;
 - ``unsloth[-qlora]-ckpt|nockpt``: Unsloth's ``FastLanguageModel`` on the same saved model (bf16, or 4-bit for
   ``qlora``), LoRA of the same rank on every linear layer, its own kernels and its checkpointing
   (``use_gradient_checkpointing="unsloth"``) or none, fed the same steps as padding-free packs (``input_ids`` of
@@ -306,7 +307,7 @@ def run_stage(model_dir, rows, n_steps, checkpointing: bool, pack_tokens: int, w
     import torch
 
     from snaketune.settings import TrainSettings
-    from snaketune.train import fused_loss
+    from snaketune.train import fused_loss, recipe
     from snaketune.train.recipe import TrainFiles, train
 
     # chunk<N>: the fused loss's chunks hold at most N MiB of fp32 logits (chunk1: 64 rows, the former rule here)
@@ -331,7 +332,13 @@ def run_stage(model_dir, rows, n_steps, checkpointing: bool, pack_tokens: int, w
         "lr_scheduler_type": "constant", "precision": "bf16", "gradient_checkpointing": checkpointing,
         **STAGE_VARIANTS.get(variant, {})})
     torch.cuda.reset_peak_memory_stats()
-    summary = train(settings, model_dir, False, files, run_name="stage-default")
+    make_callbacks = recipe.make_callbacks
+    if variant == "nooffload":  # checkpointed layers keep their inputs on the GPU (the stage before train/offload.py)
+        recipe.make_callbacks = lambda **kwargs: make_callbacks(**{**kwargs, "offload_checkpoints": False})
+    try:
+        summary = train(settings, model_dir, False, files, run_name="stage-default")
+    finally:
+        recipe.make_callbacks = make_callbacks
     log = pd.read_csv(files.train_log)
     speeds = log["tokens_per_second"].dropna().tolist()[2:]
     return {"tokens_per_second": round(statistics.median(speeds), 1), "peak_memory_gib": summary["peak_memory_gib"],
