@@ -223,6 +223,19 @@ def test_one_and_two_workers_write_identical_splits(tmp_path, tiny_tokenizer, mo
     assert pd.read_parquet(dataset_outputs(tmp_path / "2")["train"])["line"].is_monotonic_increasing
 
 
+def test_the_build_shows_rows_per_second_and_the_time_left(tmp_path, tiny_tokenizer, capsys):
+    import re
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(odd_rows(150), encoding="utf-8")
+    settings = DatasetSettings(path=str(data), format="messages", max_seq_length=48, eval_size=20, test_size=0.1,
+                               max_bad_rows=10)
+    stats = build(settings, tiny_tokenizer, dataset_outputs(tmp_path / "out"), workers=2)
+    kept = sum(split["rows"] + split["dropped_no_target"] for split in stats["splits"].values())
+    bar = capsys.readouterr().err.split("\r")[-1]  # the bar's last state: every row tokenized
+    assert re.search(rf"tokenize: 100%.*\| {kept}/{kept} \[\d\d:\d\d<00:00, +[\d.]+row/s\]", bar), bar
+
+
 def test_batch_encoding_gives_the_reference_rows(tiny_tokenizer):
     """``encode_batch`` (arrays, the build's path) against ``encode`` (row by row): ids, labels, counts, prompts,
     for templates that trim content or end turns without a newline, across truncation."""
