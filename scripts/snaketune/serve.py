@@ -135,42 +135,29 @@ class RequestError(Exception):
 
 
 def text_of(content, where: str, images: list[str] | None = None) -> str:
-    """A message's text: a string, or OpenAI's content parts of type text (and, where ``images`` collects them,
-    image parts as data URLs, each leaving ``<image>`` in the text); anything else is a 400."""
+    """A message's text: a string, or OpenAI's content parts (``vision.content_parts``): text, and where ``images``
+    collects them (a user turn's), image parts, each leaving ``<image>`` in the text. An image is a data URL only:
+    the service reads no file and fetches nothing. Anything else is a 400."""
+    from snaketune.vision import DATA_URL, ImageProblem, content_parts
+
     if isinstance(content, list):
-        pieces = []
-        for index, part in enumerate(content):
-            if images is not None and isinstance(part, dict) and part.get("type") == "image_url":
-                pieces.append(image_of(part, f"{where}[{index}]", images))
-                continue
-            if not isinstance(part, dict) or part.get("type", "text") != "text":
-                raise RequestError(400, f"`{where}[{index}]` must be a text part ({{\"type\": \"text\", "
-                                        "\"text\": ...}) or an image_url part; other kinds are not supported")
-            if not isinstance(part.get("text"), str):
-                raise RequestError(400, f"`{where}[{index}].text` must be a string")
-            pieces.append(part["text"])
-        content = "".join(pieces)
+        try:
+            content, urls = content_parts(content, where)
+        except ImageProblem as problem:
+            raise RequestError(400, str(problem)) from None
+        if urls and images is None:
+            raise RequestError(400, f"`{where}`: only a user turn can hold images")
+        if any(not DATA_URL.fullmatch(url) for url in urls):
+            raise RequestError(400, f"`{where}`: an image_url's url must be a base64 data URL (data:image/png;base64,"
+                                    "...): the service reads no server-side file and fetches no URL")
+        images.extend(urls)
     if not isinstance(content, str):
-        raise RequestError(400, f"`{where}` must be a string or a list of text parts")
+        raise RequestError(400, f"`{where}` must be a string or a list of content parts")
     try:
         content.encode("utf-8")
     except UnicodeEncodeError:
         raise RequestError(400, f"`{where}` holds a lone surrogate (\\ud800-\\udfff): not valid Unicode text") from None
     return content
-
-
-def image_of(part: dict, where: str, images: list[str]) -> str:
-    """An image_url part: its data URL (never a path or a web address: the service reads no file and fetches
-    nothing) joins ``images``; ``<image>`` stands in the text where it was."""
-    from snaketune.vision import DATA_URL, PLACEHOLDER
-
-    value = part.get("image_url")
-    url = value.get("url") if isinstance(value, dict) else value
-    if not isinstance(url, str) or not DATA_URL.fullmatch(url):
-        raise RequestError(400, f"`{where}.image_url.url` must be a base64 data URL (data:image/png;base64,...): the "
-                                "service reads no server-side file and fetches no URL")
-    images.append(url)
-    return PLACEHOLDER
 
 
 def parse_request(body: bytes, settings: ServiceSettings, model_name: str):

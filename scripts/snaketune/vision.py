@@ -128,7 +128,9 @@ def content_parts(parts: list, where: str) -> tuple[str, list[str]]:
     texts, images = [], []
     for index, part in enumerate(parts):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise ImageProblem(f"{where}[{index}].text must be a string")
             texts.append(part["text"])
         elif kind in ("image_url", "image"):
             value = part.get(kind)

@@ -97,7 +97,14 @@ def test_bad_requests_get_the_right_4xx_with_a_json_error(service, body, key, st
 
 @pytest.mark.parametrize("body, status, message", [
     (b'{"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}', 400,
-     "`messages[0].content[0].text` must be a string"),
+     "messages[0].content[0].text must be a string"),
+    (b'{"messages": [{"role": "assistant", "content": [{"type": "image_url", '
+     b'"image_url": {"url": "data:image/png;base64,AA=="}}]}]}', 400,
+     "`messages[0].content`: only a user turn can hold images"),
+    (b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}]}',
+     400, "must be a base64 data URL"),
+    (b'{"messages": [{"role": "user", "content": [{"type": "audio", "audio": "x"}]}]}', 400,
+     "messages[0].content[0]: a content part is"),
     (b'{"messages": [{"role": "user", "content": "a \\ud800 b"}]}', 400, "lone surrogate"),
     (b'{"messages": [{"role": "user", "content": 7}]}', 400, "`messages[0].content` must be a string"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}', 400, "`top_p` must be a number from 0"),
