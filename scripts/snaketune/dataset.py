@@ -548,7 +548,8 @@ def build(settings: DatasetSettings, tokenizer, outputs: dict[str, str | Path], 
     outputs = {name: Path(outputs[name]) for name in OUTPUTS}
     images = ImageRows(image_inputs, outputs["train"].parent / "images") if image_inputs is not None else None
     encoder = BatchEncoder(template, tokenizer, settings.max_seq_length, settings, images)
-    # Two passes over the files, so no split is ever held whole: count the good rows, then split and write them.
+    # Two passes over the files, so no split is ever held whole: count the good rows, then split and write them
+    # (images are decoded in the first only).
     # JSONL files (UTF-8) are read by the workers, a piece at a time, and read again by where the rows kept are;
     # other files are read here.
     read = ReadResult([], [], 0, 0)
@@ -568,7 +569,7 @@ def build(settings: DatasetSettings, tokenizer, outputs: dict[str, str | Path], 
         if image_sizes.images:
             stats["images"] = image_sizes.summary()
         batches = rows.batches(labels) if by_lines else \
-            split_batches(iter_records(settings, ReadResult([], [], 0, 0)), labels)
+            split_batches(iter_records(settings, ReadResult([], [], 0, 0), decode_images=False), labels)
         here = pool(-(-count // ENCODE_BATCH))
         with one_core_here(here is None):
             encoded = in_order(encoder, "encode_lines" if by_lines else "__call__", batches, here, pool.size)

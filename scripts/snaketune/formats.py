@@ -302,10 +302,11 @@ def header_of(path: Path, encoding: str = "utf-8") -> list[str] | None:
 class RowReader:
     """Reads rows of one layout, with the dataset's column names and role tags."""
 
-    def __init__(self, settings: ReadSettings):
+    def __init__(self, settings: ReadSettings, decode_images: bool = True):
         if settings.format not in FORMATS:
             raise UserError(f"format `{settings.format}` is not one of {', '.join(FORMATS)}")
         self.settings = settings
+        self.decode_images = decode_images  # False: images already decoded once (a build's second pass)
         self.layout = settings.format
         self.columns = {**DEFAULT_COLUMNS[self.layout], **(PAIR_COLUMNS if settings.ranking else {}),
                         **settings.columns}
@@ -348,14 +349,15 @@ class RowReader:
             self.check_images(path, line, record)
         return record
 
-    @staticmethod
-    def check_images(path: Path, line: int, record: Record) -> None:
-        """Each image decodes: else the row is bad, naming the image. Keeps their sizes for the build's stats."""
-        from snaketune.vision import ImageProblem, open_image, resolve
+    def check_images(self, path: Path, line: int, record: Record) -> None:
+        """Each image decodes (or, with ``decode_images`` off, its header reads): else the row is bad, naming the
+        image. Keeps their sizes for the build's stats and image tokens."""
+        from snaketune.vision import ImageProblem, image_size, open_image, resolve
 
         try:
             record.images = [resolve(ref, path.parent) for ref in record.images]
-            record.image_sizes = [open_image(ref).size for ref in record.images]
+            record.image_sizes = [open_image(ref).size if self.decode_images else image_size(ref)
+                                  for ref in record.images]
         except ImageProblem as problem:
             raise bad(path, line, str(problem)) from None
 
@@ -610,10 +612,11 @@ class Admission:
         return True
 
 
-def iter_records(settings: ReadSettings, tally: ReadResult) -> Iterator[Record]:
+def iter_records(settings: ReadSettings, tally: ReadResult, decode_images: bool = True) -> Iterator[Record]:
     """Yield every good, new row of every file as a Record, in file order, holding none of them: bad rows and
-    duplicates are counted in ``tally`` (its ``records`` stays empty), up to ``max_bad_rows`` bad ones."""
-    reader = RowReader(settings)
+    duplicates are counted in ``tally`` (its ``records`` stays empty), up to ``max_bad_rows`` bad ones. With
+    ``decode_images`` off, images are only sized from their headers (a pass after one that decoded them)."""
+    reader = RowReader(settings, decode_images)
     admission = Admission(settings, tally)
     for path in settings.paths:
         check_columns(settings, path)

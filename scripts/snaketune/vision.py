@@ -94,6 +94,11 @@ def image_bytes(ref: str) -> bytes:
         raise ImageProblem(f"image `{ref}` cannot be read ({exc.strerror or exc})") from None
 
 
+def undecodable(ref: str, exc: Exception) -> ImageProblem:
+    shown = f"{ref:.40}..." if ref.startswith("data:") else ref
+    return ImageProblem(f"image `{shown}` does not decode ({str(exc).splitlines()[0][:120]})")
+
+
 def open_image(ref: str):
     """The image as RGB, fully decoded (a truncated file fails here, not mid-training)."""
     import io
@@ -106,8 +111,20 @@ def open_image(ref: str):
             image.load()
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        shown = f"{ref:.40}..." if ref.startswith("data:") else ref
-        raise ImageProblem(f"image `{shown}` does not decode ({str(exc).splitlines()[0][:120]})") from None
+        raise undecodable(ref, exc) from None
+
+
+def image_size(ref: str) -> tuple[int, int]:
+    """(width, height) from the image's header, without decoding its pixels."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(image_bytes(ref))) as image:
+            return image.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise undecodable(ref, exc) from None
 
 
 def store_data_url(ref: str, folder: Path) -> str:

@@ -37,6 +37,33 @@ def built(tmp_path_factory):
     return model / "manifest.json", data
 
 
+def test_a_build_decodes_each_image_once(built, tmp_path, monkeypatch):
+    """The first pass decodes every image (a broken one is a bad row); the second only reads their sizes from the
+    headers, and writes the same splits."""
+    from collections import Counter
+
+    from transformers import AutoTokenizer
+
+    import snaketune.vision as vision
+
+    def counting(real, counted):
+        return lambda ref: counted.update([ref]) or real(ref)
+
+    calls = {"open_image": Counter(), "image_size": Counter()}
+    for name, counted in calls.items():
+        monkeypatch.setattr(vision, name, counting(getattr(vision, name), counted))
+    model, data = built[0].parent, built[1]
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    build(DatasetSettings(path=str(REPO / "data" / "shapes" / "colours.jsonl"), format="sharegpt", max_seq_length=64,
+                          eval_size=8, test_size=8), tokenizer, dataset_outputs(tmp_path),
+          image_inputs=vision.ImageInputs.of(model, tokenizer))
+    rows = sum(len(pd.read_parquet(data / f"{split}.parquet")) for split in ("train", "eval", "test"))
+    assert sum(calls["open_image"].values()) == rows and set(calls["open_image"].values()) == {1}
+    assert calls["image_size"] == calls["open_image"]
+    for split in ("train", "eval", "test"):
+        assert (tmp_path / f"{split}.parquet").read_bytes() == (data / f"{split}.parquet").read_bytes()
+
+
 @pytest.mark.parametrize("method", ["lora", "qlora", "full"])
 def test_each_method_learns_with_the_tower_frozen(built, tmp_path, method):
     from safetensors import safe_open
