@@ -6,7 +6,9 @@ Qwen2.5-1.5B shape, LoRA r16 on every linear layer, about 16.9k tokens a step) t
   Triton kernels of the compiled layers, copies, the rest), the top kernels, and how much of the steps' wall time
   the GPU was busy;
 - ``--memory``: the CUDA caching allocator's history; the tensors alive at the peak, grouped by the innermost
-  frame of this project, transformers, peft or torch that allocated them.
+  frame of this project, transformers, peft or torch that allocated them;
+- ``--phases``: each step's memory by phase (``memory_phases``), without the history, which made the recompute
+  of a compiled layer fail on an H100 (issue 36, session 13).
 
     python benchmarks/profile_train.py --variant default-nockpt --kernels --out profile_nockpt.json
     python benchmarks/profile_train.py --variant default-ckpt --memory --out memory_ckpt.json
@@ -110,6 +112,46 @@ def profiled_window(first: int, active: int):
     return Window()
 
 
+def memory_phases():
+    """A Trainer callback that splits each step's GPU memory by phase, without the allocator's history: the
+    allocated memory as each micro-batch's forward begins (weights, optimizer state, gradients), the peak within
+    each forward, within each backward but the step's last, and within the last backward with the optimizer's
+    step (``torch.cuda.max_memory_allocated``, reset at each boundary); in GiB, per step."""
+    import torch
+    from transformers import TrainerCallback
+
+    gib = 2**30
+
+    class Phases(TrainerCallback):
+        steps: list = []
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            model.register_forward_pre_hook(self.forward_begins)
+            model.register_forward_hook(self.forward_ends)
+            self.current = {"at_forward": [], "forward": [], "backward": []}
+
+        def forward_begins(self, module, inputs):
+            if module.training:
+                if self.current["forward"]:  # a backward ran since the last forward
+                    self.current["backward"].append(round(torch.cuda.max_memory_allocated() / gib, 3))
+                self.current["at_forward"].append(round(torch.cuda.memory_allocated() / gib, 3))
+                torch.cuda.reset_peak_memory_stats()
+
+        def forward_ends(self, module, inputs, output):
+            if module.training:
+                self.current["forward"].append(round(torch.cuda.max_memory_allocated() / gib, 3))
+                torch.cuda.reset_peak_memory_stats()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.current["last_backward_and_optimizer"] = round(torch.cuda.max_memory_allocated() / gib, 3)
+            self.current["after_step"] = round(torch.cuda.memory_allocated() / gib, 3)
+            self.steps.append(self.current)
+            self.current = {"at_forward": [], "forward": [], "backward": []}
+            torch.cuda.reset_peak_memory_stats()
+
+    return Phases()
+
+
 def where(frames: list[dict]) -> str:
     """The innermost frames of interest, as ``file:line function`` (three of them)."""
     marks = ("snaketune", "transformers/", "peft/", "torch/optim", "torch/utils/checkpoint", "accelerate/",
@@ -155,6 +197,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--kernels", action="store_true")
     parser.add_argument("--memory", action="store_true")
+    parser.add_argument("--memory-stacks", default="all", choices=["all", "python"],
+                        help="stacks the allocator's history keeps (--memory)")
+    parser.add_argument("--phases", action="store_true", help="memory peaks by phase of each step (no history)")
     parser.add_argument("--work", default="/tmp/snaketune-stacks")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -172,20 +217,21 @@ def main() -> int:
     result: dict = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(0),
                     "variant": args.variant, "steps": len(steps)}
     if args.memory:
-        torch.cuda.memory._record_memory_history(max_entries=2_000_000)
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks=args.memory_stacks)
     with tempfile.TemporaryDirectory(dir=work) as scratch:
         run = lambda: run_stage(model_dir, rows, len(steps), parts[1] == "ckpt",  # noqa: E731
                                 pack_size(args.variant, 4096), Path(scratch), variant=parts[0])
-        if args.kernels:  # steps 3 and 4 (compiling is over), through a callback the stage is handed
-            from snaketune.train import recipe
+        from snaketune.train import recipe
 
-            window = profiled_window(first=3, active=2)
-            make_callbacks = recipe.make_callbacks
-            recipe.make_callbacks = lambda **kwargs: (*make_callbacks(**kwargs), window)
-            measured = run()
-            result["kernels"] = kernels(window.recorded, steps=2)
-        else:
-            measured = run()
+        added = (*([profiled_window(first=3, active=2)] if args.kernels else []),  # steps 3 and 4: compiled
+                 *([memory_phases()] if args.phases else []))
+        make_callbacks = recipe.make_callbacks  # the callbacks the stage is handed, and these
+        recipe.make_callbacks = lambda **kwargs: (*make_callbacks(**kwargs), *added)
+        measured = run()
+        if args.kernels:
+            result["kernels"] = kernels(added[0].recorded, steps=2)
+        if args.phases:
+            result["phases_gib"] = added[-1].steps
     result["measured"] = {k: v for k, v in measured.items() if k != "losses"}
     if args.memory:
         result["memory"] = memory_at_peak(torch.cuda.memory._snapshot())
