@@ -83,6 +83,29 @@ def test_out_of_memory_ends_with_what_to_change(built, tmp_path, monkeypatch):
     assert not (tmp_path / "adapter").exists()
 
 
+def test_a_4bit_model_keeps_its_layout_through_an_evaluation_on_any_cpu(tiny_model, monkeypatch):
+    """bitsandbytes repacks a 4-bit weight in place for its CPU kernel at a forward without gradients where the CPU
+    has AVX512-BF16, and fails on layers narrower than a block: QLoRA turns that off, so a run evaluates between
+    its steps on every CPU alike, with its weights as they train."""
+    import bitsandbytes.nn.modules
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from snaketune.train.model_setup import keep_4bit_layout
+
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)  # as on such a CPU
+    quantized = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, quantization_config=quantized)
+    keep_4bit_layout(model)
+    packed = {name: weight.data.clone() for name, weight in model.named_parameters() if weight.dtype == torch.uint8}
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 2, 3]])).logits
+    assert packed and torch.isfinite(logits).all()
+    assert all(torch.equal(weight.data, packed[name]) for name, weight in model.named_parameters() if name in packed)
+
+
 def test_tensorboard_events_are_written_when_asked(built, tmp_path):
     run_train(built, tmp_path, {**FAST, "max_steps": 4, "tensorboard": True})
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))

@@ -185,6 +185,8 @@ def load_model(settings: TrainSettings, model_dir: Path, trust_remote_code: bool
         )
         kwargs["dtype"] = compute
     model = (AutoModelForImageTextToText if family else AutoModelForCausalLM).from_pretrained(model_dir, **kwargs)
+    if settings.method == "qlora":
+        keep_4bit_layout(model)
     parts = trainable_parts(model, family, settings.train_vision_tower, settings.train_projector,
                             settings.train_language_model) if family else None
     if speedups.liger_kernels:
@@ -224,6 +226,16 @@ def load_model(settings: TrainSettings, model_dir: Path, trust_remote_code: bool
     )
     model = get_peft_model(model, lora)
     return compile_layers(model) if speedups.torch_compile else model
+
+
+def keep_4bit_layout(model) -> None:
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weight in place for its CPU kernel at the
+    first forward without gradients (an evaluation during training): that fails on a layer narrower than one
+    quantization block ("shape '[32, 0]' is invalid", the tiny models) and leaves the weight in a layout the
+    training forward does not use. A QLoRA run keeps the layout it trains with, on every CPU alike."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def refuse_tied_training(model, settings: TrainSettings) -> None:
