@@ -24,6 +24,19 @@ BASELINE_STAGES = ["evaluate", "predict"]  # a baseline run (max_steps: 0) has n
 BASELINE_RUNS = {"identity-base"}  # the default config's baselines
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_compile_cache(tmp_path_factory):
+    """torch.compile's kernels (and the workflows' jobs', which inherit the variable) go to a cache of this test
+    session's: a compile killed in another run (a 0-byte ``.so`` in the shared /tmp/torchinductor_<user>, which
+    inductor then loads: "file too short") fails no test here."""
+    ours = "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    if ours:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("inductor"))
+    yield
+    if ours:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+
+
 def run_stages(run: str) -> list[str]:
     """The per-run jobs a change to ``run``'s training replans (the default config's runs)."""
     return BASELINE_STAGES if run in BASELINE_RUNS else RUN_STAGES
