@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -24,17 +25,20 @@ BASELINE_STAGES = ["evaluate", "predict"]  # a baseline run (max_steps: 0) has n
 BASELINE_RUNS = {"identity-base"}  # the default config's baselines
 
 
+# torch.compile's kernels (and the workflows' jobs', which inherit the variable) go to a cache of this test
+# session's: a compile killed in another run (a 0-byte ``.so`` in the shared /tmp/torchinductor_<user>, which inductor
+# then loads: "file too short") fails no test here. Set as this file is imported: collecting the tests imports torch,
+# whose first look at the cache writes the shared folder's name into the variable.
+OWN_COMPILE_CACHE = None if "TORCHINDUCTOR_CACHE_DIR" in os.environ else tempfile.mkdtemp(prefix="inductor-")
+if OWN_COMPILE_CACHE:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = OWN_COMPILE_CACHE
+
+
 @pytest.fixture(scope="session", autouse=True)
-def own_compile_cache(tmp_path_factory):
-    """torch.compile's kernels (and the workflows' jobs', which inherit the variable) go to a cache of this test
-    session's: a compile killed in another run (a 0-byte ``.so`` in the shared /tmp/torchinductor_<user>, which
-    inductor then loads: "file too short") fails no test here."""
-    ours = "TORCHINDUCTOR_CACHE_DIR" not in os.environ
-    if ours:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("inductor"))
-    yield
-    if ours:
-        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+def own_compile_cache():
+    yield OWN_COMPILE_CACHE
+    if OWN_COMPILE_CACHE:
+        shutil.rmtree(OWN_COMPILE_CACHE, ignore_errors=True)
 
 
 def run_stages(run: str) -> list[str]:
