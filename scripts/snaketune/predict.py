@@ -275,12 +275,12 @@ class StaticSteps:
             return None
         width = mask.shape[1]
         cache = StaticCache(config=model.config, max_cache_len=width + max_new_tokens)
-        grown = getattr(dynamic, "layers", None) or []
-        filled = [type(layer) is DynamicLayer and getattr(layer, "keys", None) is not None for layer in grown]
-        if not all(type(layer) is StaticLayer for layer in cache.layers) or len(grown) != len(cache.layers) or \
+        grown_layers = getattr(dynamic, "layers", None) or []
+        filled = [type(layer) is DynamicLayer and getattr(layer, "keys", None) is not None for layer in grown_layers]
+        if not all(type(layer) is StaticLayer for layer in cache.layers) or len(grown_layers) != len(cache.layers) or \
                 not all(filled):
             return None  # sliding windows, or a model that did not fill the cache it was given
-        for layer, grown in zip(cache.layers, dynamic.layers, strict=True):
+        for layer, grown in zip(cache.layers, grown_layers, strict=True):
             layer.lazy_initialization(grown.keys, grown.values)
             layer.keys[:, :, :width].copy_(grown.keys)
             layer.values[:, :, :width].copy_(grown.values)

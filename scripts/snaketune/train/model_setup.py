@@ -15,6 +15,7 @@ from snaketune.settings import DEEPSPEED_CONFIGS, TrainSettings
 from snaketune.train import fused_loss
 from snaketune.train import packing as packing_module
 from snaketune.train.data import longest_row
+from snaketune.train.offload import NON_REENTRANT
 
 
 def resolve_precision(precision: str) -> str:
@@ -211,7 +212,7 @@ def load_model(settings: TrainSettings, model_dir: Path, trust_remote_code: bool
         # peft's fp32 copies cost 3 GiB for a 14B model, and the fp32 residual stream they make was cast back to
         # bf16 at every linear layer, forward and backward (a sixth of a step's GPU time, benchmarks/README.md)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+                                                gradient_checkpointing_kwargs=dict(NON_REENTRANT))
     refuse_tied_training(model, settings)
     targets = "all-linear" if settings.lora_target == "all" else list(settings.lora_target)
     if parts is not None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import functools
 
+NON_REENTRANT = {"use_reentrant": False}  # how every checkpointed layer here is recomputed
+
 
 def offloaded_checkpoint(function, hidden, *args, **checkpoint_kwargs):
     """``checkpoint(function, hidden, *args)``, with ``hidden`` moved to (pinned) host memory after the forward and
@@ -50,6 +52,6 @@ def offload_layer_inputs(model, checkpoint_kwargs: dict | None = None) -> int:
     for module in model.modules():
         if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
             module._gradient_checkpointing_func = functools.partial(
-                offloaded_checkpoint, **(checkpoint_kwargs or {"use_reentrant": False}))
+                offloaded_checkpoint, **(checkpoint_kwargs or NON_REENTRANT))
             changed += 1
     return changed

@@ -16,6 +16,7 @@ from snaketune.errors import UserError
 from snaketune.settings import TrainSettings
 from snaketune.train.data import step_packs_sampler
 from snaketune.train.model_setup import deepspeed_config
+from snaketune.train.offload import NON_REENTRANT
 
 
 class NonFiniteLoss(RuntimeError):
@@ -146,7 +147,7 @@ def training_arguments(settings: TrainSettings, checkpoints: Path, tensorboard: 
         weight_decay=settings.weight_decay, max_grad_norm=settings.max_grad_norm, optim=settings.optim,
         bf16=precision == "bf16", fp16=precision == "fp16",
         **{checkpointing: settings.gradient_checkpointing,
-           f"{checkpointing}_kwargs": {"use_reentrant": False} if settings.gradient_checkpointing else None},
+           f"{checkpointing}_kwargs": dict(NON_REENTRANT) if settings.gradient_checkpointing else None},
         deepspeed=deepspeed_config(settings) if settings.deepspeed else None,
         logging_steps=settings.logging_steps, logging_first_step=True, save_strategy="steps",
         logging_nan_inf_filter=False,  # the default hides a NaN loss behind earlier values; we stop on it
