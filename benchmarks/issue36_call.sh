@@ -5,8 +5,9 @@
 #
 #   bash benchmarks/issue36_call.sh        # $OUT: where results and logs go; LIMIT: seconds for the whole call
 #   PARTS=c bash benchmarks/issue36_call.sh   # only the QLoRA 14B part (PARTS: any of a b c d; default a b c)
-#   PARTS="d a" STACKS="stage-default-nockpt unsloth-ckpt" bash benchmarks/issue36_call.sh
-#       # d: where the stage's time and memory go (profile_train.py); STACKS: part a's stacks
+#   PARTS="d a" PHASES=1 STACKS="stage-default-nockpt unsloth-ckpt" bash benchmarks/issue36_call.sh
+#       # d: where the stage's time goes (profile_train.py --kernels); STACKS: part a's stacks; PHASES=1: part a
+#       # records each step's memory by phase; STEPS: part a's optimizer steps (10)
 set -u
 PARTS=" ${PARTS:-a b c} "
 want() { [[ "$PARTS" == *" $1 "* ]]; }
@@ -26,13 +27,11 @@ print(torch.__version__, torch.version.cuda, transformers.__version__, peft.__ve
 datasets.__version__, bitsandbytes.__version__)" 2>&1 | tail -1 | tee -a "$OUT/env.txt"
 echo "setup: $(( $(date +%s) - began )) s" | tee -a "$OUT/env.txt"
 
-# (d) where the stage's time goes (kernels, checkpointing off) and its memory (the tensors alive at the peak,
-# checkpointing on)
+# (d) where the stage's time goes (kernels, checkpointing off). Its memory: PHASES=1 in part a (the allocator's
+# history, profile_train.py --memory, made the recompute of a compiled layer fail on an H100)
 if want d; then
-    timeout -k 10 "${PART_D:-120}" python3 benchmarks/profile_train.py --variant default-nockpt --kernels \
+    timeout -k 10 "${PART_D:-150}" python3 benchmarks/profile_train.py --variant default-nockpt --kernels \
         --out "$OUT/profile_kernels_nockpt.json" > "$OUT/profile_kernels.log" 2>&1
-    timeout -k 10 "${PART_D:-120}" python3 benchmarks/profile_train.py --variant default-ckpt --memory --steps 4 \
-        --out "$OUT/profile_memory_ckpt.json" > "$OUT/profile_memory.log" 2>&1
     echo "after (d): $(( $(date +%s) - began )) s"
 fi
 # (a) LoRA, Qwen2.5-1.5B shape: the stage's default with and without checkpointing, Unsloth with and without its
@@ -40,10 +39,15 @@ fi
 STACKS=${STACKS:-stage-default-nockpt stage-default-ckpt unsloth-nockpt unsloth-ckpt unsloth-nockpt-16k \
     library-flex_attention-nockpt-8k library-flex_attention-nockpt-16k}
 if want a; then
+    # the GPU's clocks, power and temperature each second: speeds that move between calls
+    nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu \
+        --format=csv -l 1 > "$OUT/gpu_trace_a.csv" 2>/dev/null &
+    trace=$!
     # shellcheck disable=SC2086
-    timeout -k 10 "${PART_A:-360}" python3 benchmarks/train_stacks.py --steps 10 --stacks $STACKS \
-        --out "$OUT/train_stacks_unsloth.json" 2>&1 | tee "$OUT/train.log" | \
+    timeout -k 10 "${PART_A:-360}" python3 benchmarks/train_stacks.py --steps "${STEPS:-10}" --stacks $STACKS \
+        ${PHASES:+--phases} --out "$OUT/train_stacks_unsloth.json" 2>&1 | tee "$OUT/train.log" | \
         grep -vE "it/s\]|s/it\]|row/s\]"
+    kill "$trace" 2>/dev/null
     echo "after (a): $(( $(date +%s) - began )) s"
     cp /tmp/snaketune-stacks/unsloth-stacks.json "$OUT/train_stacks_unsloth_child.json" 2>/dev/null
 fi

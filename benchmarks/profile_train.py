@@ -7,8 +7,8 @@ Qwen2.5-1.5B shape, LoRA r16 on every linear layer, about 16.9k tokens a step) t
   the GPU was busy;
 - ``--memory``: the CUDA caching allocator's history; the tensors alive at the peak, grouped by the innermost
   frame of this project, transformers, peft or torch that allocated them;
-- ``--phases``: each step's memory by phase (``memory_phases``), without the history, which made the recompute
-  of a compiled layer fail on an H100 (issue 36, session 13).
+- ``--phases``: each step's memory by phase (``train_stacks.PhaseMeter``), without the history, which made the
+  recompute of a compiled layer fail on an H100 (issue 36, session 13).
 
     python benchmarks/profile_train.py --variant default-nockpt --kernels --out profile_nockpt.json
     python benchmarks/profile_train.py --variant default-ckpt --memory --out memory_ckpt.json
@@ -112,46 +112,6 @@ def profiled_window(first: int, active: int):
     return Window()
 
 
-def memory_phases():
-    """A Trainer callback that splits each step's GPU memory by phase, without the allocator's history: the
-    allocated memory as each micro-batch's forward begins (weights, optimizer state, gradients), the peak within
-    each forward, within each backward but the step's last, and within the last backward with the optimizer's
-    step (``torch.cuda.max_memory_allocated``, reset at each boundary); in GiB, per step."""
-    import torch
-    from transformers import TrainerCallback
-
-    gib = 2**30
-
-    class Phases(TrainerCallback):
-        steps: list = []
-
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
-            model.register_forward_pre_hook(self.forward_begins)
-            model.register_forward_hook(self.forward_ends)
-            self.current = {"at_forward": [], "forward": [], "backward": []}
-
-        def forward_begins(self, module, inputs):
-            if module.training:
-                if self.current["forward"]:  # a backward ran since the last forward
-                    self.current["backward"].append(round(torch.cuda.max_memory_allocated() / gib, 3))
-                self.current["at_forward"].append(round(torch.cuda.memory_allocated() / gib, 3))
-                torch.cuda.reset_peak_memory_stats()
-
-        def forward_ends(self, module, inputs, output):
-            if module.training:
-                self.current["forward"].append(round(torch.cuda.max_memory_allocated() / gib, 3))
-                torch.cuda.reset_peak_memory_stats()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.current["last_backward_and_optimizer"] = round(torch.cuda.max_memory_allocated() / gib, 3)
-            self.current["after_step"] = round(torch.cuda.memory_allocated() / gib, 3)
-            self.steps.append(self.current)
-            self.current = {"at_forward": [], "forward": [], "backward": []}
-            torch.cuda.reset_peak_memory_stats()
-
-    return Phases()
-
-
 def where(frames: list[dict]) -> str:
     """The innermost frames of interest, as ``file:line function`` (three of them)."""
     marks = ("snaketune", "transformers/", "peft/", "torch/optim", "torch/utils/checkpoint", "accelerate/",
@@ -220,18 +180,15 @@ def main() -> int:
         torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks=args.memory_stacks)
     with tempfile.TemporaryDirectory(dir=work) as scratch:
         run = lambda: run_stage(model_dir, rows, len(steps), parts[1] == "ckpt",  # noqa: E731
-                                pack_size(args.variant, 4096), Path(scratch), variant=parts[0])
+                                pack_size(args.variant, 4096), Path(scratch), variant=parts[0], phases=args.phases)
         from snaketune.train import recipe
 
-        added = (*([profiled_window(first=3, active=2)] if args.kernels else []),  # steps 3 and 4: compiled
-                 *([memory_phases()] if args.phases else []))
+        added = [profiled_window(first=3, active=2)] if args.kernels else []  # steps 3 and 4: compiled
         make_callbacks = recipe.make_callbacks  # the callbacks the stage is handed, and these
         recipe.make_callbacks = lambda **kwargs: (*make_callbacks(**kwargs), *added)
         measured = run()
         if args.kernels:
             result["kernels"] = kernels(added[0].recorded, steps=2)
-        if args.phases:
-            result["phases_gib"] = added[-1].steps
     result["measured"] = {k: v for k, v in measured.items() if k != "losses"}
     if args.memory:
         result["memory"] = memory_at_peak(torch.cuda.memory._snapshot())

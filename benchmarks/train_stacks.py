@@ -11,18 +11,21 @@
   layers keep their inputs on the GPU), gradient checkpointing on or off;
 - ``unsloth[-qlora]-ckpt|nockpt``: Unsloth's ``FastLanguageModel`` on the same saved model (bf16, or 4-bit for
   ``qlora``), LoRA of the same rank on every linear layer, its own kernels and its checkpointing
-  (``use_gradient_checkpointing="unsloth"``) or none, fed the same steps as padding-free packs (``input_ids`` of
-  shape (1, tokens), ``position_ids`` restarting at each row and Unsloth's ``packed_seq_lengths``: what its
-  padding-free collator hands the model). Unsloth patches transformers' classes when imported, so these stacks run
-  in a child process of their own; the JSON records which attention path its packed batches took.
+  (``use_gradient_checkpointing="unsloth"``) or none, fed the stage's own micro-batches as padding-free packs
+  (``input_ids`` of shape (1, tokens), ``position_ids`` restarting at each row and Unsloth's ``packed_seq_lengths``:
+  what its padding-free collator hands the model). Unsloth patches transformers' classes when imported, so these
+  stacks run in a child process of their own; the JSON records which attention path its packed batches took.
 
 A ``-<N>k`` suffix sets that stack's packs (or the stage's micro-batches) to N x 1024 tokens instead of
 ``--pack-tokens``: ``library-flex_attention-nockpt-16k``.
 
 Workload: a random-init Qwen2.5-1.5B shape in bf16, LoRA r16 on every linear layer, rows of lognormal length
 (median 300, sigma 0.8, 16 to 2048 tokens), the first quarter of each row a prompt (label -100), about 16k real
-tokens per optimizer step. Each stack trains ``--steps`` optimizer steps; tokens/s is the median over steps after
-the first two, counting real (non-padding) tokens, prompt included.
+tokens per optimizer step. Every stack trains the same ``--steps`` optimizer steps: the rows the stage's sampler
+deals into each step and micro-batch (``stage_steps``; the stage stacks record theirs and say whether they match),
+so each step's tokens and, at the stage's pack size, each micro-batch's are the same for all. tokens/s is the
+median over steps after the first two, counting real (non-padding) tokens, prompt included; each stack also
+reports every step's figure. ``--phases`` adds each step's GPU memory by phase (``PhaseMeter``).
 
 MFU (model FLOPs utilisation) = tokens/s x FLOPs per token / peak, with FLOPs per token = 6 x N + 6 x layers x
 hidden x (mean attended length), N the parameters of the dense model (embeddings excluded, head included; the
@@ -129,23 +132,102 @@ def padded_batches(batch_rows):
     return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
 
 
-def train_loop(model, rows, steps, micro_batches) -> dict:
-    """Plain loop: for each step, its micro-batches, the loss of each weighted by its share of the step's
-    supervised tokens (so every stack optimises the same per-step mean), AdamW lr 1e-4."""
+class PhaseMeter:
+    """Watches a model's training forwards: the tokens of each micro-batch and, with ``memory``, each step's GPU
+    memory by phase without the allocator's history (which made the recompute of a compiled layer fail on an
+    H100): allocated as each forward begins (weights, optimizer state, gradients), the peak within each forward,
+    within each backward but the step's last, and within the last backward with the optimizer's step, in GiB
+    (``torch.cuda.max_memory_allocated``, reset at each boundary; ``peak`` keeps the run's)."""
+
+    def __init__(self, model, memory: bool):
+        self.memory, self.steps, self.peak = memory, [], 0.0
+        self.current = self.fresh()
+        model.register_forward_pre_hook(self.forward_begins, with_kwargs=True)
+        model.register_forward_hook(self.forward_ends)
+
+    @staticmethod
+    def fresh() -> dict:
+        return {"tokens": [], "at_forward": [], "forward": [], "backward": []}
+
+    def reading(self, peak: bool) -> float:
+        import torch
+
+        value = (torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()) / 2**30
+        self.peak = max(self.peak, value)
+        return round(value, 3)
+
+    def phase_ends(self, phase: str) -> None:
+        import torch
+
+        self.current[phase].append(self.reading(peak=True))
+        torch.cuda.reset_peak_memory_stats()
+
+    def forward_begins(self, module, args, kwargs):
+        if not module.training:
+            return
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.current["tokens"].append(int(ids.numel()) if ids is not None else None)
+        if self.memory:
+            if self.current["forward"]:  # a backward ran since the last forward
+                self.phase_ends("backward")
+            self.current["at_forward"].append(self.reading(peak=False))
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+
+    def forward_ends(self, module, args, output):
+        if module.training and self.memory:
+            self.phase_ends("forward")
+
+    def step_ends(self) -> None:
+        if self.memory:
+            self.current["last_backward_and_optimizer"] = self.current.pop("backward_last", None) or \
+                self.reading(peak=True)
+            self.current["after_step"] = self.reading(peak=False)
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.current = {"tokens": self.current["tokens"]}
+        self.steps.append(self.current)
+        self.current = self.fresh()
+
+    def report(self) -> dict:
+        found = {"micro_batch_tokens": [step["tokens"] for step in self.steps]}
+        if self.memory:
+            found["phases_gib"] = [{k: v for k, v in step.items() if k != "tokens"} for step in self.steps]
+            found["peak_memory_gib"] = round(self.peak, 3)
+        return found
+
+
+def trainable_parameters(model) -> dict:
+    """The trainable parameters' element counts by dtype (LoRA in fp32 or in the model's dtype)."""
+    counts: dict = {}
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            counts[str(parameter.dtype)] = counts.get(str(parameter.dtype), 0) + parameter.numel()
+    return counts
+
+
+def train_loop(model, rows, steps, batch_of, phases: bool = False) -> dict:
+    """Plain loop: each step's micro-batches (``steps``: each step a list of packs of row indices, ``batch_of`` a
+    pack's rows as a batch), the loss of each weighted by its share of the step's supervised tokens (so every
+    stack optimises the same per-step mean), AdamW lr 1e-4."""
     import torch
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
     times, losses, tokens = [], [], []
     torch.cuda.reset_peak_memory_stats()
+    meter = PhaseMeter(model, memory=phases)
     for step in steps:
-        step_rows = [rows[i] for i in step]
+        step_rows = [rows[i] for pack in step for i in pack]
         supervised = sum(sum(t != -100 for t in r["labels"][1:]) for r in step_rows)
         torch.cuda.synchronize()
         began = time.perf_counter()
         total = 0.0
-        for batch in micro_batches(step_rows):
-            batch = {k: v.cuda() if hasattr(v, "cuda") else v for k, v in batch.items()}
+        for pack in step:
+            batch = {k: v.cuda() if hasattr(v, "cuda") else v for k, v in batch_of([rows[i] for i in pack]).items()}
             share = int((batch["labels"][:, 1:] != -100).sum()) / supervised
             loss = model(**batch).loss * share
             loss.backward()
@@ -154,18 +236,22 @@ def train_loop(model, rows, steps, micro_batches) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
+        meter.step_ends()
         times.append(time.perf_counter() - began)
         losses.append(round(total, 5))
         tokens.append(sum(len(r["input_ids"]) for r in step_rows))
-    speeds = [t / s for t, s in zip(tokens[2:], times[2:], strict=True)]
-    return {"tokens_per_second": round(statistics.median(speeds), 1),
-            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "losses": losses}
+    speeds = [t / s for t, s in zip(tokens, times, strict=True)]
+    return {"tokens_per_second": round(statistics.median(speeds[2:]), 1),
+            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "losses": losses,
+            "step_tokens_per_second": [round(x) for x in speeds], "trainable": trainable_parameters(model),
+            **meter.report()}
 
 
-def run_recipe(model_dir, rows, steps, checkpointing=True) -> dict:
+def run_recipe(model_dir, rows, steps, checkpointing=True, phases: bool = False) -> dict:
     model = load_lora(model_dir, "sdpa", checkpointing)
-    return train_loop(model, rows, steps, lambda step_rows: (padded_batches(step_rows[i : i + 8])
-                                                             for i in range(0, len(step_rows), 8)))
+    members = [[i for pack in step for i in pack] for step in steps]
+    padded_steps = [[step[i : i + 8] for i in range(0, len(step), 8)] for step in members]
+    return train_loop(model, rows, padded_steps, padded_batches, phases)
 
 
 def pack_rows(lengths: list[int], capacity: int, seed: int, open_packs: int = 8) -> list[list[int]]:
@@ -189,16 +275,47 @@ def pack_rows(lengths: list[int], capacity: int, seed: int, open_packs: int = 8)
     return packs
 
 
-def run_library(model_dir, rows, steps, attention: str, checkpointing: bool, pack_tokens: int) -> dict:
+def repacked(steps, rows, pack_tokens: int) -> list[list[list[int]]]:
+    """The same steps, each step's rows packed again into packs of at most ``pack_tokens`` (``pack_rows``)."""
+    packed = []
+    for step in steps:
+        members = [i for pack in step for i in pack]
+        packed.append([[members[j] for j in pack]
+                       for pack in pack_rows([len(rows[i]["input_ids"]) for i in members], pack_tokens, seed=0)])
+    return packed
+
+
+def stage_steps(rows, pack_tokens: int, tokens_per_step: int) -> tuple[int, int, list[list[list[int]]]]:
+    """How the train stage deals ``rows`` into micro-batches, as ``run_stage`` sets it up: rows a micro-batch (about
+    ``pack_tokens`` tokens of mean rows), micro-batches a step (about ``tokens_per_step``), and the steps its
+    sampler (``train.data.step_packs_sampler``, the run's seed) makes, each a list of packs of row indices. Every
+    other stack trains on these steps, at the stage's pack size on these very packs."""
+    import types
+
+    import numpy as np
+
+    from snaketune.settings import TrainSettings
+    from snaketune.train.data import step_packs_sampler
+
+    mean_row = sum(len(r["input_ids"]) for r in rows) / len(rows)
+    per_device = max(1, round(pack_tokens / mean_row))
+    accumulation = max(1, round(tokens_per_step / (per_device * mean_row)))
+    lengths = types.SimpleNamespace(lengths=np.array([len(r["input_ids"]) for r in rows]))
+    arguments = types.SimpleNamespace(world_size=1, gradient_accumulation_steps=accumulation,
+                                      per_device_train_batch_size=per_device, process_index=0,
+                                      data_seed=TrainSettings.__dataclass_fields__["seed"].default,
+                                      dataloader_drop_last=False)
+    packs = list(step_packs_sampler(lengths, arguments))
+    steps = [packs[i : i + accumulation] for i in range(0, len(packs) - accumulation + 1, accumulation)]
+    return per_device, accumulation, steps
+
+
+def run_library(model_dir, rows, steps, attention: str, checkpointing: bool, phases: bool = False) -> dict:
     from snaketune.train.packing import flatten_rows
 
     model = load_lora(model_dir, attention, checkpointing, liger=True)
-
-    def micro_batches(step_rows):
-        for pack in pack_rows([len(r["input_ids"]) for r in step_rows], pack_tokens, seed=0):
-            yield {k: v for k, v in flatten_rows([step_rows[i] for i in pack]).items() if k != "use_cache"}
-
-    return train_loop(model, rows, steps, micro_batches)
+    return train_loop(model, rows, steps, lambda pack: {k: v for k, v in flatten_rows(pack).items()
+                                                        if k != "use_cache"}, phases)
 
 
 UNSLOTH_ENVIRONMENT = {"UNSLOTH_DISABLE_STATISTICS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -237,7 +354,7 @@ def unsloth_backends() -> dict:
             "native_beats_xformers": bool(getattr(dispatch, "_NATIVE_BEATS_XFORMERS", None))}
 
 
-def run_unsloth(model_dir, rows, steps, checkpointing: bool, pack_tokens: int, qlora: bool = False) -> dict:
+def run_unsloth(model_dir, rows, steps, checkpointing: bool, qlora: bool = False, phases: bool = False) -> dict:
     """Unsloth's FastLanguageModel, LoRA r16 on every linear layer, fed padding-free packs of the same steps."""
     import torch
     import unsloth  # noqa: F401  (first: it patches transformers and peft)
@@ -246,9 +363,10 @@ def run_unsloth(model_dir, rows, steps, checkpointing: bool, pack_tokens: int, q
     from snaketune.train.packing import flatten_rows
 
     counts = count_attention_paths()
+    longest = max(sum(len(rows[i]["input_ids"]) for i in pack) for step in steps for pack in step)
     torch.manual_seed(0)
     checkpointing_mode = "unsloth" if checkpointing else False  # "unsloth": its own (activations offloaded)
-    model, _ = FastLanguageModel.from_pretrained(model_name=str(model_dir), max_seq_length=max(4096, pack_tokens),
+    model, _ = FastLanguageModel.from_pretrained(model_name=str(model_dir), max_seq_length=max(4096, longest),
                                                  dtype=torch.bfloat16, load_in_4bit=qlora, full_finetuning=False,
                                                  use_gradient_checkpointing=checkpointing_mode)
     torch.manual_seed(0)
@@ -257,14 +375,12 @@ def run_unsloth(model_dir, rows, steps, checkpointing: bool, pack_tokens: int, q
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         use_gradient_checkpointing=checkpointing_mode, random_state=0)
 
-    def micro_batches(step_rows):
-        for pack in pack_rows([len(r["input_ids"]) for r in step_rows], pack_tokens, seed=0):
-            packed = [step_rows[i] for i in pack]
-            flat = flatten_rows(packed)
-            yield {"input_ids": flat["input_ids"], "labels": flat["labels"], "position_ids": flat["position_ids"],
-                   "packed_seq_lengths": torch.tensor([len(r["input_ids"]) for r in packed], dtype=torch.int32)}
+    def batch_of(packed):
+        flat = flatten_rows(packed)
+        return {"input_ids": flat["input_ids"], "labels": flat["labels"], "position_ids": flat["position_ids"],
+                "packed_seq_lengths": torch.tensor([len(r["input_ids"]) for r in packed], dtype=torch.int32)}
 
-    measured = train_loop(model, rows, steps, micro_batches)
+    measured = train_loop(model, rows, steps, batch_of, phases)
     measured["attention_calls"] = dict(counts)
     measured["attention_backends"] = unsloth_backends()
     measured["unsloth"] = unsloth.__version__
@@ -279,7 +395,7 @@ def run_children(stacks: list[str], args, work: Path) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--child", "--stacks", *stacks, "--out", str(out),
                "--steps", str(args.steps), "--pack-tokens", str(args.pack_tokens), "--prompt-share",
                str(args.prompt_share), "--work", str(work), "--shape", args.shape, "--tokens-per-step",
-               str(args.tokens_per_step)]
+               str(args.tokens_per_step), *(["--phases"] if args.phases else [])]
     completed = subprocess.run(command, env={**os.environ, **UNSLOTH_ENVIRONMENT})
     stacks_measured = json.loads(out.read_text())["stacks"] if out.is_file() else {}
     for name in stacks:
@@ -301,10 +417,14 @@ STAGE_VARIANTS = {"default": {}, "nocompile": {"torch_compile": False, "liger_ke
 
 
 def run_stage(model_dir, rows, n_steps, checkpointing: bool, pack_tokens: int, work: Path, variant: str,
-              tokens_per_step: int = 16_384) -> dict:
-    """The train stage's function itself, default speed settings, on the same rows written as a parquet split."""
+              tokens_per_step: int = 16_384, phases: bool = False) -> dict:
+    """The train stage's function itself, default speed settings, on the same rows written as a parquet split.
+    Records the tokens of each micro-batch it trained on (and says whether they are ``stage_steps``'), what
+    torch.compile counted (graphs, graph breaks, recompiles) and, with ``phases``, memory by phase."""
     import pandas as pd
     import torch
+    from torch._dynamo.utils import counters
+    from transformers import TrainerCallback
 
     from snaketune.settings import TrainSettings
     from snaketune.train import fused_loss, recipe
@@ -318,9 +438,7 @@ def run_stage(model_dir, rows, n_steps, checkpointing: bool, pack_tokens: int, w
     data.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_parquet(data / "train.parquet")
     pd.DataFrame(rows[:2]).to_parquet(data / "eval.parquet")
-    mean_row = sum(len(r["input_ids"]) for r in rows) / len(rows)
-    per_device = max(1, round(pack_tokens / mean_row))  # micro-batches of about pack_tokens: per_device mean rows
-    accumulation = max(1, round(tokens_per_step / (per_device * mean_row)))
+    per_device, accumulation, expected = stage_steps(rows, pack_tokens, tokens_per_step)
     run = work / f"stage-{checkpointing}"
     files = TrainFiles(train=data / "train.parquet", eval=data / "eval.parquet", stats=None,
                        adapter=run / "adapter", train_log=run / "train_log.csv", summary=run / "summary.json",
@@ -331,19 +449,38 @@ def run_stage(model_dir, rows, n_steps, checkpointing: bool, pack_tokens: int, w
         "gradient_accumulation_steps": accumulation, "logging_steps": 1, "save_steps": 10_000,
         "lr_scheduler_type": "constant", "precision": "bf16", "gradient_checkpointing": checkpointing,
         **STAGE_VARIANTS.get(variant, {})})
+
+    class Watch(TrainerCallback):
+        meter = trainable = None
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.meter, self.trainable = PhaseMeter(model, memory=phases), trainable_parameters(model)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.meter.step_ends()
+
+    watch = Watch()
     torch.cuda.reset_peak_memory_stats()
+    counters.clear()
     make_callbacks = recipe.make_callbacks
-    if variant == "nooffload":  # checkpointed layers keep their inputs on the GPU (the stage before train/offload.py)
-        recipe.make_callbacks = lambda **kwargs: make_callbacks(**{**kwargs, "offload_checkpoints": False})
+    # nooffload: checkpointed layers keep their inputs on the GPU (the stage before train/offload.py)
+    offload = {"offload_checkpoints": False} if variant == "nooffload" else {}
+    recipe.make_callbacks = lambda **kwargs: (*make_callbacks(**{**kwargs, **offload}), watch)
     try:
         summary = train(settings, model_dir, False, files, run_name="stage-default")
     finally:
         recipe.make_callbacks = make_callbacks
     log = pd.read_csv(files.train_log)
-    speeds = log["tokens_per_second"].dropna().tolist()[2:]
-    return {"tokens_per_second": round(statistics.median(speeds), 1), "peak_memory_gib": summary["peak_memory_gib"],
-            "losses": [round(x, 5) for x in log["loss"]], "speedups": summary["speedups"],
-            "per_device_train_batch_size": per_device, "gradient_accumulation_steps": accumulation}
+    speeds = log["tokens_per_second"].dropna().tolist()
+    seen = watch.meter.report()
+    planned = [[sum(len(rows[i]["input_ids"]) for i in pack) for pack in step] for step in expected[:n_steps]]
+    return {"tokens_per_second": round(statistics.median(speeds[2:]), 1),
+            "peak_memory_gib": summary.get("peak_memory_gib"), "losses": [round(x, 5) for x in log["loss"]],
+            "step_tokens_per_second": [round(x) for x in speeds], "speedups": summary["speedups"],
+            "per_device_train_batch_size": per_device, "gradient_accumulation_steps": accumulation,
+            "trainable": watch.trainable, **seen, "micro_batches_as_stage_steps": seen["micro_batch_tokens"] == planned,
+            "dynamo": {group: {str(key)[:160]: value for key, value in values.items()}
+                       for group, values in counters.items() if values}}
 
 
 def main() -> int:
@@ -359,6 +496,7 @@ def main() -> int:
     parser.add_argument("--work", default="/tmp/snaketune-stacks")
     parser.add_argument("--shape", default="qwen2.5-1.5b", help="a shape of train_gpu.SHAPES")
     parser.add_argument("--tokens-per-step", type=int, default=16_384)
+    parser.add_argument("--phases", action="store_true", help="each step's GPU memory by phase (PhaseMeter)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # Unsloth's stacks, in a child
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -375,9 +513,9 @@ def main() -> int:
     model_dir = build_model(args.shape, work / f"model-{args.shape}").parent
     config = AutoConfig.from_pretrained(model_dir)
     rows = make_rows(4000, vocab=1100, seed=0, prompt_share=args.prompt_share)
-    steps = optimizer_steps(rows, args.tokens_per_step)[: args.steps]
-    rows = [rows[i] for step in steps for i in step]  # exactly the rows the steps use, in order
-    steps = optimizer_steps(rows, args.tokens_per_step)
+    chosen = optimizer_steps(rows, args.tokens_per_step)[: args.steps]
+    rows = [rows[i] for step in chosen for i in step]  # the rows of --steps steps of about --tokens-per-step
+    steps = stage_steps(rows, args.pack_tokens, args.tokens_per_step)[2][: args.steps]  # as the stage deals them
     per_token = flops_per_token(config, rows)
     device = torch.cuda.get_device_name(0)
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in device), None)
@@ -385,7 +523,8 @@ def main() -> int:
                             text=True).stdout.strip()
     result = {"date": time.strftime("%Y-%m-%d"), "device": device, "commit": commit, "torch": torch.__version__,
               "shape": args.shape, "lora": LORA, "steps": len(steps), "rows": len(rows),
-              "tokens_per_step": round(sum(len(r["input_ids"]) for r in rows) / len(steps)),
+              "tokens_per_step": round(sum(len(rows[i]["input_ids"]) for step in steps for pack in step
+                                           for i in pack) / len(steps)),
               "prompt_share": args.prompt_share, "flops_per_token": per_token, "peak_tflops": peak, "stacks": {}}
     pending = list(args.stacks)
     while pending:
@@ -409,16 +548,18 @@ def main() -> int:
         tokens = pack_size(name, args.pack_tokens)
         parts = name.split("-")
         try:
+            packs = steps if tokens == args.pack_tokens else repacked(steps, rows, tokens)
             if name == "recipe":
-                measured = run_recipe(model_dir, rows, steps)
+                measured = run_recipe(model_dir, rows, steps, phases=args.phases)
             elif name.startswith("library-"):
-                measured = run_library(model_dir, rows, steps, parts[1], parts[2] == "ckpt", tokens)
+                measured = run_library(model_dir, rows, packs, parts[1], parts[2] == "ckpt", args.phases)
             elif name.startswith("unsloth"):
-                measured = run_unsloth(model_dir, rows, steps, "ckpt" in parts, tokens, qlora="qlora" in parts)
+                measured = run_unsloth(model_dir, rows, packs, "ckpt" in parts, "qlora" in parts, args.phases)
             else:
                 with tempfile.TemporaryDirectory(dir=work) as scratch:
                     measured = run_stage(model_dir, rows, len(steps), parts[2] == "ckpt", tokens, Path(scratch),
-                                         variant=parts[1], tokens_per_step=args.tokens_per_step)
+                                         variant=parts[1], tokens_per_step=args.tokens_per_step,
+                                         phases=args.phases)
         except Exception as exc:  # one stack failing still leaves the others' figures
             import traceback
 
