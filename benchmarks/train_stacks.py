@@ -8,7 +8,8 @@
 - ``stage-<variant>-ckpt|nockpt``: ``snaketune.train.recipe.train``, the train stage itself (the Trainer, its data
   loader, the Arrow rows), with its default speed settings (``default``) or a variant of them
   (``STAGE_VARIANTS``; also ``chunk<N>``: the fused loss's chunks of N MiB of logits, ``nooffload``: checkpointed
-  layers keep their inputs on the GPU), gradient checkpointing on or off;
+  layers keep their inputs on the GPU, ``nolean``: MLPs through autograd, not ``train/lean_mlp.py``), gradient
+  checkpointing on or off;
 - ``unsloth[-qlora]-ckpt|nockpt``: Unsloth's ``FastLanguageModel`` on the same saved model (bf16, or 4-bit for
   ``qlora``), LoRA of the same rank on every linear layer, its own kernels and its checkpointing
   (``use_gradient_checkpointing="unsloth"``) or none, fed the stage's own micro-batches as padding-free packs
@@ -463,9 +464,10 @@ def run_stage(model_dir, rows, n_steps, checkpointing: bool, pack_tokens: int, w
     torch.cuda.reset_peak_memory_stats()
     counters.clear()
     make_callbacks = recipe.make_callbacks
-    # nooffload: checkpointed layers keep their inputs on the GPU (the stage before train/offload.py)
-    offload = {"offload_checkpoints": False} if variant == "nooffload" else {}
-    recipe.make_callbacks = lambda **kwargs: (*make_callbacks(**{**kwargs, **offload}), watch)
+    # nooffload: checkpointed layers keep their inputs on the GPU (the stage before train/offload.py); nolean:
+    # the MLPs run through autograd (before train/lean_mlp.py)
+    switched_off = {"nooffload": {"offload_checkpoints": False}, "nolean": {"lean_mlps": False}}.get(variant, {})
+    recipe.make_callbacks = lambda **kwargs: (*make_callbacks(**{**kwargs, **switched_off}), watch)
     try:
         summary = train(settings, model_dir, False, files, run_name="stage-default")
     finally:

@@ -157,9 +157,12 @@ class Recipe:
         train_pairs, self.eval_pairs = open_pairs(files.train, files.eval, files.checkpoints, self.pairs_stage)
         import torch
 
-        # on a GPU, checkpointed layers keep their inputs in host memory (checkpointing is on where memory is short)
-        callbacks = make_callbacks(offload_checkpoints=bool(self.settings.gradient_checkpointing) and
-                                   torch.cuda.is_available())
+        # checkpointing is on where memory is short: on a GPU, checkpointed layers keep their inputs in host
+        # memory; SwiGLU MLPs over frozen weights keep less for their backward (not under DeepSpeed: ZeRO-3 gathers
+        # weights in hooks around each module's forward and backward, which the function's saved weights bypass)
+        checkpointing = bool(self.settings.gradient_checkpointing)
+        callbacks = make_callbacks(offload_checkpoints=checkpointing and torch.cuda.is_available(),
+                                   lean_mlps=checkpointing and not self.settings.deepspeed)
         self.on_signal, self.start_callback = callbacks[0], None
         if self.eval_pairs is not None and len(self.eval_pairs):  # the starting policy, measured as training begins
             self.start_callback = preference.start_callback(self.eval_pairs, self.pad_id, files.checkpoints)

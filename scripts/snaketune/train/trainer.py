@@ -27,9 +27,10 @@ class Interrupted(UserError):
     """Training stopped on a signal after saving a checkpoint; running the job again resumes it."""
 
 
-def make_callbacks(offload_checkpoints: bool = False):
+def make_callbacks(offload_checkpoints: bool = False, lean_mlps: bool = False):
     """Callbacks: stop on a NaN/inf loss; on SIGTERM (Ctrl-C, Slurm time limit) save a checkpoint and stop; with
-    ``offload_checkpoints``, checkpointed layers keep their inputs in host memory (``offload``)."""
+    ``offload_checkpoints``, checkpointed layers keep their inputs in host memory (``offload``); with
+    ``lean_mlps``, SwiGLU MLPs keep less for their backward (``lean_mlp``)."""
     import torch
     from transformers import TrainerCallback
 
@@ -74,18 +75,23 @@ def make_callbacks(offload_checkpoints: bool = False):
             if loss is not None and not math.isfinite(loss):
                 raise NonFiniteLoss(f"loss became {loss} at step {state.global_step}")
 
-    class OffloadLayerInputs(TrainerCallback):
-        """Once the Trainer has switched checkpointing on (just before on_train_begin), the checkpointed layers
-        keep their inputs in pinned host memory: on a GPU, what checkpointing leaves there is one layer's."""
+    class LeanCheckpointing(TrainerCallback):
+        """Once the Trainer has switched checkpointing on (just before on_train_begin) and before the first
+        forward: the checkpointed layers keep their inputs in pinned host memory (on a GPU, what checkpointing
+        leaves there is one layer's), and the MLPs keep less for the backward that sets the peak."""
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
+            from snaketune.train.lean_mlp import use_lean_mlps
             from snaketune.train.offload import offload_layer_inputs
 
-            offload_layer_inputs(model)
+            if offload_checkpoints:
+                offload_layer_inputs(model)
+            if lean_mlps:
+                use_lean_mlps(model)
 
     on_signal = StopOnSignal()
     return (on_signal, StopOnNonFiniteLoss(), EndOfRun(on_signal),
-            *((OffloadLayerInputs(),) if offload_checkpoints else ()))
+            *((LeanCheckpointing(),) if offload_checkpoints or lean_mlps else ()))
 
 
 def make_trainer_class(base=None):
