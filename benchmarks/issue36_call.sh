@@ -27,13 +27,6 @@ print(torch.__version__, torch.version.cuda, transformers.__version__, peft.__ve
 datasets.__version__, bitsandbytes.__version__)" 2>&1 | tail -1 | tee -a "$OUT/env.txt"
 echo "setup: $(( $(date +%s) - began )) s" | tee -a "$OUT/env.txt"
 
-# (d) where the stage's time goes (kernels, checkpointing off). Its memory: PHASES=1 in part a (the allocator's
-# history, profile_train.py --memory, made the recompute of a compiled layer fail on an H100)
-if want d; then
-    timeout -k 10 "${PART_D:-150}" python3 benchmarks/profile_train.py --variant default-nockpt --kernels \
-        --out "$OUT/profile_kernels_nockpt.json" > "$OUT/profile_kernels.log" 2>&1
-    echo "after (d): $(( $(date +%s) - began )) s"
-fi
 # (a) LoRA, Qwen2.5-1.5B shape: the stage's default with and without checkpointing, Unsloth with and without its
 # checkpointing (child process), the library stack with packs of 8k and 16k tokens
 STACKS=${STACKS:-stage-default-nockpt stage-default-ckpt unsloth-nockpt unsloth-ckpt unsloth-nockpt-16k \
@@ -52,6 +45,14 @@ if want a; then
     cp /tmp/snaketune-stacks/unsloth-stacks.json "$OUT/train_stacks_unsloth_child.json" 2>/dev/null
 fi
 
+# (d) where the stage's time goes (kernels, checkpointing off). Its memory: PHASES=1 in part a (the allocator's
+# history, profile_train.py --memory, made the recompute of a compiled layer fail on an H100)
+t=$(( $(left) - 10 )); [ "$t" -gt "${PART_D:-150}" ] && t=${PART_D:-150}
+if want d && [ "$t" -gt 60 ]; then
+    timeout -k 10 "$t" python3 benchmarks/profile_train.py --variant default-nockpt --kernels \
+        --out "$OUT/profile_kernels_nockpt.json" > "$OUT/profile_kernels.log" 2>&1
+    echo "after (d): $(( $(date +%s) - began )) s"
+fi
 # (b) predict, Qwen2.5-0.5B shape, bf16: the stage's default, generate with the dynamic cache, generate with the
 # static cache and its compiled decoding step
 t=$(( $(left) - 10 )); [ "$t" -gt "${PART_B:-150}" ] && t=${PART_B:-150}
