@@ -38,14 +38,19 @@ def mlp_gradients(mlp, forward, dtype):
     return found
 
 
-@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj"], ["gate_proj"]],
-                         ids=["LoRA on every layer", "frozen MLP", "LoRA on gate only"])
-def test_the_lean_mlp_gives_the_outputs_and_gradients_of_autograd(tiny_model, targets):
+@pytest.mark.parametrize("targets,slice_rows", [("all-linear", None), ("all-linear", 5), (["q_proj", "v_proj"], None),
+                                               (["gate_proj"], None)],
+                         ids=["LoRA on every layer", "product made again 5 rows at a time", "frozen MLP",
+                              "LoRA on gate only"])
+def test_the_lean_mlp_gives_the_outputs_and_gradients_of_autograd(tiny_model, targets, slice_rows, monkeypatch):
     import torch
 
+    from snaketune.train import lean_mlp
     from snaketune.train.lean_mlp import lean_forward, mlp_parts
 
     mlp = mlp_of(tiny_lora_model(tiny_model, targets=targets))
+    if slice_rows:
+        monkeypatch.setattr(lean_mlp, "PRODUCT_CHUNK_ELEMENTS", slice_rows * mlp.up_proj.out_features)
     mlp.train()
     assert mlp_parts(mlp) is not None
     expected = mlp_gradients(mlp, mlp.forward, torch.float32)

@@ -4,13 +4,14 @@
 pass, and the backward makes three more tensors of that size (the gradients of the product, of gate's output and
 of up's). At the 1.5B shape's 8,960 columns that is 70 MiB each per 4k tokens, the largest tensors of a layer.
 With gradient checkpointing only one layer's are alive at a time, but they set the backward's peak: measured on a
-CPU (one decoder layer, 4k tokens, LoRA r16 on every linear layer, compiled as the stage compiles it), a layer's
-forward and backward peak at 580 MiB; with this function in place of the MLP, at 370 MiB.
+CPU (``benchmarks/layer_memory.py``: one decoder layer, 4k tokens, LoRA r16 on every linear layer, compiled as the
+stage compiles it), a layer's forward and backward peak at 580 MiB; with this function in place of the MLP, at
+332 MiB.
 
 Here the function keeps only the input and gate's and up's outputs (and LoRA's rank-wide products). The backward
-computes the product again where down's LoRA needs it, and turns gate's and up's outputs into their own gradients
-in place: with Liger's SwiGLU kernel on a GPU where liger-kernel is installed (one pass, fp32 inside), else with
-in-place tensor operations. This is what Unsloth's LoRA MLP does with its own kernels.
+computes the product again, a slice of rows at a time, where down's LoRA needs it, and turns gate's and up's
+outputs into their own gradients in place: with Liger's SwiGLU kernel on a GPU where liger-kernel is installed (one
+pass, fp32 inside), else with in-place tensor operations on a slice of rows at a time. This is what Unsloth's LoRA MLP does with its own kernels.
 
 It applies to an MLP whose ``gate_proj``, ``up_proj`` and ``down_proj`` are frozen ``nn.Linear`` layers without
 bias, each either alone or under one active peft LoRA adapter without dropout or DoRA, and whose activation is
@@ -96,6 +97,22 @@ def silu_times(gate, up):
     return F.silu(gate).mul_(up)
 
 
+PRODUCT_CHUNK_ELEMENTS = 2**23  # 16 MiB of bf16: temporaries as wide as the MLP are made a slice of rows at a time
+
+
+def product_times(left, gate, up):
+    """``left @ (silu(gate) * up)`` in fp32, the product made again a slice of rows at a time (``left`` is
+    rank x rows): down's LoRA A needs it, and a whole copy would be the backward's largest tensor but two."""
+    import torch
+
+    rows = max(1, PRODUCT_CHUNK_ELEMENTS // gate.shape[1])
+    total = torch.zeros(left.shape[0], gate.shape[1], dtype=torch.float32, device=gate.device)
+    for start in range(0, gate.shape[0], rows):
+        part = slice(start, start + rows)
+        total += left[:, part] @ silu_times(gate[part], up[part])
+    return total
+
+
 def silu_times_backward(gate, up, grad):
     """The gradients of silu(gate) * up for its output gradient ``grad``, as (gate's, up's): written over
     ``gate``, ``up`` and ``grad``, which the caller no longer needs."""
@@ -106,12 +123,15 @@ def silu_times_backward(gate, up, grad):
 
         swiglu_backward(gate, up, grad)  # gate's gradient into gate, up's into up
         return gate, up
-    sig = torch.sigmoid(gate)
-    up.mul_(grad)  # grad up
-    grad.mul_(gate).mul_(sig)  # grad silu(gate): up's gradient
-    up.mul_(sig)  # grad up sig
-    gate.mul_(sig.neg_().add_(1)).add_(1)  # 1 + gate (1 - sig)
-    up.mul_(gate)  # grad up sig (1 + gate (1 - sig)): gate's gradient
+    rows = max(1, PRODUCT_CHUNK_ELEMENTS // gate.shape[1])
+    for start in range(0, gate.shape[0], rows):  # a slice of rows at a time: the sigmoid's copy stays small
+        g, u, d = gate[start : start + rows], up[start : start + rows], grad[start : start + rows]
+        sig = torch.sigmoid(g)
+        u.mul_(d)  # grad up
+        d.mul_(g).mul_(sig)  # grad silu(gate): up's gradient
+        u.mul_(sig)  # grad up sig
+        g.mul_(sig.neg_().add_(1)).add_(1)  # 1 + gate (1 - sig)
+        u.mul_(g)  # grad up sig (1 + gate (1 - sig)): gate's gradient
     return up, grad
 
 
@@ -146,7 +166,7 @@ def lean_swiglu():
                 down_db = (grad.t() @ down_za).mul_(down_scale).to(down_b.dtype)
                 grad_b = grad @ down_b.to(grad.dtype)
                 grad_product.addmm_(grad_b, down_a.to(grad.dtype), alpha=down_scale)
-                down_da = (grad_b.t() @ silu_times(gate, up)).mul_(down_scale).to(down_a.dtype)
+                down_da = product_times(grad_b.t(), gate, up).mul_(down_scale).to(down_a.dtype)
             grad_gate, grad_up = silu_times_backward(gate, up, grad_product)
             grad_x, gate_da, gate_db = project_back(grad_gate, flat, gate_za, gate_w, gate_a, gate_b, gate_scale)
             grad_x, up_da, up_db = project_back(grad_up, flat, up_za, up_w, up_a, up_b, up_scale, grad_x)
