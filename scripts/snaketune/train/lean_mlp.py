@@ -11,7 +11,8 @@ stage compiles it), a layer's forward and backward peak at 580 MiB; with this fu
 Here the function keeps only the input and gate's and up's outputs (and LoRA's rank-wide products). The backward
 computes the product again, a slice of rows at a time, where down's LoRA needs it, and turns gate's and up's
 outputs into their own gradients in place: with Liger's SwiGLU kernel on a GPU where liger-kernel is installed (one
-pass, fp32 inside), else with in-place tensor operations on a slice of rows at a time. This is what Unsloth's LoRA MLP does with its own kernels.
+pass, fp32 inside), else with in-place tensor operations on a slice of rows at a time. This is what Unsloth's LoRA
+MLP does with its own kernels.
 
 It applies to an MLP whose ``gate_proj``, ``up_proj`` and ``down_proj`` are frozen ``nn.Linear`` layers without
 bias, each either alone or under one active peft LoRA adapter without dropout or DoRA, and whose activation is
