@@ -40,6 +40,8 @@ def losses(run_dir):
 def test_each_method_trains_and_its_loss_falls(built, tmp_path, method):
     result = run_train(built, tmp_path, {**FAST, "method": method, "max_steps": 30, "gradient_checkpointing": True})
     assert "Warning" not in result.stderr, result.stderr[-3000:]  # a failed job's log shows its failure, not noise
+    lean = {"lora": 1, "qlora": 0, "full": 0}[method]  # the tiny model's one MLP; 4-bit or trained weights: none
+    assert f"0 layers keep their inputs in host memory, {lean} MLPs keep gate and up only" in result.stdout
     log = losses(tmp_path)
     assert log["step"].iloc[-1] == 30 and log["loss"].iloc[-1] < 0.8 * log["loss"].iloc[0]
     summary = json.loads((tmp_path / "train_summary.json").read_text())

@@ -84,10 +84,10 @@ def make_callbacks(offload_checkpoints: bool = False, lean_mlps: bool = False):
             from snaketune.train.lean_mlp import use_lean_mlps
             from snaketune.train.offload import offload_layer_inputs
 
-            if offload_checkpoints:
-                offload_layer_inputs(model)
-            if lean_mlps:
-                use_lean_mlps(model)
+            offloaded = offload_layer_inputs(model) if offload_checkpoints else 0
+            lean = use_lean_mlps(model) if lean_mlps else 0
+            print(f"gradient checkpointing: {offloaded} layers keep their inputs in host memory, {lean} MLPs keep "
+                  "gate and up only (lean_mlp)", flush=True)
 
     on_signal = StopOnSignal()
     return (on_signal, StopOnNonFiniteLoss(), EndOfRun(on_signal),
