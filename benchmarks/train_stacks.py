@@ -242,7 +242,7 @@ def train_loop(model, rows, steps, batch_of, phases: bool = False) -> dict:
         losses.append(round(total, 5))
         tokens.append(sum(len(r["input_ids"]) for r in step_rows))
     speeds = [t / s for t, s in zip(tokens, times, strict=True)]
-    return {"tokens_per_second": round(statistics.median(speeds[2:]), 1),
+    return {"tokens_per_second": round(statistics.median(speeds[2:] or speeds), 1),
             "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "losses": losses,
             "step_tokens_per_second": [round(x) for x in speeds], "trainable": trainable_parameters(model),
             **meter.report()}
@@ -476,7 +476,7 @@ def run_stage(model_dir, rows, n_steps, checkpointing: bool, pack_tokens: int, w
     speeds = log["tokens_per_second"].dropna().tolist()
     seen = watch.meter.report()
     planned = [[sum(len(rows[i]["input_ids"]) for i in pack) for pack in step] for step in expected[:n_steps]]
-    return {"tokens_per_second": round(statistics.median(speeds[2:]), 1),
+    return {"tokens_per_second": round(statistics.median(speeds[2:] or speeds), 1),
             "peak_memory_gib": summary.get("peak_memory_gib"), "losses": [round(x, 5) for x in log["loss"]],
             "step_tokens_per_second": [round(x) for x in speeds], "speedups": summary["speedups"],
             "per_device_train_batch_size": per_device, "gradient_accumulation_steps": accumulation,
