@@ -168,3 +168,41 @@ def test_checkpointed_layers_with_lean_mlps_give_the_gradients_of_plain_checkpoi
     assert plain.keys() == lean.keys() and len(plain) > 0
     for name, grad in plain.items():
         assert torch.allclose(lean[name], grad, atol=1e-6, rtol=1e-4), name
+
+
+def liger_forward(a, b, gate_multiplier=1.0):
+    raise AssertionError("not called here")
+
+
+def liger_backward(a, b, dc, gate_multiplier=1.0):
+    raise AssertionError("not called here")
+
+
+def other_backward(dc, a, b):
+    raise AssertionError("not called here")
+
+
+@pytest.mark.parametrize("backward,usable", [(liger_backward, True), (other_backward, False)],
+                         ids=["liger 0.8", "other order"])
+def test_liger_is_used_only_with_the_arguments_it_is_called_with(monkeypatch, backward, usable):
+    """A liger-kernel whose SwiGLU operations take other arguments is not called (the MLP's tensor operations
+    run instead), rather than failing at the first backward on a GPU."""
+    import importlib.machinery
+    import sys
+    import types
+
+    from snaketune.train import lean_mlp
+
+    modules = {}
+    for name in ("liger_kernel", "liger_kernel.ops", "liger_kernel.ops.swiglu"):
+        modules[name] = types.ModuleType(name)
+        modules[name].__spec__ = importlib.machinery.ModuleSpec(name, None)
+        monkeypatch.setitem(sys.modules, name, modules[name])
+    modules["liger_kernel.ops.swiglu"].swiglu_forward = liger_forward
+    modules["liger_kernel.ops.swiglu"].swiglu_backward = backward
+    modules["liger_kernel.ops"].swiglu = modules["liger_kernel.ops.swiglu"]
+    lean_mlp._liger.cache_clear()
+    try:
+        assert lean_mlp._liger() is usable
+    finally:
+        lean_mlp._liger.cache_clear()

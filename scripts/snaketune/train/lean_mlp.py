@@ -206,6 +206,18 @@ def use_lean_mlps(model) -> int:
 
 @functools.cache
 def _liger() -> bool:
+    """Whether Liger's SwiGLU operations are there with the arguments used here (``(a, b[, ...])`` forward,
+    ``(a, b, dc[, ...])`` backward, as in liger-kernel 0.8)."""
     import importlib.util
+    import inspect
 
-    return importlib.util.find_spec("liger_kernel") is not None
+    if importlib.util.find_spec("liger_kernel") is None:
+        return False
+    try:
+        from liger_kernel.ops import swiglu
+    except ImportError:
+        return False
+    expected = {"swiglu_forward": ["a", "b"], "swiglu_backward": ["a", "b", "dc"]}
+    return all(callable(getattr(swiglu, name, None)) and
+               list(inspect.signature(getattr(swiglu, name)).parameters)[: len(names)] == names
+               for name, names in expected.items())
