@@ -157,11 +157,15 @@ class PhaseMeter:
         self.peak = max(self.peak, value)
         return round(value, 3)
 
-    def phase_ends(self, phase: str) -> None:
+    @staticmethod
+    def restart() -> None:
         import torch
 
-        self.current[phase].append(self.reading(peak=True))
         torch.cuda.reset_peak_memory_stats()
+
+    def phase_ends(self, phase: str) -> None:
+        self.current[phase].append(self.reading(peak=True))
+        self.restart()
 
     def forward_begins(self, module, args, kwargs):
         if not module.training:
@@ -172,9 +176,7 @@ class PhaseMeter:
             if self.current["forward"]:  # a backward ran since the last forward
                 self.phase_ends("backward")
             self.current["at_forward"].append(self.reading(peak=False))
-            import torch
-
-            torch.cuda.reset_peak_memory_stats()
+            self.restart()
 
     def forward_ends(self, module, args, output):
         if module.training and self.memory:
@@ -182,12 +184,9 @@ class PhaseMeter:
 
     def step_ends(self) -> None:
         if self.memory:
-            self.current["last_backward_and_optimizer"] = self.current.pop("backward_last", None) or \
-                self.reading(peak=True)
+            self.current["last_backward_and_optimizer"] = self.reading(peak=True)
             self.current["after_step"] = self.reading(peak=False)
-            import torch
-
-            torch.cuda.reset_peak_memory_stats()
+            self.restart()
         else:
             self.current = {"tokens": self.current["tokens"]}
         self.steps.append(self.current)
