@@ -81,9 +81,9 @@ def project_back(d, z, za, weight, a, b, scale, dz=None):
     if a is None:
         return dz, None, None
     db = (d.t() @ za).mul_(scale).to(b.dtype)
-    db_of_d = d @ b.to(d.dtype)
-    dz.addmm_(db_of_d, a.to(d.dtype), alpha=scale)
-    da = (db_of_d.t() @ z).mul_(scale).to(a.dtype)
+    d_times_b = d @ b.to(d.dtype)
+    dz.addmm_(d_times_b, a.to(d.dtype), alpha=scale)
+    da = (d_times_b.t() @ z).mul_(scale).to(a.dtype)
     return dz, da, db
 
 
