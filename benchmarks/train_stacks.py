@@ -18,7 +18,8 @@
   stacks run in a child process of their own; the JSON records which attention path its packed batches took.
 
 A ``-<N>k`` suffix sets that stack's packs (or the stage's micro-batches) to N x 1024 tokens instead of
-``--pack-tokens``: ``library-flex_attention-nockpt-16k``.
+``--pack-tokens``: ``library-flex_attention-nockpt-16k``. A stack named twice is run twice, its second figures under
+``<name>#2``.
 
 Workload: a random-init Qwen2.5-1.5B shape in bf16, LoRA r16 on every linear layer, rows of lognormal length
 (median 300, sigma 0.8, 16 to 2048 tokens), the first quarter of each row a prompt (label -100), about 16k real
@@ -484,6 +485,16 @@ def run_stage(model_dir, rows, n_steps, checkpointing: bool, pack_tokens: int, w
                        for group, values in counters.items() if values}}
 
 
+def repeat_key(name: str, done: dict) -> str:
+    """The key of a stack's figures: its name, or ``name#2``, ``name#3`` ... when named again in ``--stacks``
+    (the same stack first and last in one call shows how far the GPU's speed drifted between them)."""
+    key, count = name, 1
+    while key in done:
+        count += 1
+        key = f"{name}#{count}"
+    return key
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=12)
@@ -571,7 +582,7 @@ def main() -> int:
         if measured.get("tokens_per_second") and peak:
             measured["mfu"] = round(measured["tokens_per_second"] * per_token / (peak * 1e12), 4)
         print(json.dumps({k: v for k, v in measured.items() if k != "losses"}), flush=True)
-        result["stacks"][name] = measured
+        result["stacks"][repeat_key(name, result["stacks"])] = measured
         gc.collect()
         torch.cuda.empty_cache()
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
