@@ -206,3 +206,27 @@ def test_liger_is_used_only_with_the_arguments_it_is_called_with(monkeypatch, ba
         assert lean_mlp._liger() is usable
     finally:
         lean_mlp._liger.cache_clear()
+
+
+def test_a_deep_copy_of_a_lean_model_computes_with_its_own_weights(tiny_model):
+    """A copied model (a reference model, an average of weights) must not run the original's MLPs."""
+    import copy
+
+    import torch
+
+    from snaketune.train.lean_mlp import use_lean_mlps
+
+    model = tiny_lora_model(tiny_model)
+    use_lean_mlps(model)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        mlp_of(twin).down_proj.base_layer.weight.zero_()
+        mlp_of(twin).down_proj.lora_B["default"].weight.zero_()
+    model.train()
+    twin.train()
+    x = torch.randn(1, 5, mlp_of(model).gate_proj.in_features, requires_grad=True)
+    original, copied = mlp_of(model)(x), mlp_of(twin)(x)
+    assert type(copied.grad_fn).__name__ == "LeanSwiGLUBackward"
+    assert original.abs().sum() > 0
+    assert copied.abs().sum() == 0
+    assert mlp_of(twin).forward.__self__ is mlp_of(twin)

@@ -178,14 +178,24 @@ def lean_swiglu():
 
 
 def lean_forward(mlp, original):
-    """The MLP's forward through the lean function while training with gradients, else its own."""
+    """The MLP's forward through the lean function while training with gradients, else ``original`` (its own).
+    A method bound to ``mlp``, with ``original`` kept on it: a deep copy of the model rebinds both to the copy,
+    which then computes with its own weights."""
+    import types
+
+    mlp._forward_before_lean = original
+    return types.MethodType(_lean_method(), mlp)
+
+
+@functools.cache
+def _lean_method():
     import torch
 
     @torch.compiler.disable  # a compiled layer runs it as it is (its in-place backward is not traceable)
-    def forward(x, *args, **kwargs):
+    def forward(mlp, x, *args, **kwargs):
         parts = mlp_parts(mlp) if mlp.training and torch.is_grad_enabled() and not args and not kwargs else None
         if parts is None or x.dtype != parts[0][0].dtype:
-            return original(x, *args, **kwargs)
+            return mlp._forward_before_lean(x, *args, **kwargs)
         (gate_w, gate_a, gate_b, gate_s), (up_w, up_a, up_b, up_s), (down_w, down_a, down_b, down_s) = parts
         return lean_swiglu().apply(x, gate_w, gate_a, gate_b, up_w, up_a, up_b, down_w, down_a, down_b,
                                  (gate_s, up_s, down_s))
