@@ -24,7 +24,8 @@ demo: install
 	@start=$$(date +%s); \
 	PATH="$(BIN):$$PATH" snakemake --profile profiles/local && \
 	echo "DAG wall time: $$(( $$(date +%s) - start )) s" && \
-	column -s, -t results/leaderboard.csv | cut -c1-200
+	PYTHONPATH=scripts $(BIN)/python -c 'from snaketune.report import leaderboard_text; \
+	print(leaderboard_text("results/leaderboard.csv"))'
 
 test: install real-model lint
 	PATH="$(BIN):$$PATH" python -m pytest

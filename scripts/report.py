@@ -36,11 +36,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
     def body():
-        from snaketune.report import write_report
+        from snaketune.report import leaderboard_text, write_report
 
-        rows = write_report(args.runs, Path(args.leaderboard), Path(args.html), args.sweeps, args.plots)
-        for row in rows:
-            print(json.dumps(row, ensure_ascii=False))
+        write_report(args.runs, Path(args.leaderboard), Path(args.html), args.sweeps, args.plots)
+        print(leaderboard_text(Path(args.leaderboard)))
 
     plot_files = [path for kind in args.plots.values() for path in kind.values()]
     return main_guard(body, outputs=[args.leaderboard, args.html, *plot_files])

@@ -220,6 +220,33 @@ def write_leaderboard(rows: list[dict[str, Any]], columns: list[str], path: Path
         writer.writerows({column: row.get(column, "") for column in columns} for row in rows)
 
 
+def leaderboard_text(path: Path) -> str:
+    """``leaderboard.csv`` as a table for a terminal: each run, the test rows it answered, its method, seconds and
+    final loss of training, then every score some run has, numbers as the report page writes them. The file itself
+    keeps every column."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = [{column: value if column in RUN_COLUMNS else _number(value) for column, value in row.items()}
+                for row in csv.DictReader(handle)]
+    header = list(rows[0]) if rows else []
+    exams = [column for column in header if column.endswith("_accuracy") and column not in METRIC_COLUMNS]
+    test_sets = [column for column in header if ":" in column]
+    columns = ["run", "scored_on", "method", "train_seconds", "final_loss", *score_columns(rows, exams, test_sets)]
+    kinds = {"train_seconds": "seconds", "final_loss": "loss"}
+    lines = [columns] + [[page.number(row.get(column, ""), kinds.get(column, page.metric_kind(column)))
+                          if page.is_number(row.get(column)) else str(row.get(column, "")) for column in columns]
+                         for row in rows]
+    widths = [max(len(line[index]) for line in lines) for index in range(len(columns))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+                     for line in lines)
+
+
+def _number(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def write_report(records: list[dict[str, Any]], leaderboard: Path, page_path: Path,
                  sweeps: dict[str, Any] | None = None, plot_files: dict[str, dict[str, str]] | None = None
                  ) -> list[dict[str, Any]]:

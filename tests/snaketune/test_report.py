@@ -128,3 +128,24 @@ def test_answers_to_another_test_set_sit_side_by_side_too(tmp_path):
     page = (tmp_path / "report.html").read_text(encoding="utf-8")
     general = page.split("data-dataset='general (test set)'>")[1].split("</table>")[0]
     assert "<th>base</th><th>tuned-1</th><th>tuned-2</th>" in general and general.count("<tr") == 31
+
+
+def test_the_leaderboard_prints_for_a_terminal_with_scores_and_without_settings(tmp_path):
+    from snaketune.report import leaderboard_text
+
+    records = ten_runs(tmp_path)
+    write_report(records, tmp_path / "leaderboard.csv", tmp_path / "report.html")
+    lines = leaderboard_text(tmp_path / "leaderboard.csv").splitlines()
+    header = lines[0].split()
+    assert header[:5] == ["run", "scored_on", "method", "train_seconds", "final_loss"]
+    assert {"exact_match", "bleu-4", "rouge-l"} <= set(header)
+    assert not {"model", "learning_rate", "text_tokenizer", "accuracy"} & set(header)  # settings; no run has labels
+    with open(tmp_path / "leaderboard.csv", newline="") as handle:
+        runs = [row["run"] for row in csv.DictReader(handle)]
+    assert [line.split()[0] for line in lines[1:]] == runs
+    starts = [lines[0].index(name) for name in header]  # the columns line up under their names
+    tuned = lines[1 + runs.index("tuned-9")]
+    ends = [*starts[1:], None]
+    cells = {name: tuned[start:end].strip() for name, start, end in zip(header, starts, ends, strict=True)}
+    assert cells["exact_match"] == "0.900" and cells["bleu-4"] == "90.0" and cells["method"] == "lora"
+    assert max(len(word) for word in " ".join(lines).split()) < 20  # no 0.027407050132751465
