@@ -8,6 +8,8 @@
 #   PARTS="d a" PHASES=1 STACKS="stage-default-nockpt unsloth-ckpt" bash benchmarks/issue36_call.sh
 #       # d: where the stage's time goes (profile_train.py --kernels); STACKS: part a's stacks; PHASES=1: part a
 #       # records each step's memory by phase; STEPS: part a's optimizer steps (10)
+#   BEFORE=.before STACKS_BEFORE="stage-default-nockpt" bash benchmarks/issue36_call.sh
+#       # also the stage's code of an earlier commit (.before/scripts), in its own process after part a
 set -u
 PARTS=" ${PARTS:-a b c} "
 want() { [[ "$PARTS" == *" $1 "* ]]; }
@@ -43,6 +45,15 @@ if want a; then
     kill "$trace" 2>/dev/null
     echo "after (a): $(( $(date +%s) - began )) s"
     cp /tmp/snaketune-stacks/unsloth-stacks.json "$OUT/train_stacks_unsloth_child.json" 2>/dev/null
+    # BEFORE: a folder holding an earlier commit's scripts/ (git archive <commit> scripts | tar -x -C .before):
+    # STACKS_BEFORE run with that code in their own process, after part a, on the same GPU
+    if [ -n "${BEFORE:-}" ]; then
+        # shellcheck disable=SC2086
+        SNAKETUNE_SCRIPTS="$BEFORE/scripts" timeout -k 10 "${PART_BEFORE:-150}" python3 benchmarks/train_stacks.py \
+            --steps "${STEPS:-10}" --stacks ${STACKS_BEFORE:-stage-default-nockpt} \
+            --out "$OUT/train_stacks_before.json" 2>&1 | tee "$OUT/train_before.log" | grep -vE "it/s\]|s/it\]|row/s\]"
+        echo "after (a, before): $(( $(date +%s) - began )) s"
+    fi
 fi
 
 # (d) where the stage's time goes (kernels, checkpointing off). Its memory: PHASES=1 in part a (the allocator's

@@ -20,6 +20,7 @@ Qwen2.5-1.5B shape, LoRA r16 on every linear layer, about 16.9k tokens a step) t
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import json
 import sys
@@ -74,6 +75,8 @@ def kernels(recorded, steps: int) -> dict:
             busy += stop - end
             end = stop
     window = (intervals[-1][1] - intervals[0][0]) if intervals else 0
+    idle = idle_gaps(intervals, [e for e in recorded.events()
+                                 if str(getattr(e, "device_type", "")) != "DeviceType.CUDA"])
     stacks = []
     for average in recorded.key_averages(group_by_stack_n=6):
         if average.key in ("aten::fill_", "aten::zero_", "aten::copy_", "aten::index_put_", "aten::nonzero",
@@ -85,8 +88,37 @@ def kernels(recorded, steps: int) -> dict:
             "kernel_seconds_by_kind": {k: round(v / 1e6, 3) for k, v in totals.most_common()},
             "top_kernels": [{"name": name, "seconds": round(t / 1e6, 4), "calls": calls[name]}
                             for name, t in per_kernel.most_common(30)],
+            "idle": idle,
             "waits_for_gpu": {name: count for name, count in cpu_calls.items() if any(s in name for s in SYNCS)},
             "cpu_ops_by_calls": dict(cpu_calls.most_common(40)), "stacks": stacks[:25]}
+
+
+def idle_gaps(intervals: list[tuple[int, int]], cpu_events, least_us: int = 20) -> dict:
+    """The GPU's idle gaps of at least ``least_us`` between kernels: their count and total by size, and what the
+    host was running meanwhile (the innermost CPU operators overlapping each gap, weighted by the overlap)."""
+    gaps, end = [], None
+    for start, stop in intervals:
+        if end is not None and start - end >= least_us:
+            gaps.append((end, start))
+        end = stop if end is None else max(end, stop)
+    sizes = collections.Counter()
+    for start, stop in gaps:
+        size = stop - start
+        sizes["<100us" if size < 100 else "<1ms" if size < 1000 else "<10ms" if size < 10_000 else ">=10ms"] += size
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in cpu_events
+                   if e.time_range.end > e.time_range.start)
+    host: collections.Counter = collections.Counter()
+    starts = [s for s, _, _ in spans]
+    for start, stop in gaps:
+        first = max(0, bisect.bisect_left(starts, start) - 2000)
+        for s, e, name in spans[first: bisect.bisect_right(starts, stop)]:
+            overlap = min(e, stop) - max(s, start)
+            if overlap > 0:
+                host[name[:100]] += overlap
+    return {"gaps": len(gaps), "idle_seconds": round(sum(b - a for a, b in gaps) / 1e6, 4),
+            "idle_seconds_by_gap_size": {k: round(v / 1e6, 4) for k, v in sizes.most_common()},
+            "largest_gaps_us": sorted((b - a for a, b in gaps), reverse=True)[:20],
+            "host_during_gaps_seconds": {k: round(v / 1e6, 4) for k, v in host.most_common(40)}}
 
 
 def profiled_window(first: int, active: int):

@@ -59,7 +59,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+# SNAKETUNE_SCRIPTS: the stage's code from elsewhere (an earlier commit's scripts/), to compare in one call
+sys.path.insert(0, os.environ.get("SNAKETUNE_SCRIPTS") or str(REPO / "scripts"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A40": 149.7}

@@ -173,6 +173,44 @@ def test_the_fused_loss_divides_by_the_tokens_of_the_whole_accumulated_batch():
     assert summed.item() == pytest.approx(mean.item() * 30 / 100, rel=1e-5)  # labels 10..39 are targets
 
 
+def test_with_the_host_counted_targets_the_fused_loss_never_waits_for_the_gpu(rows):
+    """On tensors without data (torch's fake tensors), any step that needs a value from the device raises: the
+    fused loss runs forward and backward there once the collator has counted the targets on the host."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
+
+    batch = flatten_rows(rows[:6], count_targets=True)
+    assert batch["num_targets"] == int((batch["labels"][0, 1:] != -100).sum())
+    torch.manual_seed(0)
+    hidden = torch.randn(1, batch["labels"].shape[1], 16, requires_grad=True)
+    weight = torch.randn(300, 16)
+    labels = torch.where(batch["labels"] == -100, -100, batch["labels"] % 300)  # the token ids fit the head
+    expected = linear_cross_entropy(hidden, weight, labels)
+    assert linear_cross_entropy(hidden, weight, labels, num_targets=batch["num_targets"]).item() == \
+        pytest.approx(expected.item(), rel=1e-6)
+    mode = FakeTensorMode()
+    with mode:
+        fake = [mode.from_tensor(t) for t in (hidden, weight, labels)]
+        linear_cross_entropy(*fake, num_targets=batch["num_targets"]).backward()
+        with pytest.raises((DynamicOutputShapeException, DataDependentOutputException)):  # counting there waits
+            linear_cross_entropy(*fake)
+
+
+def test_packed_rows_under_varlen_attention_build_no_mask_from_the_positions(built, rows, monkeypatch):  # noqa: F811
+    """transformers reads the position ids back from the GPU to find packed rows when the attention has a mask
+    function; the varlen attention has none, so no forward waits for that."""
+    import transformers.masking_utils
+    from transformers import AutoModelForCausalLM
+
+    def waits(*args, **kwargs):
+        raise AssertionError("the forward asked the device for the packed rows")
+
+    register_varlen_attention()
+    monkeypatch.setattr(transformers.masking_utils, "find_packed_sequence_indices", waits)
+    model = AutoModelForCausalLM.from_pretrained(built[0].parent, dtype=torch.float32, attn_implementation="varlen")
+    with torch.no_grad():
+        assert model(**{k: v for k, v in flatten_rows(rows[:3]).items() if k != "labels"}).logits.isfinite().all()
+
+
 def test_the_fast_path_trains_with_the_reference_loss_at_every_step(built, tmp_path):  # noqa: F811
     common = {**FAST, "max_steps": 12, "logging_steps": 1, "per_device_train_batch_size": 4,
               "gradient_accumulation_steps": 2}

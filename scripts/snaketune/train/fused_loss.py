@@ -79,22 +79,33 @@ def chunk_rows_for(vocab_size: int) -> int:
     return max(64, min(4096, rows))
 
 
-def linear_cross_entropy(hidden, weight, labels, num_items_in_batch=None, kind: str = "chunked"):
+def linear_cross_entropy(hidden, weight, labels, num_items_in_batch=None, kind: str = "chunked",
+                         num_targets: int | None = None):
     """Mean (or summed / ``num_items_in_batch``) next-token cross-entropy of ``hidden @ weight.T`` against
-    ``labels`` shifted by one, as transformers' causal-LM loss computes it, without the full logits."""
+    ``labels`` shifted by one, as transformers' causal-LM loss computes it, without the full logits.
+
+    ``num_targets``, the tokens with a target counted on the host (``packing.flatten_rows``), lets the loss pick
+    those tokens without asking the GPU how many there are: the host goes on queueing the backward while the GPU
+    finishes the forward, instead of waiting for it."""
+    import torch
     import torch.nn.functional as F
 
     targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)
     hidden = hidden.reshape(-1, hidden.shape[-1])
     keep = targets != IGNORE_INDEX
-    hidden, targets = hidden[keep], targets[keep]
+    if num_targets is None:
+        hidden, targets = hidden[keep], targets[keep]
+        num_targets = len(targets)
+    else:
+        picked = torch.nonzero_static(keep, size=num_targets).squeeze(1)
+        hidden, targets = hidden.index_select(0, picked), targets.index_select(0, picked)
     if kind == "liger":
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
         total = liger_fused_linear_cross_entropy(hidden, weight, targets, reduction="sum")
     else:
         total = chunked_function().apply(hidden, weight, targets, chunk_rows_for(weight.shape[0]))
-    count = num_items_in_batch if num_items_in_batch is not None else max(1, int(keep.sum()))
+    count = num_items_in_batch if num_items_in_batch is not None else max(1, num_targets)
     if hasattr(count, "to"):
         count = count.to(total.device)
     return total / count
@@ -150,7 +161,8 @@ def install(model, kind: str) -> str:
     plain_forward = model.forward
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, num_items_in_batch=None, **kwargs):
+                inputs_embeds=None, labels=None, use_cache=None, num_items_in_batch=None, num_targets=None,
+                **kwargs):
         if labels is None or not self.training:
             return plain_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                  past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
@@ -159,7 +171,7 @@ def install(model, kind: str) -> str:
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=False, **kwargs)
         loss = linear_cross_entropy(outputs.last_hidden_state, self.get_output_embeddings().weight, labels,
-                                    num_items_in_batch, kind)
+                                    num_items_in_batch, kind, num_targets)
         return CausalLMOutputWithPast(loss=loss)
 
     model.forward = types.MethodType(forward, model)

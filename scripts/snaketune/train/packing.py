@@ -39,12 +39,13 @@ def balance_step(rows: Sequence[int], lengths: Sequence[int], packs: int) -> lis
     return [[rows[p] for p in sorted(members[pack])] for pack in order]
 
 
-def flatten_rows(features: list) -> dict:
+def flatten_rows(features: list, count_targets: bool = False) -> dict:
     """One padding-free batch from rows (dicts with ``input_ids`` and ``labels``).
 
     Returns tensors of shape (1, total tokens): input_ids, labels (the first of each row ignored) and
     position_ids; no attention mask, which is what lets transformers see the packed format; and the rows'
-    bounds for the varlen attention.
+    bounds for the varlen attention. With ``count_targets``, also ``num_targets``: how many tokens have a next
+    token to predict, counted here on the host so that the fused loss (``fused_loss``) need not ask the GPU.
     """
     import torch
 
@@ -54,9 +55,10 @@ def flatten_rows(features: list) -> dict:
         input_ids += ids
         labels += [IGNORE_INDEX] + list(row["labels"])[1:]
         positions += range(len(ids))
+    counted = {"num_targets": sum(label != IGNORE_INDEX for label in labels[1:])} if count_targets else {}
     return {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels]),
             "position_ids": torch.tensor([positions]), "use_cache": False,
-            **row_bounds([len(row["input_ids"]) for row in features])}
+            **row_bounds([len(row["input_ids"]) for row in features]), **counted}
 
 
 VARLEN = "varlen"  # the attention implementation name registered with transformers
@@ -130,10 +132,10 @@ def _flash_varlen(q, k, v, bounds, longest: int, scaling):
 
 
 def register_varlen_attention() -> str:
-    """Make ``attn_implementation="varlen"`` known to transformers (it builds no mask for it)."""
+    """Make ``attn_implementation="varlen"`` known to transformers. No mask function is registered with it: for an
+    attention without one, transformers builds no mask and looks no further, where with one it first asks the GPU
+    whether the position ids hold several rows, a wait in every forward."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(VARLEN, varlen_attention)
-    AttentionMaskInterface.register(VARLEN, lambda *args, **kwargs: None)
     return VARLEN

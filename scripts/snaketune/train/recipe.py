@@ -19,6 +19,7 @@ trainer per run folder, none without its Snakemake), and the fast path's ``packi
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
@@ -198,7 +199,7 @@ class Recipe:
         if self.speedups.packing:
             from snaketune.train.packing import flatten_rows
 
-            return flatten_rows
+            return functools.partial(flatten_rows, count_targets=self.speedups.fused_loss != "none")
         from transformers import DataCollatorForSeq2Seq
 
         padded = DataCollatorForSeq2Seq(self.tokenizer, padding=True, label_pad_token_id=-100)

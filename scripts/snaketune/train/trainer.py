@@ -114,6 +114,16 @@ def make_trainer_class(base=None):
                 self._flops_per_token = super().floating_point_ops(inputs) / ids.numel()
             return int(self._flops_per_token * ids.numel())
 
+        def _track_num_input_tokens(self, inputs):
+            """Padding-free batches hold no padding: one process counts their tokens from the shape. transformers
+            counts on the GPU and reads the count back after every micro-batch, which makes the host wait for
+            that micro-batch's backward before it may queue the next forward (the GPU idles meanwhile)."""
+            ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
+            if self.args.include_num_input_tokens_seen == "all" and self.args.world_size == 1 and ids is not None:
+                self.state.num_input_tokens_seen += ids.numel()
+                return
+            super()._track_num_input_tokens(inputs)
+
         def _get_train_sampler(self, train_dataset=None):
             if self.args.train_sampling_strategy == "batch_rebalance":  # packing: tokens
                 rows = self.train_dataset if train_dataset is None else train_dataset
