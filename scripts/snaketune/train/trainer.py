@@ -175,6 +175,9 @@ def training_arguments(settings: TrainSettings, checkpoints: Path, tensorboard: 
         # packing tokens: a step's rows dealt into its micro-batches by tokens (the trainer's step_packs_sampler)
         train_sampling_strategy="batch_rebalance" if packing == "tokens" else "random",
         remove_unused_columns=False, dataloader_num_workers=0, per_device_eval_batch_size=8,
+        # batches come in pinned host memory and go to the GPU without making the host wait for the GPU's queue
+        **({"dataloader_pin_memory": True, "accelerator_config": {"non_blocking": True}}
+           if torch.cuda.is_available() else {}),
         ddp_find_unused_parameters=False if settings.gpus * settings.nodes > 1 else None, **extra,
     )
 
