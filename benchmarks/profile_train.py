@@ -55,14 +55,15 @@ def kernels(recorded, steps: int) -> dict:
     per_kernel: collections.Counter = collections.Counter()
     calls: collections.Counter = collections.Counter()
     intervals, cpu_calls = [], collections.Counter()
-    events = recorded.events()
+    on_gpu, on_host = [], []
+    for event in recorded.events():
+        (on_gpu if str(getattr(event, "device_type", "")) == "DeviceType.CUDA" else on_host).append(event)
+    for event in on_host:
+        if event.name.startswith(("aten::", "cuda", "Memcpy", "Memset")):
+            cpu_calls[event.name] += 1
     # the GPU side of record_function ranges (ProfilerStep#, Optimizer.step#...) spans whole steps: not kernels
-    host_names = {e.name for e in events if str(getattr(e, "device_type", "")) != "DeviceType.CUDA"}
-    for event in events:
-        if str(getattr(event, "device_type", "")) != "DeviceType.CUDA":
-            if event.name.startswith(("aten::", "cuda", "Memcpy", "Memset")):
-                cpu_calls[event.name] += 1
-            continue
+    host_names = {event.name for event in on_host}
+    for event in on_gpu:
         if event.name in host_names or event.name.startswith("ProfilerStep"):
             continue
         duration = event.time_range.elapsed_us()
@@ -80,7 +81,7 @@ def kernels(recorded, steps: int) -> dict:
             busy += stop - end
             end = stop
     window = (intervals[-1][1] - intervals[0][0]) if intervals else 0
-    idle = idle_gaps(intervals, [e for e in events if str(getattr(e, "device_type", "")) != "DeviceType.CUDA"])
+    idle = idle_gaps(intervals, on_host)
     stacks = []
     for average in recorded.key_averages(group_by_stack_n=6):
         if average.key in ("aten::fill_", "aten::zero_", "aten::copy_", "aten::index_put_", "aten::nonzero",
